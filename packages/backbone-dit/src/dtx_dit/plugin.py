@@ -1,0 +1,1 @@
+"""dtx plugin entry point of dtx-backbone-dit (filled by the DiT issue)."""

@@ -1,0 +1,180 @@
+"""Attention dispatch: one entry point for dense attention and one for 2D neighborhood attention.
+
+Dense: flash-attn when importable and the inputs are CUDA fp16/bf16 without a mask, else PyTorch SDPA; ``math`` is
+an explicit softmax reference. ``DTX_ATTENTION=sdpa|flash|math`` forces a backend.
+Neighborhood: NATTEN where it can run (and, on CPU, only without autograd: its CPU path has no backward), else a
+pure-PyTorch gather implementation with identical semantics (border-clamped windows of exactly k x k keys).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, ShapeError
+
+BACKENDS = ("auto", "sdpa", "flash", "math")
+
+
+@lru_cache(maxsize=None)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:
+        return None
+    return flash_attn_func
+
+
+@lru_cache(maxsize=None)
+def _natten():
+    try:
+        import natten
+    except Exception:
+        return None
+    return natten
+
+
+def has_flash_attn() -> bool:
+    return _flash_attn_func() is not None
+
+
+def has_natten() -> bool:
+    return _natten() is not None
+
+
+def attention_backend() -> str:
+    backend = os.environ.get("DTX_ATTENTION", "auto").lower() or "auto"
+    if backend not in BACKENDS:
+        raise ConfigError(f"DTX_ATTENTION={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _normalize_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """Accept a key-padding mask [B, Nk] or anything broadcastable to [B, H, Nq, Nk]; True/0.0 = attend."""
+    if mask is None:
+        return None
+    b, nk = q.shape[0], k.shape[-2]
+    if mask.ndim == 2 and mask.shape == (b, nk):
+        mask = mask[:, None, None, :]
+    if mask.shape[-1] != nk:
+        raise ShapeError(f"attention mask {list(mask.shape)} does not match {nk} keys")
+    return mask
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """Reference softmax attention on [B, H, N, D] tensors, computed in at least float32."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+    if mask is not None:
+        logits = logits + _mask_to_additive(mask, dtype)
+    return (logits.softmax(-1) @ v.to(dtype)).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Scaled dot-product attention on [B, H, N, D] (heads before tokens, as SDPA); returns [B, H, Nq, Dv].
+
+    ``mask``: bool (True = attend) or additive float, broadcastable to [B, H, Nq, Nk], or a [B, Nk] key mask.
+    ``scale`` defaults to D^-0.5.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"attention expects [B, H, N, D] tensors, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    mask = _normalize_mask(mask, q, k)
+    backend = backend or attention_backend()
+    if backend == "math":
+        return math_attention(q, k, v, mask, scale)
+    flash_ok = (mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                and q.shape[-1] <= 256 and q.shape[-1] == v.shape[-1])
+    if backend == "flash" or (backend == "auto" and flash_ok):
+        fn = _flash_attn_func()
+        if fn is not None and flash_ok:
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+            return out.transpose(1, 2)
+        if backend == "flash" and fn is None:
+            raise ConfigError("DTX_ATTENTION=flash but flash-attn is not installed (pip install 'dtx-core[cuda]')")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# -- neighborhood attention -----------------------------------------------------------------------------------
+
+def window_starts(length: int, kernel: int, device: torch.device | None = None) -> torch.Tensor:
+    """Start of each position's window along one axis: clamp(i - k//2, 0, L - k) (NATTEN, dilation 1)."""
+    i = torch.arange(length, device=device)
+    return (i - kernel // 2).clamp(0, length - kernel)
+
+
+def _check_kernel(kernel_size: int | tuple[int, int], h: int, w: int) -> tuple[int, int]:
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if kh < 1 or kw < 1:
+        raise ConfigError(f"neighborhood kernel size must be positive, got {kernel_size}")
+    return min(kh, h), min(kw, w)
+
+
+def neighborhood_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 kernel_size: int | tuple[int, int], scale: float | None = None) -> torch.Tensor:
+    """Pure-PyTorch 2D neighborhood attention on heads-last [B, H, W, heads, D]; O(n k^2) memory, full autograd."""
+    b, h, w, nh, d = q.shape
+    kh, kw = _check_kernel(kernel_size, h, w)
+    scale = d ** -0.5 if scale is None else scale
+    iy = window_starts(h, kh, q.device)[:, None] + torch.arange(kh, device=q.device)  # [H, kh]
+    ix = window_starts(w, kw, q.device)[:, None] + torch.arange(kw, device=q.device)  # [W, kw]
+    flat = (iy[:, None, :, None] * w + ix[None, :, None, :]).reshape(h * w, kh * kw)  # [HW, kh*kw]
+    kf, vf = k.reshape(b, h * w, nh, d), v.reshape(b, h * w, nh, -1)
+    k_win = kf[:, flat]  # [B, HW, kk, heads, D]
+    v_win = vf[:, flat]
+    qf = q.reshape(b, h * w, nh, d)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("bnhd,bnkhd->bnhk", qf.to(dtype), k_win.to(dtype)) * scale
+    attn = logits.softmax(-1)
+    out = torch.einsum("bnhk,bnkhd->bnhd", attn, v_win.to(dtype))
+    return out.to(q.dtype).reshape(b, h, w, nh, -1)
+
+
+def natten_can_run(q: torch.Tensor) -> bool:
+    """NATTEN is used when installed and either on CUDA or, on CPU, when no gradient is needed."""
+    if not has_natten():
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q,))
+    return q.is_cuda or not needs_grad
+
+
+def _natten_na2d(q, k, v, kernel: tuple[int, int], scale: float):
+    natten = _natten()
+    if hasattr(natten, "na2d"):  # NATTEN >= 0.20, heads-last layout
+        return natten.na2d(q, k, v, kernel_size=kernel, scale=scale)
+    if getattr(natten, "has_fused_na", lambda: False)():
+        return natten.functional.na2d(q, k, v, kernel, scale=scale)
+    qp, kp, vp = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))  # old unfused API: [B, heads, H, W, D], unscaled
+    a = natten.functional.na2d_qk(qp * scale, kp, kernel).softmax(-1).to(v.dtype)
+    return natten.functional.na2d_av(a, vp, kernel).permute(0, 2, 3, 1, 4)
+
+
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int | tuple[int, int],
+                           scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """2D neighborhood attention on heads-last [B, H, W, heads, D] tensors.
+
+    Each query attends to the k x k keys of its border-clamped window; a kernel larger than the map is clamped
+    to the map (then it equals global attention). ``backend``: None/"auto", "natten" or "torch".
+    """
+    if q.ndim != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ShapeError(f"neighborhood attention expects [B, H, W, heads, D] q/k/v, got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    kernel = _check_kernel(kernel_size, q.shape[1], q.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = backend or "auto"
+    if backend == "natten" or (backend == "auto" and natten_can_run(q) and min(kernel) >= 2):
+        if not has_natten():
+            raise ConfigError("natten is required for backend='natten' (pip install 'dtx-core[natten]')")
+        return _natten_na2d(q, k, v, kernel, scale)
+    return neighborhood_attention_torch(q, k, v, kernel, scale)

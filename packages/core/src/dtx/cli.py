@@ -1,0 +1,113 @@
+"""The ``dtx`` command line. Subcommands come from plugins (``dtx_register_commands``); core provides
+``plugins`` and ``models``. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from . import plugins
+from .errors import DtxError
+
+
+def configure_plugins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    records = list(plugins.host())
+    if args.json:
+        print(json.dumps([{"name": r.name, "dist": r.dist, "version": r.version, "module": r.module,
+                           "registers": r.registers, "error": r.error} for r in records], indent=2))
+        return 0
+    for r in records:
+        head = f"{r.name}  ({r.dist or r.module} {r.version or ''})".rstrip()
+        print(head)
+        if r.error:
+            print(f"  ERROR: {r.error}")
+        for kind, names in sorted(r.registers.items()):
+            shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12})" if len(names) > 12 else "")
+            print(f"  {kind}s: {shown}")
+    return 0
+
+
+def configure_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", help="only models of this family")
+    p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
+    p.add_argument("--json", action="store_true")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import count_parameters, create_model, list_models, model_entry
+
+    rows = []
+    for name in list_models(args.family):
+        entry = model_entry(name)
+        params = None
+        if not args.no_params:
+            with torch.device("meta"):
+                try:
+                    params = count_parameters(create_model(name))
+                except Exception:  # architectures without defaults for every option
+                    params = None
+        rows.append({"name": name, "family": entry.meta.get("family", ""), "plugin": entry.plugin,
+                     "params": params, "description": entry.meta.get("description", "")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models registered; install a backbone, e.g. pip install dtx-backbone-dit")
+    for r in rows:
+        p = f"{r['params'] / 1e6:9.2f}M" if r["params"] is not None else "        -"
+        print(f"{r['name']:<20} {p}  {r['family']:<8} {r['plugin']:<8} {r['description']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtx", description="dtx: diffusion transformers")
+    parser.add_argument("--version", action="version", version=f"dtx {__import__('dtx').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, entry in sorted(plugins.host().table("command").items()):
+        configure = entry.obj
+        run = entry.meta.get("run") or (entry.meta.get("args") or (None,))[0]
+        p = sub.add_parser(name, help=entry.meta.get("help", ""), description=entry.meta.get("help", ""))
+        configure(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0
+        return int(args._run(args) or 0)
+    except DtxError as exc:
+        print(f"dtx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dtx: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("dtx: error: out of memory; reduce the batch size or model size", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("DTX_DEBUG"):
+            raise
+        if "out of memory" in str(exc).lower():
+            print("dtx: error: out of memory (try a smaller batch size, activation checkpointing, "
+                  "or bf16 autocast)", file=sys.stderr)
+            return 1
+        print(f"dtx: error: {type(exc).__name__}: {exc} (set DTX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

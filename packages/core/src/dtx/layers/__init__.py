@@ -1,0 +1,15 @@
+"""Building blocks shared by every dtx backbone, each written once."""
+
+from .embeddings import FourierFeatures, LabelEmbedder, TimestepEmbedder, timestep_embedding
+from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, geglu, modulate, rms_norm
+from .patch import PatchEmbed, unpatchify
+from .position import sincos_1d, sincos_1d_torch, sincos_2d, sincos_2d_torch
+from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos
+from .transformer import Attention, CrossAttention, Mlp
+
+__all__ = [
+    "AdaRMSNorm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
+    "Mlp", "PatchEmbed", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
+    "make_axial_pos", "modulate", "rms_norm", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
+    "timestep_embedding", "unpatchify",
+]

@@ -1,0 +1,78 @@
+"""Conditioning embeddings shared by the backbones: sinusoidal timestep features, the timestep MLP, class labels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT/ADM sinusoidal features of (possibly fractional) timesteps: ``[cos(t f), sin(t f)]``, cos half first.
+
+    f_k = exp(-ln(max_period) k / half), k < half = dim // 2 (the divisor is ``half``, not ``half - 1``).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features followed by ``Linear -> SiLU -> Linear`` (state-dict keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_embedding_size, self.max_period)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table with an extra null row (index ``num_classes``) when label dropout is on, for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes if self.dropout_prob > 0 else None
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class with probability ``dropout_prob`` (or where ``force_drop_ids == 1``)."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features ``[cos(2 pi x W^T), sin(2 pi x W^T)]`` with a fixed N(0, std^2) buffer (k-diffusion)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 1.0) -> None:
+        super().__init__()
+        if out_features % 2:
+            raise ValueError(f"FourierFeatures needs an even out_features, got {out_features}")
+        self.register_buffer("weight", torch.randn(out_features // 2, in_features) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * x @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], dim=-1)

@@ -1,0 +1,62 @@
+"""Transformer sub-blocks with timm's state-dict names (``qkv``/``proj``, ``fc1``/``fc2``), over dtx attention dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import attention
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv rows are [q; k; v] with heads contiguous, softmax scale d_head^-0.5."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = attention(q, k, v, mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from tokens to a context sequence (``q``, ``kv``, ``proj``), with a key padding mask."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = attention(q, k, v, mask=mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP ``fc1 -> act -> fc2`` (timm's Mlp keys)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: type[nn.Module] | None = None,
+                 out_features: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer() if act_layer is not None else nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

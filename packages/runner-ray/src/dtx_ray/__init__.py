@@ -1,0 +1,3 @@
+"""Ray Train runner for dtx."""
+
+__version__ = "0.1.0"

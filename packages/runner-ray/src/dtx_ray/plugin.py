@@ -1,0 +1,1 @@
+"""dtx plugin entry point of dtx-runner-ray (filled by the training issue)."""
