@@ -11,5 +11,33 @@ from .hookspecs import hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
 
-    register("plugins", cli.configure_plugins, cli.run_plugins, help="list installed plugins and what they register")
-    register("models", cli.configure_models, cli.run_models, help="list registered model architectures and presets")
+    register("plugins", cli.configure_plugins, run=cli.run_plugins, help="list installed plugins and what they register")
+    register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
+
+
+@hookimpl
+def dtx_register_schedules(register: Callable[..., Any]) -> None:
+    from .diffusion import gaussian, karras
+
+    for name, fn in gaussian.SCHEDULES.items():
+        register(name, fn, kind="beta", description="discrete beta schedule")
+    for name, fn in karras.SCHEDULES.items():
+        register(name, fn, kind="sigma", description="continuous sigma schedule")
+
+
+@hookimpl
+def dtx_register_samplers(register: Callable[..., Any]) -> None:
+    from .diffusion import gaussian, karras
+
+    for name, fn in gaussian.SAMPLERS.items():
+        register(name, fn, kind="gaussian", description="discrete-time sampler over a respaced schedule")
+    for name, fn in karras.SAMPLERS.items():
+        register(name, fn, kind="karras", description="sigma-space sampler (k-diffusion convention)")
+
+
+@hookimpl
+def dtx_register_losses(register: Callable[..., Any]) -> None:
+    from .diffusion import karras
+
+    for name, fn in karras.WEIGHTINGS.items():
+        register(name, fn, kind="sigma-weighting", description="EDM loss weighting w(sigma)")
