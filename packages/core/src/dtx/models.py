@@ -142,17 +142,19 @@ def read_safe(path: Path, trust: bool = False) -> Any:
 
 def _load_dtx_folder(path: Path, name: str | None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     from omegaconf import OmegaConf
-    from safetensors.torch import load_file
 
-    cfg = OmegaConf.to_container(OmegaConf.load(path / DTX_CONFIG), resolve=True)
-    spec = dict(cfg.get("model") or {})
-    if "name" not in spec:
+    from .config import read_yaml
+
+    cfg = OmegaConf.to_container(read_yaml(path / DTX_CONFIG), resolve=True)
+    spec = cfg.get("model")
+    if not isinstance(spec, dict) or "name" not in spec:
         raise CheckpointError(f"{path / DTX_CONFIG} has no model.name")
+    spec = dict(spec)
     arch = name or spec.pop("name")
     spec.pop("name", None)
     spec.update(overrides)
     model = create_model(arch, **spec)
-    load_state_dict_strict(model, load_file(str(path / DTX_WEIGHTS)), str(path))
+    load_state_dict_strict(model, read_safe(path / DTX_WEIGHTS), str(path))
     return model, {"format": "dtx", "config": cfg}
 
 
