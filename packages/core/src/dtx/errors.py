@@ -34,3 +34,7 @@ class DataError(DtxError, ValueError):
 
 class PluginError(DtxError, RuntimeError):
     """A plugin failed to load or registered something invalid."""
+
+
+class TrainingError(DtxError, RuntimeError):
+    """Training cannot go on (e.g. the loss kept being NaN/inf); earlier checkpoints are kept."""
