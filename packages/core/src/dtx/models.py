@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 from pathlib import Path
@@ -132,7 +133,9 @@ def read_safe(path: Path, trust: bool = False) -> Any:
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        # train scripts (DiT's train.py) store their argparse.Namespace under "args"; it holds plain values only
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:
         if not trust and "weights_only" in str(exc):
             raise CheckpointError(f"{path} contains pickled objects that are not plain tensors; refusing to unpickle it "
