@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, ShapeError
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
+NA_BACKENDS = ("auto", "natten", "torch")
 
 
 @lru_cache(maxsize=None)
@@ -45,11 +46,13 @@ def has_natten() -> bool:
     return _natten() is not None
 
 
-def attention_backend() -> str:
-    backend = os.environ.get("DTX_ATTENTION", "auto").lower() or "auto"
-    if backend not in BACKENDS:
-        raise ConfigError(f"DTX_ATTENTION={backend!r} is not one of {', '.join(BACKENDS)}")
-    return backend
+def attention_backend(backend: str | None = None) -> str:
+    """The dense backend to use: ``backend`` if given, else ``DTX_ATTENTION``, else "auto"; validated."""
+    source = "backend" if backend is not None else "DTX_ATTENTION"
+    value = (backend if backend is not None else os.environ.get("DTX_ATTENTION", "auto")).lower() or "auto"
+    if value not in BACKENDS:
+        raise ConfigError(f"{source}={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
 
 
 def _mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,7 +70,7 @@ def _normalize_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor)
         mask = mask[:, None, None, :]
     if mask.shape[-1] != nk:
         raise ShapeError(f"attention mask {list(mask.shape)} does not match {nk} keys")
-    return mask
+    return mask if mask.dtype == torch.bool else mask.to(q.dtype)  # SDPA wants bool or q's dtype
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -91,7 +94,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ShapeError(f"attention expects [B, H, N, D] tensors, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     mask = _normalize_mask(mask, q, k)
-    backend = backend or attention_backend()
+    backend = attention_backend(backend)
     if backend == "math":
         return math_attention(q, k, v, mask, scale)
     flash_ok = (mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -141,11 +144,11 @@ def neighborhood_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.to(q.dtype).reshape(b, h, w, nh, -1)
 
 
-def natten_can_run(q: torch.Tensor) -> bool:
-    """NATTEN is used when installed and either on CUDA or, on CPU, when no gradient is needed."""
+def natten_can_run(q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """NATTEN is used when installed and either on CUDA or, on CPU, when no input (q, and k, v if given) needs grad."""
     if not has_natten():
         return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q,))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, *others))
     return q.is_cuda or not needs_grad
 
 
@@ -173,7 +176,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     kernel = _check_kernel(kernel_size, q.shape[1], q.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = backend or "auto"
-    if backend == "natten" or (backend == "auto" and natten_can_run(q) and min(kernel) >= 2):
+    if backend not in NA_BACKENDS:
+        raise ConfigError(f"neighborhood attention backend {backend!r} is not one of {', '.join(NA_BACKENDS)}")
+    if backend == "natten" or (backend == "auto" and natten_can_run(q, k, v) and min(kernel) >= 2):
         if not has_natten():
             raise ConfigError("natten is required for backend='natten' (pip install 'dtx-core[natten]')")
         return _natten_na2d(q, k, v, kernel, scale)
