@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """DiT/ADM sinusoidal features of (possibly fractional) timesteps: ``[cos(t f), sin(t f)]``, cos half first.
@@ -56,6 +58,8 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
+        if self.null_class is None and bool(drop.any()):
+            raise ConfigError("cannot drop labels: this LabelEmbedder has dropout_prob=0, so it has no null class")
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +74,7 @@ class FourierFeatures(nn.Module):
     def __init__(self, in_features: int, out_features: int, std: float = 1.0) -> None:
         super().__init__()
         if out_features % 2:
-            raise ValueError(f"FourierFeatures needs an even out_features, got {out_features}")
+            raise ConfigError(f"FourierFeatures needs an even out_features, got {out_features}")
         self.register_buffer("weight", torch.randn(out_features // 2, in_features) * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

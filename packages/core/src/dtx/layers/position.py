@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[len(positions), dim] table: all sines then all cosines, omega_k = 10000^(-k/(dim/2)), computed in float64."""
     if dim % 2:
-        raise ValueError(f"sin-cos embedding dimension must be even, got {dim}")
+        raise ConfigError(f"sin-cos embedding dimension must be even, got {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     out = np.einsum("m,d->md", np.asarray(positions).reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -21,7 +23,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None) -> np.ndarray:
     Dims [0, dim/2) encode the column index and [dim/2, dim) the row index (DiT's ``emb_h`` really holds w).
     """
     if dim % 4:
-        raise ValueError(f"2D sin-cos embedding dimension must be divisible by 4, got {dim}")
+        raise ConfigError(f"2D sin-cos embedding dimension must be divisible by 4, got {dim}")
     grid_w = grid_h if grid_w is None else grid_w
     rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32), indexing="ij")
     return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)

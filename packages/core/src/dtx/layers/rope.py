@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def _centers(start: float, stop: float, num: int, device: torch.device | None = None) -> torch.Tensor:
     edges = torch.linspace(start, stop, num + 1, device=device)
@@ -47,7 +49,7 @@ class AxialRoPE(nn.Module):
     def __init__(self, d_head: int, n_heads: int) -> None:
         super().__init__()
         if d_head % 8:
-            raise ValueError(f"axial RoPE needs d_head divisible by 8, got {d_head}")
+            raise ConfigError(f"axial RoPE needs d_head divisible by 8, got {d_head}")
         self.register_buffer("freqs", axial_rope_freqs(d_head, n_heads))
 
     def theta(self, pos: torch.Tensor) -> torch.Tensor:

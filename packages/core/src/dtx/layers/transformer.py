@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..attention import attention
+from ..errors import ConfigError
 
 
 class Attention(nn.Module):
@@ -14,7 +15,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -33,7 +34,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
