@@ -9,24 +9,42 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
 
 T = TypeVar("T")
 
 
+def _dataclass_at(schema: Any, parts: Sequence[str]) -> type | None:
+    """The dataclass type reached by following ``parts`` through the schema's field types (no instantiation)."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        tp = _hints(cls).get(part)
+        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        cls = next((t for t in options if isinstance(t, type) and dataclasses.is_dataclass(t)), None)
+    return cls if cls is not None and dataclasses.is_dataclass(cls) else None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
 def _allowed(schema: Any, dotted: str) -> str:
-    node = schema
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = getattr(node, part, None) if node is not None else None
-    if node is None or not dataclasses.is_dataclass(node):
+    node = _dataclass_at(schema, parts[:-1])
+    if node is None:
         return ""
     names = [f.name for f in dataclasses.fields(node)]
     close = difflib.get_close_matches(parts[-1], names, n=1)
@@ -34,21 +52,13 @@ def _allowed(schema: Any, dotted: str) -> str:
     return f"{hint}; allowed keys here: {', '.join(names)}"
 
 
-def _literal_hint(schema: Any, dotted: str) -> str:
-    node, parts = schema, dotted.split(".")
-    for part in parts[:-1]:
-        node = getattr(node, part, None)
-        if node is None:
-            return ""
-    if not dataclasses.is_dataclass(node):
-        return ""
-    try:
-        hints = typing.get_type_hints(type(node) if not isinstance(node, type) else node)
-    except Exception:
-        return ""
-    tp = hints.get(parts[-1])
+def _literal_values(schema: Any, dotted: str) -> str:
+    """The allowed values of a Literal-typed field, as a comma-separated list ("" for other fields)."""
+    parts = dotted.split(".")
+    node = _dataclass_at(schema, parts[:-1])
+    tp = _hints(node).get(parts[-1]) if node is not None else None
     if typing.get_origin(tp) is typing.Literal:
-        return f"; allowed values: {', '.join(repr(a) for a in typing.get_args(tp))}"
+        return ", ".join(repr(a) for a in typing.get_args(tp))
     return ""
 
 
@@ -57,9 +67,23 @@ def _wrap(exc: OmegaConfBaseException, schema: Any) -> ConfigError:
     msg = str(exc).splitlines()[0]
     if isinstance(exc, ConfigKeyError):
         return ConfigError(f"unknown config key {key!r}{_allowed(schema, key)}")
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return ConfigError(f"missing value for required config key {key!r}")
     if isinstance(exc, ValidationError):
-        return ConfigError(f"bad value for config key {key!r}: {msg}{_literal_hint(schema, key)}")
+        allowed = _literal_values(schema, key) if key else ""
+        if allowed:
+            return ConfigError(f"bad value {getattr(exc, 'value', None)!r} for config key {key!r}; "
+                               f"allowed values: {allowed}")
+        return ConfigError(f"bad value for config key {key!r}: {msg}" if key else f"bad config value: {msg}")
     return ConfigError(f"config error at {key!r}: {msg}" if key else f"config error: {msg}")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML parse error: the problem and where, instead of PyYAML's multi-line report."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def structured(schema: type[T] | T) -> DictConfig:
@@ -80,7 +104,7 @@ def merge(schema: type[T] | T, *sources: Any) -> DictConfig:
             base = OmegaConf.merge(base, src)
         OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
-        raise _wrap(exc, schema if not isinstance(schema, type) else schema()) from None
+        raise _wrap(exc, schema) from None
     return base
 
 
@@ -104,7 +128,7 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     try:
         cfg = OmegaConf.load(p)
     except Exception as exc:
-        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(cfg).__name__}")
     return cfg
@@ -114,10 +138,12 @@ def parse_dotlist(items: Sequence[str]) -> DictConfig:
     bad = [s for s in items if "=" not in s or s.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    try:
-        return OmegaConf.from_dotlist(list(items))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+    for item in items:
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf grammar errors and PyYAML errors in the value
+            raise ConfigError(f"bad override {item!r}: {_yaml_problem(exc)}") from None
+    return OmegaConf.from_dotlist(list(items))
 
 
 def to_yaml(cfg: Any) -> str:
