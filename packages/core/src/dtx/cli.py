@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from . import plugins
-from .errors import DtxError
+from .errors import DtxError, PluginError
 
 
 def configure_plugins(p: argparse.ArgumentParser) -> None:
@@ -24,13 +24,12 @@ def run_plugins(args: argparse.Namespace) -> int:
                            "registers": r.registers, "error": r.error} for r in records], indent=2))
         return 0
     for r in records:
-        head = f"{r.name}  ({r.dist or r.module} {r.version or ''})".rstrip()
-        print(head)
+        print(f"{r.name}  ({' '.join(filter(None, (r.dist or r.module, r.version)))})")
         if r.error:
             print(f"  ERROR: {r.error}")
         for kind, names in sorted(r.registers.items()):
             shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12})" if len(names) > 12 else "")
-            print(f"  {kind}s: {shown}")
+            print(f"  {plugins.plural(kind)}: {shown}")
     return 0
 
 
@@ -68,15 +67,36 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become one-line ``DtxError``s (exit 2) instead of usage text + SystemExit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise DtxError(f"{message} (see `{self.prog} --help`)")
+
+
+def _broken_command(name: str, plugin: str, error: str):
+    def run(args: argparse.Namespace) -> int:
+        raise PluginError(f"command {name!r} of plugin {plugin!r} failed to set up: {error}")
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtx", description="dtx: diffusion transformers")
+    parser = _Parser(prog="dtx", description="dtx: diffusion transformers")
     parser.add_argument("--version", action="version", version=f"dtx {__import__('dtx').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, entry in sorted(plugins.host().table("command").items()):
         configure = entry.obj
         run = entry.meta.get("run") or (entry.meta.get("args") or (None,))[0]
         p = sub.add_parser(name, help=entry.meta.get("help", ""), description=entry.meta.get("help", ""))
-        configure(p)
+        try:
+            configure(p)
+        except Exception as exc:  # one plugin's broken parser must not take the whole CLI down
+            error = plugins._short_error(exc)
+            record = next((r for r in plugins.host() if r.name == entry.plugin), None)
+            if record is not None:
+                record.error = f"in command {name!r}: {error}" + (f"; {record.error}" if record.error else "")
+            run = _broken_command(name, entry.plugin, error)
         p.set_defaults(_run=run)
     return parser
 
@@ -89,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         return int(args._run(args) or 0)
+    except SystemExit as exc:  # --help / --version, or a command that exits itself
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except DtxError as exc:
-        print(f"dtx: error: {exc}", file=sys.stderr)
+        print(f"dtx: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("dtx: interrupted", file=sys.stderr)
@@ -105,8 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("dtx: error: out of memory (try a smaller batch size, activation checkpointing, "
                   "or bf16 autocast)", file=sys.stderr)
             return 1
-        print(f"dtx: error: {type(exc).__name__}: {exc} (set DTX_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"dtx: error: {type(exc).__name__}: {_one_line(exc)} (set DTX_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

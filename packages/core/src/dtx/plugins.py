@@ -68,6 +68,12 @@ def _split_env(var: str) -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def plural(kind: str) -> str:
+    """Readable plural of a registry kind: "loss" -> "losses", "checkpoint_format" -> "checkpoint formats"."""
+    word = kind.replace("_", " ")
+    return word + ("es" if word.endswith("s") else "s")
+
+
 def _short_error(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno})" if frame else ""
@@ -121,6 +127,8 @@ class PluginHost:
         """Register a plugin object at run time (tests, notebooks) and add what it contributes."""
         with self._lock:
             self.load()
+            if name in self.records or self.pm.get_plugin(name) is not None:
+                raise PluginError(f"a plugin named {name!r} is already registered")
             self.pm.register(module, name=name)
             self.records[name] = PluginRecord(name, getattr(module, "__name__", repr(module)))
             for kind in KINDS:
@@ -156,7 +164,8 @@ class PluginHost:
                 impl.function(**{a: register for a in impl.argnames})
             except Exception as exc:
                 if rec is not None:
-                    rec.error = f"in {KINDS[kind]}: {_short_error(exc)}"
+                    error = f"in {KINDS[kind]}: {_short_error(exc)}"
+                    rec.error = error if rec.error is None else f"{rec.error}; {error}"
 
     # -- lookup ------------------------------------------------------------------------------------------------
     def table(self, kind: str) -> dict[str, Entry]:
@@ -175,7 +184,7 @@ class PluginHost:
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         broken = [r.name for r in self.records.values() if r.error]
         msg = (f"unknown {kind.replace('_', ' ')} {name!r}{hint} "
-               f"(installed plugins providing {kind}s: {', '.join(providers) or 'none'}")
+               f"(installed plugins providing {plural(kind)}: {', '.join(providers) or 'none'}")
         if broken:
             msg += f"; plugins that failed to load: {', '.join(broken)} -- see `dtx plugins`"
         raise UnknownNameError(msg + ")")
