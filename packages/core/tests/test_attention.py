@@ -94,6 +94,18 @@ def test_padded_keys_do_not_influence_output():
                                    A.attention(q, k2, v2, key_pad, backend=backend), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_query_with_every_key_masked_gets_zeros(backend):
+    q, k, v = _qkv(5)
+    mask = torch.ones(B, 1, NQ, NK, dtype=torch.bool)
+    mask[1, 0, 2] = False
+    out = A.attention(q, k, v, mask, backend=backend)
+    assert torch.equal(out[1, :, 2], torch.zeros(H, DV))
+    keep = torch.ones(B, H, NQ, dtype=torch.bool)
+    keep[1, :, 2] = False
+    torch.testing.assert_close(out[keep].double(), naive_attention(q, k, v)[keep], atol=1e-5, rtol=0)
+
+
 def test_flash_without_flash_attn_is_a_config_error(monkeypatch, no_flash):
     monkeypatch.setenv("DTX_ATTENTION", "flash")
     assert not A.has_flash_attn()

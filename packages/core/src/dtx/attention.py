@@ -81,7 +81,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     if mask is not None:
         logits = logits + _mask_to_additive(mask, dtype)
-    return (logits.softmax(-1) @ v.to(dtype)).to(q.dtype)
+    weights = logits.softmax(-1)
+    if mask is not None:  # a query with every key masked gets zeros (as SDPA), not NaN
+        weights = weights.masked_fill(logits.amax(-1, keepdim=True) == float("-inf"), 0.0)
+    return (weights @ v.to(dtype)).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
