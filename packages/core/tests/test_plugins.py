@@ -114,3 +114,29 @@ def test_empty_allow_list_keeps_only_core(dist_plugins, monkeypatch):
     monkeypatch.setenv("DTX_PLUGINS", "")
     plugins.reset()
     assert set(records()) == {"core"}
+
+
+def test_misspelled_hook_is_reported(fresh_host):
+    module = types.ModuleType("typo_plugin")
+
+    @dtx.hookimpl
+    def dtx_register_model(register):
+        register("never-seen", object)
+
+    module.dtx_register_model = dtx_register_model
+    plugins.register_plugin(module, name="typo")
+    assert records()["typo"].error == "unknown hook dtx_register_model (did you mean dtx_register_models?)"
+    assert "never-seen" not in dtx.list_models()
+
+
+def test_hook_with_arguments_the_spec_lacks_is_a_plugin_error(fresh_host):
+    module = types.ModuleType("bad_signature_plugin")
+
+    @dtx.hookimpl
+    def dtx_register_models(register, device):
+        pass
+
+    module.dtx_register_models = dtx_register_models
+    with pytest.raises(PluginError, match="plugin 'badsig' cannot be registered: PluginValidationError: .*device"):
+        plugins.register_plugin(module, name="badsig")
+    assert "badsig" not in records() and plugins.host().pm.get_plugin("badsig") is None

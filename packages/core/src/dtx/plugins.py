@@ -77,7 +77,8 @@ def plural(kind: str) -> str:
 def _short_error(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno})" if frame else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {message}{where}"
 
 
 class PluginHost:
@@ -110,10 +111,11 @@ class PluginHost:
                                    dist.version if dist else None)
                 self.records[ep.name] = rec
                 try:
-                    module = ep.load()
-                    self.pm.register(module, name=ep.name)
+                    self._register(ep.load(), ep.name)
                 except Exception as exc:  # a broken plugin must not take the others down
                     rec.error = _short_error(exc)
+                else:
+                    rec.error = self._unknown_hooks(ep.name)
             if BUILTIN not in self.records:  # running from a source tree without installed metadata
                 from . import builtin
 
@@ -129,10 +131,35 @@ class PluginHost:
             self.load()
             if name in self.records or self.pm.get_plugin(name) is not None:
                 raise PluginError(f"a plugin named {name!r} is already registered")
-            self.pm.register(module, name=name)
-            self.records[name] = PluginRecord(name, getattr(module, "__name__", repr(module)))
+            try:
+                self._register(module, name)
+            except Exception as exc:  # pluggy's validation: hook arguments the spec does not have
+                raise PluginError(f"plugin {name!r} cannot be registered: {_short_error(exc)}") from exc
+            self.records[name] = PluginRecord(name, getattr(module, "__name__", repr(module)),
+                                              error=self._unknown_hooks(name))
             for kind in KINDS:
                 self._collect(kind, only=name)
+
+    def _register(self, module: Any, name: str) -> None:
+        """``pm.register`` that leaves nothing behind when pluggy rejects one of the plugin's hooks."""
+        try:
+            self.pm.register(module, name=name)
+        except Exception:
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
+            raise
+
+    def _unknown_hooks(self, name: str) -> str | None:
+        """An error naming the plugin's hook implementations that match no dtx hook (usually a typo), or None."""
+        callers = self.pm.get_hookcallers(self.pm.get_plugin(name)) or []
+        unknown = sorted(c.name for c in callers if not c.has_spec())
+        if not unknown:
+            return None
+        hints = []
+        for hook in unknown:
+            close = difflib.get_close_matches(hook, list(KINDS.values()), n=1)
+            hints.append(hook + (f" (did you mean {close[0]}?)" if close else " (not a dtx hook)"))
+        return f"unknown hook {', '.join(hints)}"
 
     def unregister_plugin(self, name: str) -> None:
         with self._lock:
