@@ -158,3 +158,16 @@ def test_imports_and_runs_without_flash_attn_natten_or_gpu():
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_auto_backend_matches_naive(dtype):
+    """On CUDA without a mask "auto" may take flash-attn (when installed) or SDPA; both must match the reference."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(B, H, n, 64, generator=g) for n in (NQ, NK, NK))
+    out = A.attention(*(t.cuda().to(dtype) for t in (q, k, v)))
+    assert out.dtype == dtype and out.is_cuda
+    reference = naive_attention(*(t.to(dtype).double() for t in (q, k, v)))
+    torch.testing.assert_close(out.double().cpu(), reference, atol=2e-2, rtol=0)

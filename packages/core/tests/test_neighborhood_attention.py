@@ -209,3 +209,17 @@ def test_dispatcher_with_real_natten_picks_both_paths(monkeypatch):
     q.requires_grad_()
     A.neighborhood_attention(q, k, v, 3).sum().backward()  # NATTEN's CPU path would raise here
     assert len(natten_path.calls) == 1 and q.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_NATTEN), reason="needs CUDA and natten")
+def test_cuda_dispatcher_uses_natten_with_grad_and_matches_brute_force(monkeypatch):
+    natten_path = _Recorder(A._natten_na2d)
+    monkeypatch.setattr(A, "_natten_na2d", natten_path)
+    q, k, v = _qkv((1, 6, 5, 2, 32), seed=8)
+    qc, kc, vc = (t.cuda().half().requires_grad_() for t in (q, k, v))
+    out = A.neighborhood_attention(qc, kc, vc, 3)
+    out.float().sum().backward()
+    assert len(natten_path.calls) == 1 and qc.grad is not None
+    expected = brute_force_na(*(t.half().double() for t in (q, k, v)), (3, 3))
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-2, rtol=0)
