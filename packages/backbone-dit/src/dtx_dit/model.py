@@ -1,0 +1,317 @@
+"""The DiT backbone (Peebles & Xie, 2023) with the official state-dict layout, its four block designs and presets.
+
+Key names, initialisation and numerics follow facebookresearch/DiT so released checkpoints load bit-for-bit; unlike
+the original, latents may be non-square and of any size divisible by the patch.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dtx.config import check
+from dtx.errors import ShapeError
+from dtx.layers import (Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+                        sincos_2d_torch, unpatchify)
+
+BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
+BLOCK_TYPES: tuple[str, ...] = ("adaln-zero", "adaln", "cross-attention", "in-context")
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of one DiT; the defaults are DiT-XL/2 for 256x256 images (32x32 latents, ImageNet classes)."""
+
+    input_size: Any = 32  # latent side, or [height, width] for non-square latents
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # 0 = unconditional (no label table)
+    class_dropout_prob: float = 0.1  # > 0 adds the null-class row used by classifier-free guidance
+    learn_sigma: bool = True
+    block: BlockType = "adaln-zero"
+    grad_checkpointing: bool = False
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        size = self.input_size
+        if isinstance(size, int):
+            return size, size
+        h, w = size
+        return int(h), int(w)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.input_hw
+        return h // self.patch_size, w // self.patch_size
+
+    def validate(self) -> "DiTConfig":
+        size = self.input_size
+        check(isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2
+                                       and all(isinstance(s, int) for s in size)),
+              "input_size", f"must be an int or [height, width], got {size!r}")
+        h, w = self.input_hw
+        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
+        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
+              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
+        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check(self.hidden_size % 4 == 0, "hidden_size",
+              f"must be divisible by 4 for the 2D sin-cos position table, got {self.hidden_size}")
+        check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob",
+              f"must be in [0, 1), got {self.class_dropout_prob}")
+        check(self.block in BLOCK_TYPES, "block", f"{self.block!r} is not one of {', '.join(BLOCK_TYPES)}")
+        return self
+
+
+#: The paper's 12 configurations (Table 1): S/B/L/XL widths and depths times patch sizes 2/4/8.
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": {"depth": depth, "hidden_size": width, "num_heads": heads, "patch_size": patch}
+    for size, (depth, width, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                        "XL": (28, 1152, 16)}.items()
+    for patch in (2, 4, 8)
+}
+
+
+# -- blocks ------------------------------------------------------------------------------------------------------
+
+def _layer_norm(dim: int, affine: bool) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+
+
+class AdaLNBlock(nn.Module):
+    """Transformer block conditioned through adaptive LayerNorm; ``gated`` adds adaLN-Zero's residual gates.
+
+    The modulation vector is chunked as (shift, scale, gate) for attention, then for the MLP (gates only if gated).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True) -> None:
+        super().__init__()
+        self.gated = gated
+        self.norm1 = _layer_norm(hidden_size, affine=False)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = _layer_norm(hidden_size, affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm block with cross-attention to the conditioning tokens between self-attention and the MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = _layer_norm(hidden_size, affine=True)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = _layer_norm(hidden_size, affine=True)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qkv_bias=True)
+        self.norm3 = _layer_norm(hidden_size, affine=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.mlp(self.norm3(x))
+
+
+class InContextBlock(nn.Module):
+    """Plain pre-norm ViT block; the conditioning travels as extra tokens in the sequence, so ``c`` is unused."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = _layer_norm(hidden_size, affine=True)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = _layer_norm(hidden_size, affine=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """Norm (adaLN-modulated by (shift, scale) when ``modulated``) and a linear map to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool = True) -> None:
+        super().__init__()
+        self.modulated = modulated
+        self.norm_final = _layer_norm(hidden_size, affine=not modulated)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.norm_final(x)
+        if self.modulated:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+
+_sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
+
+
+# -- model -------------------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    """Diffusion transformer over patchified latents: ``forward(x, t, y)`` -> [N, out_channels, H, W].
+
+    With ``learn_sigma`` the output is [eps (in_channels), variance interpolation v (in_channels)].
+    """
+
+    def __init__(self, config: DiTConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = DiTConfig(**overrides) if config is None else config
+        self.config = cfg.validate()
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels = cfg.in_channels
+        self.learn_sigma = cfg.learn_sigma
+        self.out_channels = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
+        self.patch_size = p
+        self.num_classes = cfg.num_classes
+        self.block_type = cfg.block
+        self.grid_size = cfg.grid
+        self.gradient_checkpointing = cfg.grad_checkpointing
+
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob) if cfg.num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
+        if cfg.block in ("adaln-zero", "adaln"):
+            blocks = [AdaLNBlock(d, cfg.num_heads, cfg.mlp_ratio, gated=cfg.block == "adaln-zero")
+                      for _ in range(cfg.depth)]
+        elif cfg.block == "cross-attention":
+            blocks = [CrossAttentionBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        else:
+            blocks = [InContextBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(d, p, self.out_channels, modulated=cfg.block in ("adaln-zero", "adaln"))
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int | None:
+        """Label of the unconditional (dropped) class used for guidance, or None when the model has none."""
+        return self.y_embedder.null_class if self.y_embedder is not None else None
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier linears with zero bias, N(0, 0.02) embeddings, sin-cos positions, zeroed output layer.
+
+        adaLN-Zero also zeroes every modulation linear, so each block starts as the identity and the output is 0.
+        """
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d_torch(self.config.hidden_size, *self.grid_size))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.block_type == "adaln-zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+        """The stored table at the configured grid; the same sin-cos construction for any other grid."""
+        if (grid_h, grid_w) == self.grid_size:
+            return self.pos_embed
+        return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=self.pos_embed.dtype)
+
+    def _timesteps(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            return t.expand(n)
+        if t.shape != (n,):
+            raise ShapeError(f"DiT expects t of shape [{n}] (one timestep per sample), got {list(t.shape)}")
+        return t
+
+    def _label_embedding(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        if self.y_embedder is None:  # unconditional model: labels, if any, are ignored
+            return None
+        if y is None:
+            if self.num_classes != 1:
+                raise ShapeError(f"this DiT has num_classes={self.num_classes} and needs class labels y "
+                                 f"(use y={self.null_class} for unconditional outputs)")
+            y = torch.zeros(n, dtype=torch.long, device=device)
+        if y.shape != (n,) or y.dtype.is_floating_point:
+            raise ShapeError(f"DiT expects integer class labels y of shape [{n}], got {y.dtype} {list(y.shape)}")
+        rows = self.y_embedder.embedding_table.num_embeddings
+        if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) >= rows):  # no device sync elsewhere
+            raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
+        return self.y_embedder(y, self.training)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, in_channels, H, W] latents; t: [N] timestep indices; y: [N] class labels (null class allowed)."""
+        n = x.shape[0]
+        h = self.x_embedder(x)
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        h = h + self._pos_embed(grid_h, grid_w, h)
+        t_emb = self.t_embedder(self._timesteps(t, n, x.device))
+        y_emb = self._label_embedding(y, n, x.device)
+        c = t_emb if y_emb is None else t_emb + y_emb
+        cond_tokens = (t_emb,) if y_emb is None else (t_emb, y_emb)
+        if self.block_type == "in-context":
+            h = torch.cat([h, torch.stack(cond_tokens, dim=1).to(h.dtype)], dim=1)
+            cond = c
+        elif self.block_type == "cross-attention":
+            cond = torch.stack(cond_tokens, dim=1)
+        else:
+            cond = c
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, cond, use_reentrant=False)
+            else:
+                h = block(h, cond)
+        if self.block_type == "in-context":
+            h = h[:, : grid_h * grid_w]
+        h = self.final_layer(h, c)
+        return unpatchify(h, self.patch_size, self.out_channels, grid_h, grid_w)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guide_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance in DiT's batch layout: y = [labels; null labels], only x's first half is used.
+
+        ``guide_channels=None`` guides every eps channel (the default for new work); ``guide_channels=3`` is DiT's
+        legacy behaviour (needed to reproduce its FIDs). Remaining channels (the 4th eps channel in legacy mode and
+        the learned-variance channels) pass through unguided. Returns [N, out_channels, H, W], the guided result in
+        both halves like the official model, whose second half keeps its own unconditional remainder.
+        """
+        from dtx.diffusion.guidance import combine_guidance
+
+        half = x[: len(x) // 2]
+        cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)
+        k = self.in_channels if guide_channels is None else guide_channels
+        guided = combine_guidance([uncond, cond], [cfg_scale], channels=k)
+        return torch.cat([guided, torch.cat([guided[:, :k], uncond[:, k:]], dim=1)])
