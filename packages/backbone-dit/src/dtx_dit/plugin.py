@@ -1,1 +1,65 @@
-"""dtx plugin entry point of dtx-backbone-dit (filled by the DiT issue)."""
+"""dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format, the
+``convert``/``flops`` commands and the recipes shipped in ``dtx_dit/recipes``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from dtx.hookspecs import hookimpl
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
+    from .model import DiT, DiTConfig
+
+    def build(**overrides: Any) -> DiT:
+        return DiT(DiTConfig(**{**preset, **overrides}))
+
+    build.config_class = DiTConfig  # type: ignore[attr-defined]  # lets core reject unknown options by name
+    return build
+
+
+def _recipe_description(path: Path) -> str:
+    """The recipe's first comment line, if it starts with one."""
+    for line in path.read_text().splitlines():
+        if line.strip():
+            return line.strip().lstrip("#").strip() if line.lstrip().startswith("#") else ""
+    return ""
+
+
+@hookimpl
+def dtx_register_models(register: Callable[..., Any]) -> None:
+    from .model import DIT_PRESETS, DiTConfig
+
+    register("DiT", _factory({}), family="dit", config=DiTConfig,
+             description="DiT with every option settable (defaults: XL/2, 32x32 latents)")
+    for name, preset in DIT_PRESETS.items():
+        register(name, _factory(preset), family="dit", config=DiTConfig,
+                 description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads, "
+                             f"patch {preset['patch_size']}")
+
+
+@hookimpl
+def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
+    from . import checkpoint
+
+    register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
+             description="facebookresearch/DiT .pt: released state dicts and train.py checkpoints (EMA weights)")
+
+
+@hookimpl
+def dtx_register_commands(register: Callable[..., Any]) -> None:
+    from . import cli
+
+    register("convert", cli.configure_convert, run=cli.run_convert,
+             help="write any loadable checkpoint as a dtx folder (model.safetensors + config.yaml)")
+    register("flops", cli.configure_flops, run=cli.run_flops,
+             help="parameters and forward Gflops of a DiT, counted as in the paper (MACs) and as real FLOPs")
+
+
+@hookimpl
+def dtx_register_recipes(register: Callable[..., Any]) -> None:
+    for path in sorted(RECIPES.glob("*.yaml")):
+        register(path.stem, str(path), description=_recipe_description(path))

@@ -1,0 +1,180 @@
+"""Official DiT checkpoints: format detection, architecture inference from tensor shapes, and strict loading.
+
+Understands the released plain state dicts (``DiT-XL-2-256x256.pt``) and train.py checkpoints
+``{"model", "ema", "opt", "args"}`` (EMA weights by default), also with ``module.``/``_orig_mod.`` prefixes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dtx.errors import CheckpointError
+from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, create_model, load_state_dict_strict, model_entry, read_safe)
+
+from .model import DIT_PRESETS, DiTConfig
+
+FORMAT = "dit-official"
+_SIGNATURE = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
+_PREFIXES = ("module.", "_orig_mod.")
+#: (depth, hidden_size) -> num_heads of the paper's sizes; heads cannot be read from tensor shapes
+_KNOWN_HEADS = {(p["depth"], p["hidden_size"]): p["num_heads"] for p in DIT_PRESETS.values()}
+
+
+def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The DiT state dict inside a loaded checkpoint object and where it came from ("ema", "model", "state_dict")."""
+    if not isinstance(obj, dict):
+        return None, ""
+    for key in (("ema", "model") if use_ema else ("model", "ema")):
+        if isinstance(obj.get(key), dict):
+            state = _strip_prefixes(obj[key])
+            if all(k in state for k in _SIGNATURE):
+                return state, key
+    state = _strip_prefixes(obj)
+    if all(k in state for k in _SIGNATURE):
+        return state, "state_dict"
+    return None, ""
+
+
+def detect(path: Path, obj: Any) -> bool:
+    """Whether ``obj`` (a safely loaded file) holds DiT weights with the official key names."""
+    return select_state(obj)[0] is not None
+
+
+def _args_dict(obj: Any) -> dict[str, Any]:
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if args is None:
+        return {}
+    return dict(args) if isinstance(args, dict) else dict(vars(args))
+
+
+def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(model name, overrides) rebuilding the architecture that produced ``state``, read from tensor shapes.
+
+    A paper configuration is returned as its preset name (e.g. "DiT-XL/2") with the non-default options; anything
+    else as "DiT" with every architectural option. ``args`` (train.py's) settles the class count when present.
+    ``input_size`` is left out when the position table is not square.
+    """
+    args = args or {}
+    d, c, p, _ = state["x_embedder.proj.weight"].shape
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth < 1:
+        raise CheckpointError("checkpoint has DiT embeddings but no blocks.{i} weights")
+    if "blocks.0.adaLN_modulation.1.weight" in state:
+        rows = state["blocks.0.adaLN_modulation.1.weight"].shape[0]
+        block = {6 * d: "adaln-zero", 4 * d: "adaln"}.get(rows)
+        if block is None:
+            raise CheckpointError(f"blocks.0.adaLN_modulation.1.weight has {rows} rows; DiT blocks have {6 * d} or {4 * d}")
+    else:
+        block = "cross-attention" if "blocks.0.cross_attn.q.weight" in state else "in-context"
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / d
+    out = state["final_layer.linear.weight"].shape[0] // (p * p)
+    if out not in (c, 2 * c):
+        raise CheckpointError(f"final_layer.linear gives {out} channels per pixel; a DiT over {c} channels gives "
+                              f"{c} or {2 * c}")
+    heads = _KNOWN_HEADS.get((depth, d)) or next((d // hd for hd in (64, 72) if d % hd == 0), None)
+    if heads is None:
+        raise CheckpointError(f"cannot infer num_heads for hidden size {d}; pass num_heads=...")
+
+    if "pos_embed" in state:
+        tokens = state["pos_embed"].shape[1]
+        side = math.isqrt(tokens)
+        input_size: Any = side * p if side * side == tokens else None
+    else:
+        input_size = args["image_size"] // 8 if "image_size" in args else None
+
+    table = state.get("y_embedder.embedding_table.weight")
+    if table is None:  # unconditional; the dropout option then has no effect
+        num_classes, dropout = 0, DiTConfig.class_dropout_prob
+    elif "num_classes" in args:
+        num_classes = int(args["num_classes"])
+        dropout = 0.1 if table.shape[0] == num_classes + 1 else 0.0
+    elif table.shape[0] == 1:
+        num_classes, dropout = 1, 0.0
+    else:  # the usual layout: the classes plus the null row for guidance
+        num_classes, dropout = table.shape[0] - 1, 0.1
+
+    arch = {"depth": depth, "hidden_size": d, "num_heads": heads, "patch_size": p}
+    options = {"input_size": input_size, "num_classes": num_classes, "in_channels": c, "mlp_ratio": mlp_ratio,
+               "class_dropout_prob": dropout, "learn_sigma": out == 2 * c, "block": block}
+    defaults = DiTConfig()
+    name = next((n for n, preset in DIT_PRESETS.items() if preset == arch), None)
+    keep = {"input_size", "num_classes"}
+    spec = {k: v for k, v in options.items() if k in keep or v != getattr(defaults, k)}
+    if input_size is None:  # non-square pos_embed (or none): the caller must say
+        del spec["input_size"]
+    if name is None:
+        return "DiT", {**arch, **spec}
+    return name, spec
+
+
+def load(path: Path, obj: Any, name: str | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model the checkpoint needs (or ``name``) and load its weights strictly.
+
+    ``use_ema=False`` picks a training checkpoint's raw ``model`` weights instead of ``ema`` (to resume training).
+    """
+    use_ema = bool(overrides.pop("use_ema", True))
+    state, where = select_state(obj, use_ema=use_ema)
+    if state is None:
+        raise CheckpointError(f"{path}: no DiT weights found")
+    args = _args_dict(obj)
+    inferred_name, inferred = infer_config(state, args)
+    entry = model_entry(name or inferred_name)
+    arch = entry.name
+    if entry.meta.get("family") != "dit":
+        spec = dict(overrides)
+    else:
+        if arch == "DiT" and inferred_name != "DiT":
+            inferred = {**DIT_PRESETS[inferred_name], **inferred}
+        fixed = set(DIT_PRESETS.get(arch, {}))  # a named preset keeps its own depth, width, heads and patch
+        spec = {**{k: v for k, v in inferred.items() if k not in fixed}, **overrides}
+        if "input_size" not in spec:
+            raise CheckpointError(f"{path}: cannot infer the latent size (its pos_embed is not square); "
+                                  f"pass input_size=[height, width]")
+    model = create_model(arch, **spec)
+    load_state_dict_strict(model, state, str(path))
+    return model, {"weights": where, "source": str(path), "args": args}
+
+
+def load_weights(model: nn.Module, source: str | os.PathLike, skip: Sequence[str] = (), *, use_ema: bool = True,
+                 trust: bool = False) -> list[str]:
+    """Copy a checkpoint's weights into an existing ``model``, keeping the model's own values for keys under ``skip``.
+
+    For fine-tuning released weights with a changed part, e.g. ``skip=["y_embedder"]`` for a new class count or
+    ``skip=["final_layer.linear"]`` for learn_sigma off. Any other mismatch raises a CheckpointError listing keys.
+    Returns the skipped keys.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / DTX_WEIGHTS
+        if not (path.parent / DTX_CONFIG).exists():
+            raise CheckpointError(f"{source} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state, _ = select_state(read_safe(path, trust=trust), use_ema=use_ema)
+    if state is None:
+        raise CheckpointError(f"{path}: no DiT weights found")
+    prefixes = [s.rstrip(".") for s in skip]
+
+    def skipped_key(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in prefixes)
+
+    own = model.state_dict()
+    skipped = [k for k in own if skipped_key(k)]
+    merged = {k: v for k, v in state.items() if not skipped_key(k)}
+    merged.update({k: own[k] for k in skipped})
+    load_state_dict_strict(model, merged, str(path))
+    return skipped
