@@ -1,0 +1,156 @@
+"""Checkpoint detection and inference, incompatible files, fine-tuning loads, ``dtx convert``/``dtx flops``, plugin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dtx
+from dtx.cli import main
+from dtx_dit import plugin
+from dtx_dit.checkpoint import infer_config, load_weights
+
+TINY = dict(input_size=8, depth=2, hidden_size=128, num_heads=2, num_classes=10)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace the (partly zero) init by random values so comparisons see every tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def saved_tiny(tmp_path, name: str = "tiny.pt", seed: int = 0, **kw):
+    model = randomized(dtx.create_model("DiT", **{**TINY, **kw}), seed)
+    path = tmp_path / name
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def probe(model: torch.nn.Module, hw=(8, 8)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, model.in_channels, *hw, generator=g)
+    y = torch.tensor([0, model.num_classes - 1]) if model.num_classes else None
+    model.eval()  # no label dropout
+    with torch.no_grad():
+        return model(x, torch.tensor([10, 900]), y)
+
+
+@pytest.mark.parametrize("kw", [dict(block="adaln"), dict(block="cross-attention"), dict(block="in-context"),
+                                dict(learn_sigma=False, num_classes=0), dict(class_dropout_prob=0.0, num_classes=1)])
+def test_every_design_round_trips_through_shape_inference(tmp_path, kw):
+    model, path = saved_tiny(tmp_path, **kw)
+    loaded = dtx.load_model(path)
+    assert loaded.config == model.config
+    torch.testing.assert_close(probe(loaded), probe(model), atol=0, rtol=0)
+
+
+def test_paper_configs_are_inferred_as_their_preset_names():
+    for name, size in (("DiT-XL/2", 32), ("DiT-XL/2", 64), ("DiT-B/4", 32), ("DiT-S/8", 16)):
+        with torch.device("meta"):
+            state = dtx.create_model(name, input_size=size).state_dict()
+        assert infer_config(state) == (name, {"input_size": size, "num_classes": 1000})
+
+
+def test_incompatible_file_lists_missing_unexpected_and_misshaped_keys(tmp_path):
+    _, path = saved_tiny(tmp_path)
+    with pytest.raises(dtx.CheckpointError, match=r"mis-shaped.*x_embedder\.proj\.weight"):
+        dtx.load_model(path, "DiT-S/8")
+    state = torch.load(path, weights_only=True)
+    del state["blocks.0.mlp.fc2.bias"]
+    state["blocks.1.attn.qkv.weight"] = torch.zeros(5, 128)
+    state["blocks.1.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(dtx.CheckpointError) as info:
+        dtx.load_model(tmp_path / "broken.pt")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "missing: blocks.0.mlp.fc2.bias" in msg and "unexpected: blocks.1.extra.weight" in msg
+    assert "blocks.1.attn.qkv.weight (5, 128) vs (384, 128)" in msg
+
+
+def test_unsafe_pickles_are_refused(tmp_path):
+    _, path = saved_tiny(tmp_path)
+    state = torch.load(path, weights_only=True)
+    torch.save({"model": state, "ema": state, "args": {"callback": print}}, tmp_path / "unsafe.pt")
+    with pytest.raises(dtx.CheckpointError, match="refusing to unpickle"):
+        dtx.load_model(tmp_path / "unsafe.pt")
+
+
+def test_fine_tuning_with_a_new_class_count_keeps_everything_else(tmp_path):
+    released, path = saved_tiny(tmp_path)
+    model = dtx.create_model("DiT", **{**TINY, "num_classes": 5})
+    with pytest.raises(dtx.CheckpointError, match="y_embedder.embedding_table.weight"):
+        load_weights(model, path)
+    fresh_table = model.y_embedder.embedding_table.weight.detach().clone()
+    assert load_weights(model, path, skip=["y_embedder"]) == ["y_embedder.embedding_table.weight"]
+    own, file = model.state_dict(), released.state_dict()
+    assert torch.equal(own["y_embedder.embedding_table.weight"], fresh_table)
+    assert all(torch.equal(own[k], file[k]) for k in own if not k.startswith("y_embedder"))
+
+
+def test_convert_writes_safetensors_and_yaml_that_reload_equal(tmp_path, capsys):
+    model, path = saved_tiny(tmp_path, input_size=[8, 12])
+    with pytest.raises(dtx.CheckpointError, match="input_size"):
+        dtx.load_model(path)
+    out = tmp_path / "converted"
+    assert main(["convert", str(path), str(out), "--set", "input_size=[8,12]"]) == 0
+    assert "dit-official" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert set(load_file(str(out / "model.safetensors"))) == set(model.state_dict())
+    text = (out / "config.yaml").read_text()
+    assert "name: DiT" in text and "input_size:" in text
+    reloaded = dtx.load_model(out)
+    assert reloaded.dtx_load_info["format"] == "dtx"
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    torch.testing.assert_close(probe(reloaded, (8, 12)), probe(model, (8, 12)), atol=0, rtol=0)
+
+
+def test_convert_training_checkpoint_raw_weights(tmp_path, capsys):
+    ema, _ = saved_tiny(tmp_path, seed=1)
+    raw, _ = saved_tiny(tmp_path, seed=2)
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}}, tmp_path / "train.pt")
+    assert main(["convert", str(tmp_path / "train.pt"), str(tmp_path / "raw"), "--raw-weights"]) == 0
+    assert main(["convert", str(tmp_path / "train.pt"), str(tmp_path / "ema")]) == 0
+    capsys.readouterr()
+    torch.testing.assert_close(probe(dtx.load_model(tmp_path / "raw")), probe(raw), atol=0, rtol=0)
+    torch.testing.assert_close(probe(dtx.load_model(tmp_path / "ema")), probe(ema), atol=0, rtol=0)
+
+
+def test_flops_command_prints_the_paper_numbers(capsys):
+    assert main(["flops", "DiT-XL/2", "--input-size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "675,129,632" in text and "118.62 Gflops" in text and "237.24 GFLOPs real" in text
+    assert main(["flops", "DiT-XL/2", "--input-size", "64", "--json", "--measure"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert round(row["gflops_macs"], 1) == 524.5 and row["gflops_measured"] == pytest.approx(row["gflops_real"])
+    assert main(["flops", "DiT-B/4", "--set", "block=cross-attention", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["block"] == "cross-attention"
+
+
+def test_flops_command_rejects_bad_sizes(capsys):
+    assert main(["flops", "DiT-XL/2", "--input-size", "31"]) == 2
+    assert "not divisible by patch_size 2" in capsys.readouterr().err
+    assert main(["flops", "DiT-XL/2", "--input-size", "big"]) == 2
+
+
+def test_plugin_registers_formats_commands_and_every_recipe_file(tmp_path, monkeypatch):
+    from dtx import plugins
+
+    assert plugins.get("checkpoint_format", "dit-official").plugin == "dit"
+    assert {"convert", "flops"} <= set(plugins.names("command"))
+    (tmp_path / "dit-a.yaml").write_text("# tiny DiT on digits\nmodel: {name: DiT-S/2}\n")
+    (tmp_path / "dit-b.yaml").write_text("model: {name: DiT-B/4}\n")
+    (tmp_path / "notes.txt").write_text("not a recipe")
+    monkeypatch.setattr(plugin, "RECIPES", tmp_path)
+    seen = {}
+    plugin.dtx_register_recipes(lambda name, path, **meta: seen.setdefault(name, (path, meta)))
+    assert sorted(seen) == ["dit-a", "dit-b"]
+    assert seen["dit-a"] == (str(tmp_path / "dit-a.yaml"), {"description": "tiny DiT on digits"})
+    assert seen["dit-b"][1] == {"description": ""}
