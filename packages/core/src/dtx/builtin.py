@@ -13,6 +13,12 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
 
     register("plugins", cli.configure_plugins, run=cli.run_plugins, help="list installed plugins and what they register")
     register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
+    from .training import commands as training
+
+    register("train", training.configure_train, run=training.run_train,
+             help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
+    register("sample", training.configure_sample, run=training.run_sample,
+             help="sample a trained run or checkpoint into a PNG grid and an .npz archive")
 
 
 @hookimpl
@@ -41,3 +47,10 @@ def dtx_register_losses(register: Callable[..., Any]) -> None:
 
     for name, fn in karras.WEIGHTINGS.items():
         register(name, fn, kind="sigma-weighting", description="EDM loss weighting w(sigma)")
+
+
+@hookimpl
+def dtx_register_runners(register: Callable[..., Any]) -> None:
+    from .training.commands import run_local
+
+    register("local", run_local, description="one process, no Ray (debugging; CUDA when available)")

@@ -1,0 +1,147 @@
+"""The training schema: one dataclass per section, filled from a YAML recipe plus ``key=value`` overrides.
+
+``load_train_config("recipe.yaml", ["optim.lr=1e-3"])`` returns a validated ``TrainConfig``; the resolved config is
+saved in the run folder and inside every checkpoint so that ``dtx sample`` can rebuild the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+from ..config import check, load_config
+
+
+@dataclass
+class ModelConfig:
+    """A registered model name plus keyword overrides; input size, channels and classes default to the data's."""
+
+    name: str = "DiT-S/2"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Dataset from the ``dataset`` registry; ``batch_size`` is the global batch of one optimizer step."""
+
+    name: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    num_workers: int = 0
+    vae: Optional[str] = None  # local AutoencoderKL folder: encode pixel data to latents on the fly (frozen)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Noise/sigma sampling and loss: ``gaussian`` (DDPM/IDDPM) or ``karras`` (EDM preconditioning)."""
+
+    kind: Literal["gaussian", "karras"] = "gaussian"
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    predict_xstart: bool = False
+    predict_v: bool = False
+    sigma_data: float = 0.5
+    sigma_sample: Literal["log-normal", "cosine-interpolated"] = "log-normal"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    weighting: str = "karras"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up then constant lr; ``grad_clip`` 0 disables clipping."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class EMAConfig:
+    """``constant``: fixed decay (DiT 0.9999); ``warmup``: 1 - (1 + step)^-power capped at ``max_decay``."""
+
+    kind: Literal["constant", "warmup"] = "constant"
+    decay: float = 0.9999
+    power: float = 0.6667
+    max_decay: float = 0.9999
+
+
+@dataclass
+class SampleConfig:
+    """Sampling defaults for the periodic grids (``every`` steps, 0 = only at the end) and for ``dtx sample``."""
+
+    every: int = 0
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg: float = 1.0
+    guide_channels: Optional[int] = None
+    n_per_class: int = 4
+    classes: list[int] = field(default_factory=list)  # empty: the first (up to) ten classes
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; ``out``, ``max_steps`` and ``seed`` are also set by ``dtx train`` flags."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    out: str = "runs/default"
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop after this much training time as well (0 = no limit)
+    seed: int = 0
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on CUDA only
+    tf32: bool = True
+    activation_checkpointing: bool = False
+    log_every: int = 20
+    ckpt_every: int = 500
+    keep_last: int = 3
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+    def validate(self) -> None:
+        check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        check(self.max_minutes >= 0, "max_minutes", "must be >= 0")
+        check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+        check(self.data.batch_size % self.grad_accum == 0, "data.batch_size",
+              f"{self.data.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        check(self.optim.lr > 0, "optim.lr", "must be > 0")
+        check(len(self.optim.betas) == 2, "optim.betas", "needs two values")
+        check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        check(0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)")
+        check(0.0 <= self.ema.max_decay < 1.0, "ema.max_decay", "must be in [0, 1)")
+        check(self.ema.power > 0, "ema.power", "must be > 0")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
+        check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
+        check(self.sample.every >= 0, "sample.every", "must be >= 0")
+        check(self.objective.sigma_min > 0 and self.objective.sigma_max > self.objective.sigma_min,
+              "objective.sigma_max", "needs 0 < sigma_min < sigma_max")
+
+
+def load_train_config(*sources: Any) -> TrainConfig:
+    """Validated ``TrainConfig`` from YAML paths, dicts and dotlists (later sources win)."""
+    return load_config(TrainConfig, *sources)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain-container form of a config (for checkpoints and ``config.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_from_dict(d: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    return load_train_config(d, list(overrides))
