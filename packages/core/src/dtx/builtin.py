@@ -19,6 +19,10 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
              help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
     register("sample", training.configure_sample, run=training.run_sample,
              help="sample a trained run or checkpoint into a PNG grid and an .npz archive")
+    from .data import extract
+
+    register("extract-latents", extract.configure_parser, run=extract.run,
+             help="encode an image folder with a local diffusers AutoencoderKL into latent shards")
 
 
 @hookimpl
@@ -47,6 +51,17 @@ def dtx_register_losses(register: Callable[..., Any]) -> None:
 
     for name, fn in karras.WEIGHTINGS.items():
         register(name, fn, kind="sigma-weighting", description="EDM loss weighting w(sigma)")
+
+
+@hookimpl
+def dtx_register_datasets(register: Callable[..., Any]) -> None:
+    from .data.digits import DigitsDataset
+    from .data.images import ImageFolderDataset
+    from .data.latents import LatentFolderDataset
+
+    register("digits", DigitsDataset, description="scikit-learn's bundled 8x8 digits, upsampled to 8/16/32 (no download)")
+    register("image-folder", ImageFolderDataset, description="class-subfolder images, ADM centre crop and flip")
+    register("latent-folder", LatentFolderDataset, description="VAE latent shards written by `dtx extract-latents`")
 
 
 @hookimpl

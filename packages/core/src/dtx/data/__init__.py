@@ -1,0 +1,71 @@
+"""Datasets for training: a registry-backed ``build_dataset`` and a generic ``collate``.
+
+Every item is a dict: ``x`` is a float tensor ``[C, H, W]`` (or ``[F, C, H, W]`` for video clips) holding pixels in
+[-1, 1] or already-scaled latents, and ``y`` a scalar int64 class (absent for unconditional data); later datasets may
+add keys such as ``text``. Every dataset exposes ``num_classes`` (0 if none), ``channels`` and ``image_size`` (of
+``x``), ``is_latent`` and, when latent, ``latent_scale``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .. import plugins
+from ..errors import ConfigError, DataError, DtxError, ShapeError
+
+
+def build_dataset(name: str, **options: Any) -> Dataset:
+    """Build the dataset registered as ``name`` (``digits``, ``image-folder``, ``latent-folder``, ...)."""
+    entry = plugins.get("dataset", name)
+    factory = entry.obj
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for dataset {entry.name!r}; "
+                              f"valid options: {', '.join(params)}")
+    try:
+        return factory(**options)
+    except DtxError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"cannot build dataset {entry.name!r} with {options}: {exc}") from exc
+
+
+def list_datasets() -> list[str]:
+    """Names of every registered dataset."""
+    return plugins.names("dataset")
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of item dicts key by key: tensors and numbers become batched tensors, anything else a list."""
+    if not batch:
+        raise DataError("cannot collate an empty batch")
+    keys = list(batch[0])
+    for item in batch[1:]:
+        if set(item) != set(keys):
+            raise DataError(f"items in one batch have different keys: {sorted(keys)} vs {sorted(item)}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [item[key] for item in batch]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ShapeError(f"cannot batch {key!r}: items have different shapes {sorted(shapes)}")
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], numbers.Number):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+__all__ = ["build_dataset", "collate", "list_datasets"]

@@ -1,0 +1,151 @@
+"""``dtx extract-latents``: encode an image folder once with a local diffusers ``AutoencoderKL`` and write latent shards.
+
+Latents are ``(z - shift_factor) * scaling_factor`` from the VAE's own config (0.18215 and no shift for the SD VAE),
+with ``z`` the posterior mode (default) or one seeded posterior sample. Shards are written atomically, so an
+interrupted run can be resumed: shards already present with the same settings are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ..errors import CheckpointError, DataError
+from . import collate
+from .images import ImageFolderDataset
+from .latents import SHARD_GLOB, read_shard_metadata, shard_name, write_shard
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: metadata that must agree between an existing output folder and a new run
+SETTINGS = ("scale_factor", "shift_factor", "vae", "source", "image_size", "posterior", "classes", "shard_size",
+            "total", "seed", "flips", "dtype")
+
+
+def load_vae(path: str | Path) -> Any:
+    """Load a diffusers ``AutoencoderKL`` from a local folder (or its ``vae/`` subfolder); never downloads."""
+    from diffusers import AutoencoderKL
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"VAE path {path} is not a local folder; pass a diffusers AutoencoderKL directory "
+                              f"(saved with save_pretrained); hub ids are not downloaded")
+    subfolder = None
+    if not (root / "config.json").is_file():
+        if not (root / "vae" / "config.json").is_file():
+            raise CheckpointError(f"no config.json in {root} (nor in {root / 'vae'}): not a diffusers VAE folder")
+        subfolder = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load an AutoencoderKL from {root}: {type(exc).__name__}: {exc}") from exc
+    return vae.eval().requires_grad_(False)
+
+
+def vae_factors(vae: Any) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` from the VAE config; the shift is 0 for VAEs without one."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+@torch.no_grad()
+def encode(vae: Any, x: torch.Tensor, sample_posterior: bool = False,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents of pixels ``x`` in [-1, 1]: posterior mode or one posterior sample."""
+    scale, shift = vae_factors(vae)
+    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+    return (z.float() - shift) * scale
+
+
+def extract_latents(vae: Any, data: ImageFolderDataset, out: str | Path, *, vae_name: str = "",
+                    batch_size: int = 16, shard_size: int = 1024, sample_posterior: bool = False,
+                    flips: bool = False, dtype: str = "float32", seed: int = 0, workers: int = 0,
+                    progress: bool = True) -> list[Path]:
+    """Encode every image of ``data`` (crop, no random flip) into shards under ``out``; returns the shard paths."""
+    from tqdm import tqdm
+
+    if data.flip:
+        raise DataError("extract latents from an image folder built with flip=False (use flips=True to store both)")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard_*.tmp"):
+        stale.unlink()
+    scale, shift = vae_factors(vae)
+    settings = {"scale_factor": scale, "shift_factor": shift, "vae": vae_name, "source": str(data.root.resolve()),
+                "image_size": data.image_size, "posterior": "sample" if sample_posterior else "mode",
+                "classes": data.classes, "shard_size": shard_size, "total": len(data), "seed": seed,
+                "flips": flips, "dtype": dtype}
+    for existing in sorted(out.glob(SHARD_GLOB)):
+        meta = read_shard_metadata(existing)
+        diff = [k for k in SETTINGS if meta.get(k) != settings[k]]
+        if diff:
+            raise DataError(f"{out} already holds latents written with different {', '.join(diff)} "
+                            f"({existing.name}); use an empty --out folder")
+    paths = []
+    bar = tqdm(total=len(data), desc="extract-latents", unit="img", disable=not progress)
+    for k in range(math.ceil(len(data) / shard_size)):
+        path = out / shard_name(k)
+        indices = range(k * shard_size, min(len(data), (k + 1) * shard_size))
+        paths.append(path)
+        if path.exists():
+            bar.update(len(indices))
+            continue
+        generator = torch.Generator(vae.device).manual_seed(seed + k)
+        loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": [], "labels": []}
+        for batch in loader:
+            x = batch["x"]
+            parts["latents"].append(encode(vae, x, sample_posterior, generator).to(DTYPES[dtype]).cpu())
+            if flips:
+                parts["latents_flipped"].append(
+                    encode(vae, x.flip(-1), sample_posterior, generator).to(DTYPES[dtype]).cpu())
+            parts["labels"].append(batch["y"] if "y" in batch else torch.full((len(x),), -1, dtype=torch.int64))
+            bar.update(len(x))
+        write_shard(path, {key: torch.cat(v) for key, v in parts.items() if v}, settings)
+    bar.close()
+    return paths
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (or a pipeline folder with vae/)")
+    p.add_argument("--data", required=True, help="image folder with one subfolder per class")
+    p.add_argument("--out", required=True, help="output folder for the latent shards")
+    p.add_argument("--image-size", type=int, default=256, help="pixel size after ADM centre crop (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=1024, help="latents per shard file")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--mode", dest="sample_posterior", action="store_false",
+                      help="store the posterior mode (default; deterministic)")
+    mode.add_argument("--sample-posterior", dest="sample_posterior", action="store_true",
+                      help="store one seeded posterior sample, as DiT's online encoder draws")
+    p.set_defaults(sample_posterior=False)
+    p.add_argument("--flips", action="store_true",
+                   help="also store latents of the mirrored images, so training keeps ADM's random flip")
+    p.add_argument("--unconditional", action="store_true", help="ignore class subfolders (no labels)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of the latents")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    data = ImageFolderDataset(args.data, image_size=args.image_size, flip=False, unconditional=args.unconditional)
+    vae = load_vae(args.vae)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae.to(device)
+    paths = extract_latents(vae, data, args.out, vae_name=str(Path(args.vae).expanduser().resolve()),
+                            batch_size=args.batch_size, shard_size=args.shard_size,
+                            sample_posterior=args.sample_posterior, flips=args.flips, dtype=args.dtype,
+                            seed=args.seed, workers=args.workers, progress=not args.no_progress)
+    scale, shift = vae_factors(vae)
+    print(f"wrote {len(data)} latents in {len(paths)} shard(s) to {args.out} (scale_factor {scale:g}"
+          + (f", shift_factor {shift:g}" if shift else "") + ")")
+    return 0

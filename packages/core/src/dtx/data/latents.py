@@ -1,0 +1,134 @@
+"""Pre-extracted VAE latents: safetensors shards written by ``dtx extract-latents`` and the dataset that reads them.
+
+A shard ``shard_NNNNN.safetensors`` holds ``latents`` [n, C, h, w] (already multiplied by the VAE scale factor),
+``labels`` [n] int64 and optionally ``latents_flipped`` (the latents of the mirrored images). Its string metadata
+records the format, ``scale_factor``, ``shift_factor``, the source folder, the VAE, the pixel ``image_size``, the
+posterior mode and the class names. Shards are read lazily through memory-mapped ``safe_open`` handles.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+
+FORMAT = "dtx-latents/1"
+SHARD_GLOB = "shard_*.safetensors"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write one shard atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def read_shard_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of one shard with JSON values decoded; ``DataError`` if it is not a dtx latent shard."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:
+        raise DataError(f"unreadable latent shard {path}: {exc}") from exc
+    if raw.get("format") != FORMAT:
+        raise DataError(f"{path} is not a dtx latent shard (format {raw.get('format')!r}, expected {FORMAT!r})")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+class LatentFolderDataset(Dataset):
+    """``{"x": scaled latent [C, h, w], "y": class}`` from a folder of latent shards, read lazily.
+
+    ``image_size`` and ``channels`` describe ``x`` (the latent grid); ``pixel_size`` is the size of the source
+    images. With ``flip`` and shards that hold ``latents_flipped``, each item picks one of the two at random.
+    """
+
+    is_latent = True
+
+    def __init__(self, root: str | Path, flip: bool = True) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"latent folder not found: {self.root}")
+        self.shards = sorted(self.root.glob(SHARD_GLOB))
+        if not self.shards:
+            raise DataError(f"no latent shards ({SHARD_GLOB}) in {self.root}; write them with `dtx extract-latents`")
+        self.metadata = read_shard_metadata(self.shards[0])
+        sizes, flips, shape = [], [], None
+        for path in self.shards:
+            meta = read_shard_metadata(path)
+            for key in ("scale_factor", "shift_factor", "vae", "image_size", "classes"):
+                if meta.get(key) != self.metadata.get(key):
+                    raise DataError(f"latent shards in {self.root} disagree on {key}: {path.name} has "
+                                    f"{meta.get(key)!r}, {self.shards[0].name} has {self.metadata.get(key)!r}")
+            with safe_open(str(path), framework="pt") as f:
+                s = f.get_slice("latents").get_shape()
+                flips.append("latents_flipped" in f.keys())
+            if shape is not None and s[1:] != shape:
+                raise DataError(f"latent shard {path} has shape {s[1:]}, others {shape}")
+            shape = s[1:]
+            sizes.append(s[0])
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.channels, self.image_size = int(shape[0]), int(shape[1])
+        self.latent_scale = float(self.metadata["scale_factor"])
+        self.latent_shift = float(self.metadata.get("shift_factor") or 0.0)
+        self.pixel_size = int(self.metadata["image_size"])
+        self.vae = str(self.metadata.get("vae", ""))
+        self.classes = list(self.metadata.get("classes") or [])
+        self.num_classes = len(self.classes)
+        self.flip = flip and all(flips)
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open safetensors handles do not cross process boundaries
+        return state
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _handle(self, shard: int) -> Any:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        j = i - self.offsets[shard]
+        f = self._handle(shard)
+        key = "latents_flipped" if self.flip and torch.rand(()) < 0.5 else "latents"
+        item = {"x": f.get_slice(key)[j:j + 1][0].float()}
+        if self.num_classes:
+            item["y"] = f.get_slice("labels")[j:j + 1][0].long()
+        return item
