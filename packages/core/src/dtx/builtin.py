@@ -20,9 +20,12 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
     register("sample", training.configure_sample, run=training.run_sample,
              help="sample a trained run or checkpoint into a PNG grid and an .npz archive")
     from .data import extract
+    from .evaluation import report
 
     register("extract-latents", extract.configure_parser, run=extract.run,
              help="encode an image folder with a local diffusers AutoencoderKL into latent shards")
+    register("eval", report.configure_parser, run=report.run,
+             help="score a samples .npz (or a run folder's newest): digits accuracy, Frechet distance, FID")
 
 
 @hookimpl

@@ -1,0 +1,135 @@
+"""``dtx eval``: score a sample archive written by ``dtx sample`` against the real digits.
+
+The archive holds ``arr_0`` (uint8 NHWC, from clamp(127.5 x + 128, 0, 255)) and ``labels`` (int64 [N], the requested
+classes). Reported: the digits classifier's accuracy on the requested labels, the Fréchet distance to the real
+digits in the classifier's feature space, and FID when torchmetrics and local Inception weights are available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+SKIP_PARTS = {"checkpoints", ".tmp"}
+
+
+def find_samples(path: str | Path) -> Path:
+    """``path`` itself if it is an ``.npz``; for a folder, its newest ``.npz`` outside ``checkpoints/``."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise DataError(f"{path} is not a .npz sample archive")
+        return path
+    if not path.is_dir():
+        raise DataError(f"no such sample archive or run folder: {path}")
+    found = [p for p in path.rglob("*.npz") if not SKIP_PARTS & set(p.relative_to(path).parts)]
+    if not found:
+        raise DataError(f"no .npz sample archive under {path}; write one with `dtx sample`")
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 images ``[N, C, H, W]`` and the requested labels (None if the archive has none) from an ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"cannot read sample archive {path}: {exc}") from exc
+    if "arr_0" not in arrays:
+        raise DataError(f"{path} has no 'arr_0' array (found: {', '.join(arrays) or 'nothing'})")
+    arr = arrays["arr_0"]
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or len(arr) == 0:
+        raise DataError(f"{path}: arr_0 must be non-empty uint8 NHWC with 1 or 3 channels, got {arr.dtype} "
+                        f"{arr.shape}")
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    labels = arrays.get("labels")
+    if labels is None:
+        return images, None
+    if labels.ndim != 1 or len(labels) != len(arr) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be integers [N={len(arr)}], got {labels.dtype} {labels.shape}")
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 back to [-1, 1]: u / 127.5 - 1 (the centre of each value's bin under clamp(127.5 x + 128))."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] to uint8 as the sample archives store it: clamp(127.5 x + 128, 0, 255)."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+
+
+def evaluate_samples(path: str | Path, reference: str = "train",
+                     inception_weights: str | Path | None = None) -> dict[str, Any]:
+    """Scores of one sample archive (or a run folder's newest) as a JSON-ready dict."""
+    from ..data.digits import NUM_CLASSES, digits_arrays
+    from .digits import digits_accuracy, digits_features
+    from .fid import compute_fid, fid_unavailable_reason
+    from .frechet import frechet_distance
+
+    archive = find_samples(path)
+    images, labels = load_samples(archive)
+    n, c, h, w = images.shape
+    if h != w or h % 8:
+        raise DataError(f"{archive}: digits evaluation needs square images with a side that is a multiple of 8, "
+                        f"got {h}x{w}")
+    x = to_unit(images)
+    real_x, _ = digits_arrays(reference, 8)
+    test_x, test_y = digits_arrays("test", 8)
+    real_feats = digits_features(real_x)
+    result: dict[str, Any] = {"path": str(archive), "num_samples": n, "image_shape": [c, h, w]}
+    if labels is not None:
+        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise DataError(f"{archive}: labels must be digit classes 0..9, got range "
+                            f"{labels.min().item()}..{labels.max().item()}")
+        result["accuracy"] = digits_accuracy(x, labels)
+    else:
+        result["accuracy"] = None
+    result["classifier_test_accuracy"] = digits_accuracy(test_x, test_y)
+    result["fd_digits"] = frechet_distance(digits_features(x), real_feats) if n >= 2 else None
+    result["fd_reference"] = f"digits/{reference}"
+    if reference != "test":
+        result["fd_real_test_baseline"] = frechet_distance(digits_features(test_x), real_feats)
+    reason = fid_unavailable_reason(inception_weights)
+    result["fid"], result["fid_skipped"] = None, reason
+    if reason is None:
+        real_uint8 = to_uint8(real_x.repeat_interleave(h // 8, dim=-2).repeat_interleave(h // 8, dim=-1))
+        result["fid"] = compute_fid(real_uint8, images, inception_weights)
+    return result
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="samples .npz written by `dtx sample`, or a run folder (its newest .npz is used)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--reference", choices=("train", "test", "all"), default="train",
+                   help="real digits split for the Fréchet distance and FID (default: train)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torch-fidelity Inception weights for FID (default: $DTX_INCEPTION_WEIGHTS)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_samples(args.path, args.reference, args.inception_weights)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    c, h, w = result["image_shape"]
+    print(f"samples    {result['path']} ({result['num_samples']} images, {c}x{h}x{w})")
+    acc = "n/a (archive has no labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
+    print(f"accuracy   {acc}  (classifier on the real test digits: {result['classifier_test_accuracy']:.4f})")
+    fd = "n/a" if result["fd_digits"] is None else f"{result['fd_digits']:.4f}"
+    base = result.get("fd_real_test_baseline")
+    print(f"fd_digits  {fd}  vs {result['fd_reference']}"
+          + (f" (real test digits score {base:.4f})" if base is not None else ""))
+    print(f"fid        {result['fid']:.4f}" if result["fid"] is not None else f"fid        skipped: {result['fid_skipped']}")
+    return 0
