@@ -33,6 +33,11 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"patch embed expects [N, {self.in_channels}, H, W], got {list(x.shape)}")
+        weight = self.proj.weight
+        if x.device != weight.device:
+            raise ShapeError(f"input is on {x.device} but the model is on {weight.device}")
+        if not x.is_floating_point() or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            raise ShapeError(f"input dtype {x.dtype} does not match the model's {weight.dtype} (cast it, or use autocast)")
         self.grid(x.shape[2], x.shape[3])
         return self.proj(x).flatten(2).transpose(1, 2)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,6 +85,10 @@ def default_runner() -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args.config, args.overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"run folder {cfg.out} exists and is not a folder")
     entry = plugins.get("runner", args.runner or default_runner())
     summary = entry.obj(cfg, args)
     if summary:
@@ -96,7 +101,8 @@ def run_local(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
     from .context import LocalContext, default_device
     from .loop import train
 
-    workers = getattr(args, "workers", 1) or 1
+    workers = getattr(args, "workers", None)
+    workers = 1 if workers is None else workers
     if workers != 1:
         raise ConfigError(f"--runner local runs one worker; got --workers {workers} (use --runner ray)")
     gpus = getattr(args, "gpus_per_worker", None)
@@ -138,6 +144,12 @@ def run_sample(args: argparse.Namespace) -> int:
     from .context import default_device
     from .sample import decode_latents, default_classes, generate, load_run, save_grid, save_npz
 
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--guide-channels", args.guide_channels)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
     device = torch.device(args.device) if args.device else default_device()
     run = load_run(args.source, use_ema=not args.no_ema, device=device)
     s, info = run.cfg.sample, run.data_info

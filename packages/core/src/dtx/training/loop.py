@@ -31,7 +31,7 @@ from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, config_dict
 from .context import RunContext
 from .ema import EMA
-from .objectives import Objective, build_objective
+from .objectives import Objective, build_objective, sampler_entry
 from .optim import build_optimizer, lr_at, set_lr
 from .sample import default_classes, generate, save_grid
 
@@ -286,6 +286,7 @@ class Trainer:
         self.raw = model.to(self.device)
         self.ema.model.to(self.device)
         self.objective: Objective = build_objective(cfg.objective, model, self.data_info["image_size"])
+        sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training, on a bad sampler
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last)
         self.step = 0
@@ -408,10 +409,10 @@ class Trainer:
         from ..preemption import stop_on_signals
 
         cfg, ctx = self.cfg, self.ctx
+        self.stream = DataStream(self.dataset, cfg, ctx, self.micro_batch, self.position)
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
-        self.stream = DataStream(self.dataset, cfg, ctx, self.micro_batch, self.position)
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
