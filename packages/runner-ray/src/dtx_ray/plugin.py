@@ -1,1 +1,16 @@
-"""dtx plugin entry point of dtx-runner-ray (filled by the training issue)."""
+"""dtx plugin entry point of dtx-runner-ray: registers the ``ray`` training runner."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dtx.hookspecs import hookimpl
+
+
+@hookimpl
+def dtx_register_runners(register: Callable[..., Any]) -> None:
+    from .runner import add_arguments, run_ray
+
+    register("ray", run_ray, configure_parser=add_arguments,
+             description="Ray Train: an in-process Ray instance by default, a cluster with --address; "
+                         "--workers N --gpus-per-worker G")

@@ -1,0 +1,229 @@
+"""The ``ray`` runner: the core training loop on every Ray Train worker, locally or on a cluster.
+
+With no ``--address`` and no ``RAY_ADDRESS`` a Ray instance starts inside the ``dtx train`` process (CPU, no
+dashboard); ``auto`` or ``ray://`` join a cluster; an ``http://`` dashboard address submits the run as a Ray job.
+``--workers 0`` is Ray Train's local mode (the loop runs in the calling process, no Ray instance). Checkpoints written
+by the loop are reported to Ray, which keeps copies under ``<out>/ray/<name>`` (or ``--storage``); running again with
+the same run folder restores from there, as Ray Train V2 defines restoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dtx import plugins
+from dtx.config import check
+from dtx.errors import ConfigError, DtxError, PluginError
+from dtx.training.config import TrainConfig, config_dict
+
+from .context import RayContext, Strategy
+
+log = logging.getLogger(__name__)
+
+#: environment variables of the driver that must hold on the workers too (plugin selection, debugging)
+FORWARDED_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS", "DTX_DEBUG")
+
+TrainLoop = Callable[[TrainConfig, Any], dict]
+
+
+@dataclass
+class RayOptions:
+    """How to run on Ray; ``dtx train`` flags fill it (``from_args``), scripts may build it directly."""
+
+    workers: int = 1  # 0: Ray Train local mode, in this process
+    gpus_per_worker: Optional[float] = None  # None: one per worker when the cluster has enough GPUs, else CPU
+    cpus_per_worker: Optional[float] = None  # None: the machine's cores shared out (embedded instance), else 1
+    address: Optional[str] = None  # None: RAY_ADDRESS, else an embedded instance
+    strategy: Strategy = "ddp"
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails (-1: no limit)
+    storage: Optional[str] = None  # Ray storage path or URI (s3://, gs://); default <out>/ray
+    require_resume: bool = False  # --resume: fail unless a checkpoint exists
+    tensorboard: bool = True  # write <out>/tensorboard when a TensorBoard writer is installed
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RayOptions":
+        """Options from a parsed ``dtx train`` command line; flags it does not define keep their defaults."""
+        given = {"workers": getattr(args, "workers", None), "gpus_per_worker": getattr(args, "gpus_per_worker", None),
+                 "cpus_per_worker": getattr(args, "cpus_per_worker", None), "address": getattr(args, "address", None),
+                 "strategy": getattr(args, "strategy", None), "max_failures": getattr(args, "max_failures", None),
+                 "storage": getattr(args, "storage", None), "require_resume": getattr(args, "resume", None),
+                 "tensorboard": not getattr(args, "no_tensorboard", False)}
+        options = cls(**{k: v for k, v in given.items() if v is not None})
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        check(self.workers >= 0, "--workers", f"must be >= 0 (0 = Ray Train local mode), got {self.workers}")
+        check(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "--gpus-per-worker", "must be >= 0")
+        check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "--cpus-per-worker", "must be > 0")
+        check(self.strategy in ("ddp", "fsdp", "none"), "--strategy", f"{self.strategy!r} is not ddp, fsdp or none")
+        check(self.max_failures >= -1, "--max-failures", "must be >= -1 (-1 = retry without limit)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ray runner's own ``dtx train`` flags (beyond --workers, --gpus-per-worker, --address, --resume)."""
+    group = parser.add_argument_group("ray runner")
+    group.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: cores / workers locally)")
+    group.add_argument("--strategy", choices=["ddp", "fsdp", "none"], help="model parallelism (default ddp)")
+    group.add_argument("--max-failures", type=int, help="restart failed workers from the last checkpoint N times")
+    group.add_argument("--storage", help="Ray Train storage path or URI (default: <out>/ray)")
+    group.add_argument("--no-tensorboard", action="store_true", help="do not write <out>/tensorboard")
+
+
+# -- building blocks ------------------------------------------------------------------------------------------------
+
+def loaded_plugins() -> dict[str, str | None]:
+    """Plugins this process loaded without error, with their versions; the workers must load the same ones."""
+    return {r.name: r.version for r in plugins.host() if not r.error}
+
+
+def check_worker_plugins(expected: dict[str, str | None]) -> None:
+    """Fail clearly when a worker's environment lacks a plugin the driver uses (entry points come from dist-info)."""
+    missing = sorted(set(expected) - set(loaded_plugins()))
+    if missing:
+        import ray.util
+
+        raise PluginError(f"Ray worker on node {ray.util.get_node_ip_address()} cannot load plugin(s) "
+                          f"{', '.join(missing)}: install the same dtx packages into the cluster's Python environment "
+                          f"(or ship them as wheels with runtime_env pip)")
+
+
+def train_worker(config: dict[str, Any], loop: TrainLoop | None = None) -> dict[str, Any]:
+    """What every Ray Train worker runs: check plugins, rebuild the config, run the loop with a ``RayContext``."""
+    from dtx.training.config import config_from_dict
+    from dtx.training.loop import train
+
+    if config["cwd"] and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])  # Ray starts workers in its own folder; relative data paths mean the driver's
+    check_worker_plugins(config["plugins"])
+    cfg = config_from_dict(config["train"])
+    ctx = RayContext(cfg.out, strategy=config["strategy"], require_resume=config["require_resume"],
+                     tensorboard_dir=config["tensorboard_dir"])
+    try:
+        return (loop or train)(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _gpus(options: RayOptions) -> float:
+    """GPUs per worker: as given, or one each when the connected Ray instance has enough of them."""
+    if options.gpus_per_worker is not None:
+        return options.gpus_per_worker
+    if options.workers == 0:
+        return 0.0
+    import ray
+
+    available = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return 1.0 if available >= options.workers else 0.0
+
+
+def build_trainer(cfg: TrainConfig, options: RayOptions, *, loop: TrainLoop | None = None,
+                  embedded_cpus: int | None = None) -> Any:
+    """A ``TorchTrainer`` that runs ``loop`` (default: the core training loop) on every worker.
+
+    ``cfg.out`` should be absolute: workers may run elsewhere. ``embedded_cpus`` is the CPU count of a Ray instance
+    this process started, used to share cores among the workers when ``cpus_per_worker`` is not given.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .tensorboard import summary_writer_class
+
+    out = Path(cfg.out)
+    gpus = _gpus(options)
+    cpus = options.cpus_per_worker or (max(1, embedded_cpus // max(options.workers, 1)) if embedded_cpus else 1)
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    tensorboard = options.tensorboard and summary_writer_class() is not None
+    worker_config = {"train": config_dict(cfg), "plugins": loaded_plugins(), "cwd": os.getcwd(),
+                     "strategy": options.strategy, "require_resume": options.require_resume,
+                     "tensorboard_dir": str(out / "tensorboard") if tensorboard else None}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    run_config = RunConfig(
+        name=out.name or "run",
+        storage_path=options.storage or str(out / "ray"),
+        failure_config=FailureConfig(max_failures=options.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+        worker_runtime_env={"env_vars": env} if env else None,
+        logging_config=LoggingConfig(log_level="WARNING"),  # the loop prints progress; Ray's per-report INFO is noise
+    )
+    scaling = ScalingConfig(num_workers=options.workers, use_gpu=gpus > 0,
+                            resources_per_worker=resources if options.workers > 0 else None)
+    worker = functools.partial(train_worker, loop=loop) if loop is not None else train_worker
+    return TorchTrainer(worker, train_loop_config=worker_config, scaling_config=scaling, run_config=run_config)
+
+
+def raise_worker_failure(exc: Exception) -> None:
+    """Re-raise the lowest rank's own exception from a Ray ``WorkerGroupError``, so that user errors (``DtxError``)
+    reach the command line as the same one-line message as under the local runner."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        raise exc
+    rank = min(failures)
+    error = failures[rank]
+    if isinstance(error, DtxError):
+        raise error from None
+    raise RuntimeError(f"training failed on Ray worker rank {rank}: {type(error).__name__}: {error}") from exc
+
+
+def _start_embedded(options: RayOptions, gpus_needed: float) -> int:
+    """Start Ray in this process with enough logical CPUs for the workers; returns that CPU count."""
+    import ray
+    import torch
+
+    cpus = max(os.cpu_count() or 1, int(options.workers * (options.cpus_per_worker or 1) + 0.999))
+    have = torch.cuda.device_count()
+    if gpus_needed > have:
+        raise ConfigError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker:g} needs "
+                          f"{gpus_needed:g} GPUs; this machine has {have}")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return cpus
+
+
+def run_ray(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ray`` runner (``dtx train --runner ray``): train on Ray and return rank 0's summary of the run."""
+    options = RayOptions.from_args(args)
+    return run_with_options(cfg, options)
+
+
+def run_with_options(cfg: TrainConfig, options: RayOptions, loop: TrainLoop | None = None) -> dict[str, Any]:
+    """``run_ray`` for callers that build ``RayOptions`` themselves (scripts, notebooks, tests)."""
+    import ray
+
+    options.validate()
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if options.workers > 0 and address and address.startswith(("http://", "https://")):
+        from .jobs import submit_train_job
+
+        return submit_train_job(cfg, options, address)
+    cfg = replace(cfg, out=str(Path(cfg.out).expanduser().resolve()))
+    started, embedded_cpus = False, None
+    if options.workers > 0 and not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            embedded_cpus = _start_embedded(options, options.workers * (options.gpus_per_worker or 0))
+        started = True
+    elif options.workers > 0 and not address:  # a Ray instance this process already runs: share out local cores
+        embedded_cpus = min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1)
+    try:
+        trainer = build_trainer(cfg, options, loop=loop, embedded_cpus=embedded_cpus)
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            from ray.train import WorkerGroupError
+
+            if isinstance(exc, WorkerGroupError):
+                raise_worker_failure(exc)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    summary = dict(result.return_value or {})
+    summary.update(runner="ray", workers=options.workers, ray_storage=result.path)
+    return summary
