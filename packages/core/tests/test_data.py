@@ -132,13 +132,17 @@ def test_center_crop_on_halves_image(tmp_path):
     assert x.shape == (3, 16, 16) and torch.equal(x, expected)
 
 
-def test_center_crop_matches_stepwise_pil(tmp_path):
+@pytest.mark.parametrize("width, height", [(45, 30), (49, 30), (30, 49)])
+def test_center_crop_matches_stepwise_pil(tmp_path, width, height):
     rng = np.random.default_rng(0)
-    arr = rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)  # 45 wide, 30 high
+    arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     save(tmp_path / "c" / "img.png", arr)
-    im = Image.fromarray(arr).resize((22, 15), Image.BOX)  # 30 >= 2*8: halve once; 15 < 16: stop
-    im = im.resize((12, 8), Image.BICUBIC)  # scale 8/15: 22*8/15 = 11.73 -> 12, 15 -> 8
-    expected = np.asarray(im)[0:8, 2:10]  # top (8-8)//2 = 0, left (12-8)//2 = 2
+    # short side 30 >= 2*8: halve once (floor) to 15 < 16 and stop; then scale by 8/15 (rounded) and crop 8x8
+    halved = (width // 2, height // 2)
+    resized = (round(halved[0] * 8 / 15), round(halved[1] * 8 / 15))  # 22 -> 12, 24 -> 13 (12.8), 15 -> 8
+    im = Image.fromarray(arr).resize(halved, Image.BOX).resize(resized, Image.BICUBIC)
+    left, top = (resized[0] - 8) // 2, (resized[1] - 8) // 2  # 13 - 8 = 5 -> offset 2 (rounded down)
+    expected = np.asarray(im)[top:top + 8, left:left + 8]
     x = build_dataset("image-folder", root=tmp_path, image_size=8, flip=False)[0]["x"]
     assert torch.allclose(x, torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1)
 

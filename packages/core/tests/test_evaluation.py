@@ -105,6 +105,17 @@ def test_classifier_accuracy_on_held_out_digits(test_digits):
         assert digits_accuracy(up.expand(-1, 3, -1, -1), y) == acc
 
 
+def test_inputs_are_area_downsampled_to_8x8():
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    expected = torch.zeros(3, 1, 8, 8)
+    for i in range(8):
+        for j in range(8):
+            expected[:, 0, i, j] = x[:, 0, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean(dim=(-1, -2))
+    assert torch.allclose(DigitsClassifier.to_8x8(x), expected, atol=1e-6)
+    rgb = torch.stack([x[:, 0], -x[:, 0], x[:, 0]], 1)  # grey = channel mean
+    assert torch.allclose(DigitsClassifier.to_8x8(rgb), expected / 3, atol=1e-6)
+
+
 def test_classifier_on_noise_is_near_chance():
     gen = torch.Generator().manual_seed(0)
     noise = torch.rand(2000, 1, 16, 16, generator=gen) * 2 - 1
