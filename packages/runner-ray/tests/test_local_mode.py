@@ -16,13 +16,13 @@ from dtx.checkpoint import CheckpointManager
 from dtx.errors import CheckpointError, ConfigError, DataError, PluginError
 from dtx.training.commands import configure_train, run_local
 from dtx_ray import jobs
-from dtx_ray.runner import RayOptions, add_arguments, check_worker_plugins, raise_worker_failure, run_with_options
+from dtx_ray.runner import RayOptions, check_worker_plugins, raise_worker_failure, run_with_options
 
 
 def _train_args(argv: list[str]) -> argparse.Namespace:
+    """``dtx train``'s own parser, which adds the ray runner's flags through its ``configure_parser``."""
     parser = argparse.ArgumentParser()
     configure_train(parser)
-    add_arguments(parser)
     return parser.parse_args(["recipe.yaml", *argv])
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from dtx import plugins
 from dtx.config import check
@@ -23,8 +22,6 @@ from dtx.errors import ConfigError, DtxError, PluginError
 from dtx.training.config import TrainConfig, config_dict
 
 from .context import RayContext, Strategy
-
-log = logging.getLogger(__name__)
 
 #: environment variables of the driver that must hold on the workers too (plugin selection, debugging)
 FORWARDED_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS", "DTX_DEBUG")
@@ -158,7 +155,7 @@ def build_trainer(cfg: TrainConfig, options: RayOptions, *, loop: TrainLoop | No
     return TorchTrainer(worker, train_loop_config=worker_config, scaling_config=scaling, run_config=run_config)
 
 
-def raise_worker_failure(exc: Exception) -> None:
+def raise_worker_failure(exc: Exception) -> NoReturn:
     """Re-raise the lowest rank's own exception from a Ray ``WorkerGroupError``, so that user errors (``DtxError``)
     reach the command line as the same one-line message as under the local runner."""
     failures = getattr(exc, "worker_failures", None) or {}
@@ -194,6 +191,7 @@ def run_ray(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
 def run_with_options(cfg: TrainConfig, options: RayOptions, loop: TrainLoop | None = None) -> dict[str, Any]:
     """``run_ray`` for callers that build ``RayOptions`` themselves (scripts, notebooks, tests)."""
     import ray
+    from ray.train import WorkerGroupError
 
     options.validate()
     address = options.address or os.environ.get("RAY_ADDRESS") or None
@@ -215,12 +213,8 @@ def run_with_options(cfg: TrainConfig, options: RayOptions, loop: TrainLoop | No
         trainer = build_trainer(cfg, options, loop=loop, embedded_cpus=embedded_cpus)
         try:
             result = trainer.fit()
-        except Exception as exc:
-            from ray.train import WorkerGroupError
-
-            if isinstance(exc, WorkerGroupError):
-                raise_worker_failure(exc)
-            raise
+        except WorkerGroupError as exc:
+            raise_worker_failure(exc)
     finally:
         if started:
             ray.shutdown()
