@@ -1,4 +1,4 @@
-"""``dtx extract-latents``: encode an image folder once with a local diffusers ``AutoencoderKL`` and write latent shards.
+"""``dtx extract-latents``: encode an image folder once with a local diffusers ``AutoencoderKL`` into latent shards.
 
 Latents are ``(z - shift_factor) * scaling_factor`` from the VAE's own config (0.18215 and no shift for the SD VAE),
 with ``z`` the posterior mode (default) or one seeded posterior sample. Shards are written atomically, so an
