@@ -219,7 +219,7 @@ class CheckpointManager:
                 from safetensors.torch import save_file
 
                 fname = f"{key}.safetensors"
-                save_file(_cpu_tensors(sd), str(tmp / fname), metadata={"format": "dtx-checkpoint", "key": key})
+                save_file(_cpu_tensors(sd), str(tmp / fname), metadata={"format": "dtx-checkpoint"})
                 entries[key] = {"file": fname, "keys": list(sd)}
             torch.save(rest, tmp / EXTRA_FILE)
             files = sorted({e["file"] for e in entries.values()} | {EXTRA_FILE})

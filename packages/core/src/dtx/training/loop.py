@@ -206,6 +206,21 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from) and torn lines."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except (ValueError, AttributeError):
+                continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+
 
 def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     """``loss.png``: logged loss against step (log scale), from ``metrics.jsonl``."""
@@ -414,6 +429,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
+        metrics.rewind(self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         start_step, t0 = self.step, time.perf_counter()
