@@ -106,6 +106,7 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 3
+    milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
@@ -124,6 +125,7 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.milestone_every >= 0, "milestone_every", "must be >= 0 (0 keeps no milestones)")
         check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
         check(self.sample.every >= 0, "sample.every", "must be >= 0")

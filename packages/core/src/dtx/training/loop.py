@@ -249,10 +249,6 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
 
 # -- the loop -------------------------------------------------------------------------------------------------------
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
     grads = [p for p in params if p.grad is not None]
     if clip > 0:
@@ -303,7 +299,8 @@ class Trainer:
         self.objective: Objective = build_objective(cfg.objective, model, self.data_info["image_size"])
         sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training, on a bad sampler
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
+                                       milestone_every=cfg.milestone_every or None)
         self.step = 0
         self.position = DataPosition()
         self.nonfinite_total = 0
@@ -443,6 +440,9 @@ class Trainer:
                     self.nonfinite_total += 1
                     bad_streak += 1
                     metrics.write({"step": self.step, "event": "nonfinite", "loss": None, "streak": bad_streak})
+                    if ctx.is_main:
+                        log.warning("non-finite loss or gradient at step %d (%d in a row); step skipped",
+                                    self.step + 1, bad_streak)
                     if bad_streak >= cfg.max_nonfinite:
                         bar.close()
                         keep = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else \
