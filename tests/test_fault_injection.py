@@ -45,19 +45,20 @@ max_steps: {MAX_STEPS}
 log_every: 1
 ckpt_every: {CKPT_EVERY}
 keep_last: 2
+milestone_every: 12
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "default",
        "CUDA_VISIBLE_DEVICES": ""}
 STARTUP_TIMEOUT = 240  # seconds for one `dtx train` process on a loaded 2-core machine
 
-COUNTS = {"kills": 0, "corruptions": 0, "rejected": 0}
+COUNTS = {"kills": 0, "preemptions": 0, "corruptions": 0, "rejected": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _print_counts(request):
     yield
-    line = (f"fault-injection: kills survived={COUNTS['kills']}, corruptions detected={COUNTS['corruptions']}, "
-            f"malformed inputs rejected={COUNTS['rejected']}")
+    line = (f"fault-injection: kills survived={COUNTS['kills']}, preemptions survived={COUNTS['preemptions']}, "
+            f"corruptions detected={COUNTS['corruptions']}, malformed inputs rejected={COUNTS['rejected']}")
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print(f"\n{line}")
@@ -152,6 +153,8 @@ def reference(workdir) -> Path:
                           timeout=STARTUP_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [s for s, _ in _losses(run)] == list(range(1, MAX_STEPS + 1))
+    # retention: the newest two (21, 24) plus the milestones (multiples of 12)
+    assert _complete_checkpoints(run) == [12, 21, 24] and not list((run / "checkpoints").glob(".*"))
     return run
 
 
@@ -192,6 +195,7 @@ def test_killed_preempted_and_corrupted_runs_resume_bit_for_bit(workdir, referen
             assert summary["stopped_by"] == "signal"
             # the preempted run saved a checkpoint at the step it stopped on
             assert _complete_checkpoints(run)[-1] == summary["step"] == max(s for s, _ in _losses(run))
+            COUNTS["preemptions"] += 1
         intact = [c for c in _complete_checkpoints(run) if damaged.get(c) != hashlib.sha256(
             (run / "checkpoints" / f"step_{c:08d}" / "model.safetensors").read_bytes()).hexdigest()]
         assert intact, "interrupted before the first checkpoint"
@@ -264,6 +268,7 @@ def _fuzz_cases(d: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("ckpt-every-zero", train + [edit(f"ckpt_every: {CKPT_EVERY}", "ckpt_every: 0")] + out, "ckpt_every"),
         ("keep-last-zero", train + [edit("keep_last: 2", "keep_last: 0")] + out, "keep_last"),
         ("sample-steps-zero", train + [edit("steps: 2", "steps: 0")] + out, "sample.steps"),
+        ("milestone-negative", train + [edit("milestone_every: 12", "milestone_every: -1")] + out, "milestone_every"),
         ("model-unknown", train + [edit("name: DiT", "name: NoSuchNet")] + out, "unknown model 'NoSuchNet'"),
         ("model-option-unknown", train + [edit("num_heads: 2", "num_heads: 2, nonsense: 1")] + out, "nonsense"),
         ("patch-not-dividing", train + [edit("patch_size: 4", "patch_size: 3")] + out, "not divisible by patch_size"),
@@ -394,3 +399,25 @@ def test_corrupt_checkpoint_file_is_reported_by_sample(workdir, reference, capsy
     assert rc == 2 and "dtx: error:" in err and "checkpoint" in err.splitlines()[-1]
     assert _digest(run) == before
     COUNTS["corruptions"] += 1
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(workdir, reference, capsys, caplog):
+    """Resume a finished run with an absurd learning rate: the weights blow up, the non-finite steps are skipped and
+    counted, the run stops with the step number, and every checkpoint written before is left as it was."""
+    from dtx import cli
+
+    run = workdir / "nonfinite"
+    shutil.copytree(reference, run)
+    before = _digest(run / "checkpoints")
+    capsys.readouterr()
+    rc = cli.main(["train", str(workdir / "tiny.yaml"), "--out", str(run), "--runner", "local",
+                   "--max-steps", str(MAX_STEPS + 4), "optim.lr=1e38", "max_nonfinite=2"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dtx: error:")]
+    assert rc == 2 and len(lines) == 1, lines
+    assert [r.getMessage().count("step skipped") for r in caplog.records if "non-finite" in r.getMessage()] == [1, 1]
+    assert re.search(r"not finite at step \d+", lines[0]) and f"step_{MAX_STEPS:08d}" in lines[0], lines[0]
+    after = _digest(run / "checkpoints")
+    assert {k: v for k, v in after.items() if k in before} == before
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["streak"] for e in events if e.get("event") == "nonfinite"] == [1, 2]
