@@ -41,6 +41,12 @@ def logged(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "event" not in r]
 
 
+@pytest.fixture(scope="session")
+def make_tiny():
+    """``make_tiny(out_folder, **top)`` -> a tiny config (for fixtures wider than one test)."""
+    return tiny_config
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """``tiny("name", max_steps=...)`` -> a tiny config writing to ``tmp_path/name``."""

@@ -69,6 +69,7 @@ def test_bad_options_name_the_flag(field, value, key):
 
 # -- local mode -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_local_mode_gives_the_local_runners_loss_curve(tiny, losses):
     ref = tiny("local")
     run_local(ref, argparse.Namespace(workers=1, gpus_per_worker=0, resume=False))
@@ -159,6 +160,7 @@ def test_job_dir_and_entrypoint(tiny, tmp_path, monkeypatch):
     assert entry[1:] == ["-m", "dtx_ray.jobs", "run.json"]
 
 
+@pytest.mark.slow
 def test_job_main_runs_the_run_file(tiny, tmp_path, capsys, losses):
     cfg = tiny("job", max_steps=3)
     folder = jobs.write_job_dir(cfg, RayOptions(workers=0), tmp_path / "job")
