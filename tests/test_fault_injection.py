@@ -179,7 +179,7 @@ def test_killed_preempted_and_corrupted_runs_resume_bit_for_bit(workdir, referen
             if skipped:
                 assert "skipping damaged checkpoint" in log.read_text() and skipped in log.read_text()
                 COUNTS["corruptions"] += 1
-        target = min(MAX_STEPS - 3, max(resume_at + rng.randint(1, 2 * CKPT_EVERY), CKPT_EVERY + 1))
+        target = min(MAX_STEPS - 6, max(resume_at + rng.randint(1, 2 * CKPT_EVERY), CKPT_EVERY + 1))
         _wait(proc, log, f"step {target}", lambda: any(s >= target for s, _ in _losses(run)))
         steps = [s for s, _ in _losses(run)]
         assert steps == list(range(1, max(steps) + 1)), "metrics.jsonl was not rewound to the resumed step"
