@@ -6,21 +6,24 @@ the original, latents may be non-square and of any size divisible by the patch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtx.config import check
+from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
                         sincos_2d_torch, unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
-BLOCK_TYPES: tuple[str, ...] = ("adaln-zero", "adaln", "cross-attention", "in-context")
+BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
 
 
 @dataclass
@@ -55,7 +58,7 @@ class DiTConfig:
 
     def validate(self) -> "DiTConfig":
         size = self.input_size
-        check(isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2
+        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
                                        and all(isinstance(s, int) for s in size)),
               "input_size", f"must be an int or [height, width], got {size!r}")
         h, w = self.input_hw
@@ -181,7 +184,7 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        cfg = DiTConfig(**overrides) if config is None else config
+        cfg = dataclasses.replace(config, **overrides) if config is not None else DiTConfig(**overrides)
         self.config = cfg.validate()
         d, p = cfg.hidden_size, cfg.patch_size
         self.in_channels = cfg.in_channels
@@ -268,7 +271,7 @@ class DiT(nn.Module):
         if y.shape != (n,) or y.dtype.is_floating_point:
             raise ShapeError(f"DiT expects integer class labels y of shape [{n}], got {y.dtype} {list(y.shape)}")
         rows = self.y_embedder.embedding_table.num_embeddings
-        if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) >= rows):  # no device sync elsewhere
+        if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) >= rows):  # on GPU this would sync
             raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
         return self.y_embedder(y, self.training)
 
@@ -308,8 +311,6 @@ class DiT(nn.Module):
         the learned-variance channels) pass through unguided. Returns [N, out_channels, H, W], the guided result in
         both halves like the official model, whose second half keeps its own unconditional remainder.
         """
-        from dtx.diffusion.guidance import combine_guidance
-
         half = x[: len(x) // 2]
         cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)
         k = self.in_channels if guide_channels is None else guide_channels
