@@ -1,0 +1,217 @@
+"""CPU benchmark: dtx's DiT against a straightforward reference of the paper's model built from timm-style blocks.
+
+timm cannot be imported here (its layers import torchvision, which this environment does not install), so the
+reference writes timm's ``Attention`` (fused SDPA path) and ``Mlp`` out as timm does and assembles them as DiT's
+models.py does. Both models share one state dict (their key names are the same), the script checks that their
+outputs agree, then times forward (no grad) and forward+backward alternately in one process and prints one JSON line
+per configuration with medians and dtx/reference ratios (< 1 means dtx is faster), by wall clock and by process
+CPU time (``cpu_``), which is steadier when other jobs share the machine.
+
+    python packages/backbone-dit/benchmarks/bench_dit.py [--models DiT-S/2 DiT-B/4] [--batch 8] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtx
+
+
+# -- reference: timm's Attention / Mlp and DiT's models.py, written plainly ----------------------------------------
+
+class TimmAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def ref_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RefTimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq: int = 256) -> None:
+        super().__init__()
+        self.freq = freq
+        self.mlp = nn.Sequential(nn.Linear(freq, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class RefLabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, dim: int, p: float) -> None:
+        super().__init__()
+        self.num_classes, self.p = num_classes, p
+        self.embedding_table = nn.Embedding(num_classes + int(p > 0), dim)
+
+    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.p > 0:
+            y = torch.where(torch.rand(y.shape[0], device=y.device) < self.p, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = TimmAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = TimmMlp(dim, 4 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + g1.unsqueeze(1) * self.attn(ref_modulate(self.norm1(x), sh1, sc1))
+        return x + g2.unsqueeze(1) * self.mlp(ref_modulate(self.norm2(x), sh2, sc2))
+
+
+class RefFinal(nn.Module):
+    def __init__(self, dim: int, p: int, out: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, p * p * out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ref_modulate(self.norm_final(x), shift, scale))
+
+
+class PatchConv(nn.Module):
+    def __init__(self, p: int, c: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(c, dim, p, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RefDiT(nn.Module):
+    def __init__(self, input_size: int, patch: int, dim: int, depth: int, heads: int, classes: int = 1000) -> None:
+        super().__init__()
+        self.p, self.out = patch, 8
+        self.x_embedder = PatchConv(patch, 4, dim)
+        self.t_embedder = RefTimestepEmbedder(dim)
+        self.y_embedder = RefLabelEmbedder(classes, dim, 0.1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch) ** 2, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(RefBlock(dim, heads) for _ in range(depth))
+        self.final_layer = RefFinal(dim, patch, self.out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, self.p, self.p, self.out)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out, h * self.p, w * self.p)
+
+
+# -- timing --------------------------------------------------------------------------------------------------------
+
+def _forward(model: nn.Module, x, t, y) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x, t, y)
+
+
+def _train_step(model: nn.Module, x, t, y) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x, t, y).square().mean().backward()
+
+
+def _time(fn, *args) -> tuple[float, float]:
+    """(wall ms, process CPU ms): on a shared machine the CPU time is the steadier of the two."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args)
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+
+
+def bench(name: str, batch: int, repeats: int, size: int = 32) -> dict:
+    torch.manual_seed(0)
+    ours = dtx.create_model(name, input_size=size, num_classes=1000)
+    cfg = ours.config
+    with torch.no_grad():  # random weights everywhere, so no branch is the zero-init identity
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    ref = RefDiT(size, cfg.patch_size, cfg.hidden_size, cfg.depth, cfg.num_heads)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(batch, 4, size, size)
+    t = torch.randint(0, 1000, (batch,))
+    y = torch.randint(0, 1000, (batch,))
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        diff = (ours(x, t, y) - ref(x, t, y)).abs().max().item()
+    models = {"dtx": ours, "ref": ref}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {(m, k): [] for m in models for k in ("fwd", "fwdbwd")}
+    for step in ("fwd", "fwdbwd"):  # warm-up
+        for model in models.values():
+            (_forward if step == "fwd" else _train_step)(model, x, t, y)
+    for r in range(repeats):
+        order = list(models) if r % 2 == 0 else list(reversed(models))  # alternate who runs first
+        for m in order:
+            times[(m, "fwd")].append(_time(_forward, models[m], x, t, y))
+        for m in order:
+            times[(m, "fwdbwd")].append(_time(_train_step, models[m], x, t, y))
+    row = {"bench": "dit-cpu", "model": name, "batch": batch, "latent": [4, size, size],
+           "threads": torch.get_num_threads(), "repeats": repeats, "max_abs_diff": diff}
+    for clock, i in (("", 0), ("cpu_", 1)):
+        for k in ("fwd", "fwdbwd"):
+            ours_t, ref_t = [v[i] for v in times[("dtx", k)]], [v[i] for v in times[("ref", k)]]
+            row[f"dtx_{k}_{clock}ms"] = round(statistics.median(ours_t), 1)
+            row[f"ref_{k}_{clock}ms"] = round(statistics.median(ref_t), 1)
+            # per-round ratios cancel load changes that hit both models in the same round
+            row[f"{k}_{clock}ratio"] = round(statistics.median(a / b for a, b in zip(ours_t, ref_t)), 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/4"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.models:
+        print(json.dumps(bench(name, args.batch, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
