@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import dtx
 from dtx.cli import main
 from dtx_dit import plugin
-from dtx_dit.checkpoint import infer_config, load_weights
+from dtx_dit.checkpoint import detect, infer_config, load_weights
 
 TINY = dict(input_size=8, depth=2, hidden_size=128, num_heads=2, num_classes=10)
 
@@ -73,6 +73,15 @@ def test_incompatible_file_lists_missing_unexpected_and_misshaped_keys(tmp_path)
     assert "\n" not in msg
     assert "missing: blocks.0.mlp.fc2.bias" in msg and "unexpected: blocks.1.extra.weight" in msg
     assert "blocks.1.attn.qkv.weight (5, 128) vs (384, 128)" in msg
+
+
+def test_files_of_families_that_reuse_dit_key_names_are_not_claimed(tmp_path):
+    model, path = saved_tiny(tmp_path)
+    state = model.state_dict()
+    assert detect(path, state) and detect(path, {"ema": state, "model": state, "opt": {}})
+    latte_like = {**state, "temp_embed": torch.zeros(1, 16, 128)}  # Latte: DiT's keys plus a temporal table
+    assert not detect(path, latte_like) and not detect(path, {"ema": latte_like, "model": latte_like})
+    assert not detect(path, {"weight": torch.zeros(1)}) and not detect(path, [state])
 
 
 def test_unsafe_pickles_are_refused(tmp_path):

@@ -231,3 +231,19 @@ def test_block_forward_compiles_without_graph_breaks():
     h.requires_grad_(True)
     compiled(h, c).sum().backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_training_step_matches_fp32():
+    model = tiny(hidden_size=128, num_heads=2).cuda()
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, y = (v.cuda() for v in batch())
+    ref = model(x, t, y)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)

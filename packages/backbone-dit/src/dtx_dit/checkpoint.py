@@ -23,6 +23,9 @@ from .model import DIT_PRESETS, DiTConfig
 FORMAT = "dit-official"
 _SIGNATURE = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
 _PREFIXES = ("module.", "_orig_mod.")
+#: DiT's top-level modules; other families reuse DiT's key names (Latte adds ``temp_embed``), so anything else
+#: at the top level means the file is not a DiT
+_TOP_LEVEL = {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer"}
 #: (depth, hidden_size) -> num_heads of the paper's sizes; heads cannot be read from tensor shapes
 _KNOWN_HEADS = {(p["depth"], p["hidden_size"]): p["num_heads"] for p in DIT_PRESETS.values()}
 
@@ -34,6 +37,10 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _is_dit_state(state: dict[str, Any]) -> bool:
+    return all(k in state for k in _SIGNATURE) and all(k.split(".", 1)[0] in _TOP_LEVEL for k in state)
+
+
 def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The DiT state dict inside a loaded checkpoint object and where it came from ("ema", "model", "state_dict")."""
     if not isinstance(obj, dict):
@@ -41,10 +48,10 @@ def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor
     for key in (("ema", "model") if use_ema else ("model", "ema")):
         if isinstance(obj.get(key), dict):
             state = _strip_prefixes(obj[key])
-            if all(k in state for k in _SIGNATURE):
+            if _is_dit_state(state):
                 return state, key
     state = _strip_prefixes(obj)
-    if all(k in state for k in _SIGNATURE):
+    if _is_dit_state(state):
         return state, "state_dict"
     return None, ""
 
