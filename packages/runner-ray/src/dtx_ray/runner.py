@@ -22,6 +22,7 @@ from dtx.errors import ConfigError, DtxError, PluginError
 from dtx.training.config import TrainConfig, config_dict
 
 from .context import RayContext, Strategy
+from .embedded import start_embedded_ray
 
 #: environment variables of the driver that must hold on the workers too (plugin selection, debugging)
 FORWARDED_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS", "DTX_DEBUG")
@@ -168,18 +169,13 @@ def raise_worker_failure(exc: Exception) -> NoReturn:
     raise RuntimeError(f"training failed on Ray worker rank {rank}: {type(error).__name__}: {error}") from exc
 
 
-def _start_embedded(options: RayOptions, gpus_needed: float) -> int:
-    """Start Ray in this process with enough logical CPUs for the workers; returns that CPU count."""
-    import ray
+def _check_local_gpus(options: RayOptions) -> None:
     import torch
 
-    cpus = max(os.cpu_count() or 1, int(options.workers * (options.cpus_per_worker or 1) + 0.999))
-    have = torch.cuda.device_count()
-    if gpus_needed > have:
+    needed, have = options.workers * (options.gpus_per_worker or 0), torch.cuda.device_count()
+    if needed > have:
         raise ConfigError(f"--workers {options.workers} x --gpus-per-worker {options.gpus_per_worker:g} needs "
-                          f"{gpus_needed:g} GPUs; this machine has {have}")
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    return cpus
+                          f"{needed:g} GPUs; this machine has {have}")
 
 
 def run_ray(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +201,8 @@ def run_with_options(cfg: TrainConfig, options: RayOptions, loop: TrainLoop | No
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            embedded_cpus = _start_embedded(options, options.workers * (options.gpus_per_worker or 0))
+            _check_local_gpus(options)
+            embedded_cpus = start_embedded_ray(options.workers, options.cpus_per_worker)
         started = True
     elif options.workers > 0 and not address:  # a Ray instance this process already runs: share out local cores
         embedded_cpus = min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1)
