@@ -32,6 +32,7 @@ def test_table4_gflops_and_params(name):
     cost = dit_cost(model.config)
     assert cost.gflops == pytest.approx(gflops, rel=0.01)
     assert cost.params / 1e6 == pytest.approx(params_m, rel=0.005)
+    assert round(cost.trainable_params / 1e6) == params_m  # the paper's column: without the fixed pos_embed
     # the closed form counts exactly the parameters the module has, pos_embed as the frozen part
     assert cost.params == dtx.count_parameters(model)
     assert cost.trainable_params == dtx.count_parameters(model, trainable_only=True)
@@ -51,6 +52,7 @@ def test_block_design_ablations(block):
     cost = dit_cost(model.config)
     assert cost.gflops == pytest.approx(gflops, rel=0.01)
     assert cost.params / 1e6 == pytest.approx(params_m, rel=0.005)
+    assert round(cost.trainable_params / 1e6) == params_m
     assert cost.params == dtx.count_parameters(model)
 
 
