@@ -131,6 +131,8 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
         raise ConfigError(f"{p}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(cfg).__name__}")
+    if len(cfg) == 0:
+        raise ConfigError(f"{p}: config file is empty")
     return cfg
 
 
