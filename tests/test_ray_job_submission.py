@@ -72,7 +72,7 @@ def _kill_cluster(temp_dir: str) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
     for p in alive:
         try:
             p.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from .runner import FORWARDED_ENV, RayOptions
 
 RUN_FILE = "run.json"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ERROR_PREFIX = "dtx: error:"  # how the job entrypoint (and the dtx CLI) prints a user error
 
 
 def job_entrypoint(run_file: str = RUN_FILE) -> str:
@@ -49,8 +51,6 @@ def _last_line(logs: str, prefix: str = "") -> str:
 
 def submit_train_job(cfg: TrainConfig, options: RayOptions, address: str, poll_s: float = 1.0) -> dict[str, Any]:
     """Submit the run to the Ray cluster at ``address`` (its dashboard URL), stream its logs, return its summary."""
-    import os
-
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -74,7 +74,8 @@ def submit_train_job(cfg: TrainConfig, options: RayOptions, address: str, poll_s
         client.stop_job(job_id)
         raise
     if status != "SUCCEEDED":
-        reason = _last_line(logs, "dtx: error:") or _last_line(logs) or client.get_job_info(job_id).message
+        reason = (_last_line(logs, ERROR_PREFIX)[len(ERROR_PREFIX):].strip() or _last_line(logs)
+                  or client.get_job_info(job_id).message)
         raise DtxError(f"Ray job {job_id} {status.lower()}: {reason}")
     summary = _last_line(logs, "{")
     try:
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = json.loads(Path(argv[0] if argv else RUN_FILE).read_text())
         summary = run_with_options(config_from_dict(run["train"]), RayOptions(**run["options"]))
     except DtxError as exc:
-        print(f"dtx: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(summary, default=str))
     return 0
