@@ -166,7 +166,8 @@ def load_model(source: str | os.PathLike, name: str | None = None, *, trust: boo
     """Load a model from a dtx checkpoint folder or any file a plugin understands (e.g. an official DiT ``.pt``).
 
     ``name`` forces the architecture; otherwise it is read from the checkpoint or inferred from tensor shapes.
-    Files are read without unpickling arbitrary objects unless ``trust=True``.
+    Files are read without unpickling arbitrary objects unless ``trust=True``. The model is returned in eval mode
+    (label dropout off); call ``.train()`` to fine-tune.
     """
     path = Path(source)
     if not path.exists():
@@ -174,7 +175,7 @@ def load_model(source: str | os.PathLike, name: str | None = None, *, trust: boo
     if path.is_dir() and (path / DTX_CONFIG).exists() and (path / DTX_WEIGHTS).exists():
         model, info = _load_dtx_folder(path, name, **overrides)
         model.dtx_load_info = info
-        return model
+        return model.eval()
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG}")
     obj = read_safe(path, trust=trust)
@@ -185,7 +186,7 @@ def load_model(source: str | os.PathLike, name: str | None = None, *, trust: boo
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
             model, info = load(path, obj, name, **overrides)
             model.dtx_load_info = {"format": entry.name, **info}
-            return model
+            return model.eval()
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(f"{path}: no installed plugin recognises this checkpoint (top-level keys: {keys}); "
                           f"formats known: {', '.join(sorted(formats)) or 'none'}")
