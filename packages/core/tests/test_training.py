@@ -140,7 +140,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 # -- the loop -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_loop_overfits_a_tiny_batch(tmp_path):
     cfg = cfg_for(tmp_path, "run", "max_steps=300", "log_every=10", "ckpt_every=1000", "optim.lr=1e-2",
                   "objective.predict_xstart=true", "data.options={n: 8}")
@@ -382,3 +381,26 @@ def test_sample_rejects_out_of_range_classes_and_foreign_folders(tmp_path, capsy
     assert "class 7 is out of range" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_pixel_data_is_encoded_by_a_frozen_vae_and_samples_are_decoded(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from dtx.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=SIZE,
+                        scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    recipe = write_recipe(tmp_path / "recipe.yaml", data__vae=str(tmp_path / "vae"))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--runner", "local", "--out", str(out), "--max-steps", "2"]) == 0
+    state = load_checkpoint(out / "checkpoints" / "step_00000002")
+    assert state["model_spec"]["in_channels"] == 4 and state["model_spec"]["input_size"] == SIZE // 2
+    assert state["data_info"]["is_latent"] and state["data_info"]["latent_scale"] == 0.5
+    assert (out / "samples" / "step_0000002.png").is_file()
+    assert main(["sample", str(out), "--steps", "3", "--classes", "1", "--n-per-class", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert np.load(tmp_path / "g.npz")["arr_0"].shape == (2, SIZE, SIZE, 1)  # decoded back to pixels

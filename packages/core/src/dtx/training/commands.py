@@ -76,6 +76,10 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: RAY_ADDRESS or local")
     p.add_argument("--runner", help="ray or local (default: ray when dtx-runner-ray is installed)")
     p.add_argument("--resume", action="store_true", help="require resuming from the newest checkpoint in --out")
+    for entry in plugins.host().table("runner").values():  # runner-specific flags, e.g. the ray runner's
+        configure = entry.meta.get("configure_parser")
+        if configure is not None:
+            configure(p)
     _overrides_anywhere(p)
 
 
