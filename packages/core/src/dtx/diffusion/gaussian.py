@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ShapeError
+from .noise import randn_like
 
 Model = Callable[..., Tensor]
 
@@ -323,7 +324,7 @@ class GaussianDiffusion:
                  clip_denoised: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One ancestral step x_t -> x_{t-1} (no noise added where t == 0): ``sample`` and ``pred_xstart``."""
         out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
-        noise = _randn_like(x, generator)
+        noise = randn_like(x, generator)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -340,7 +341,7 @@ class GaussianDiffusion:
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         if eta != 0:
             nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-            sample = sample + nonzero * sigma * _randn_like(x, generator)
+            sample = sample + nonzero * sigma * randn_like(x, generator)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def _loop(self, step: Callable[..., dict[str, Tensor]], noise: Tensor, progress: bool) -> Tensor:
@@ -366,13 +367,6 @@ class GaussianDiffusion:
             raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
         return self._loop(lambda x, t: self.ddim_sample(model, x, t, model_kwargs, clip_denoised=clip_denoised,
                                                         generator=generator, eta=eta), noise, progress)
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x``, drawn on the generator's device so seeds reproduce across devices."""
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 # --- samplers with the uniform registry signature ---------------------------------------------------------------------

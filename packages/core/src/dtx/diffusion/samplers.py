@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import trange
 
 from ..errors import ConfigError, ShapeError
+from .noise import randn_like
 
 Model = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], Any]
@@ -47,7 +48,7 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
 def gaussian_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
     """Noise sampler returning independent N(0, I) draws shaped like ``x`` (σ arguments are ignored)."""
     def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return randn_like(x, generator)
 
     return sample
 
@@ -68,7 +69,7 @@ def _churn(x: torch.Tensor, sigma: torch.Tensor, n_steps: int, s_churn: float, s
     gamma = min(s_churn / n_steps, math.sqrt(2.0) - 1.0) if s_tmin <= float(sigma) <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1.0)
     if gamma > 0:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * s_noise
+        eps = randn_like(x, generator) * s_noise
         x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
     return x, sigma_hat
 
