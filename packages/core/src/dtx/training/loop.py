@@ -482,13 +482,14 @@ class Trainer:
                 if stop:
                     stop_reason = "signal" if guard.stop_requested() else "max_minutes"
                     break
-        bar.close()
-        train_time = time.perf_counter() - t0
-        if ctx.is_main:
-            grid = self.sample_grid()
-            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
-        else:
+            bar.close()
+            train_time = time.perf_counter() - t0
             grid = None
+            if ctx.is_main and not guard.stop_requested():  # a preempted run exits at once: its checkpoint is saved
+                grid = self.sample_grid()
+                plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+            if guard.stop_requested():
+                stop_reason = "signal"
         return {"step": self.step, "steps_run": self.step - start_step, "loss": last_loss, "train_time_s": train_time,
                 "stopped_by": stop_reason, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "samples": str(grid) if grid else None, "nonfinite_skipped": self.nonfinite_total,
