@@ -87,6 +87,7 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="dtxray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+           "--node-ip-address=127.0.0.1",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
            f"--metrics-export-port={metrics}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     address = f"http://127.0.0.1:{dashboard}"

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def ray_instance():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 

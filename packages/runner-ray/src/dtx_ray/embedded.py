@@ -26,11 +26,11 @@ def quiet_worker_logs() -> None:
 
 
 def start_embedded_ray(workers: int, cpus_per_worker: float | None) -> int:
-    """``ray.init`` with at least one logical CPU per worker (more when the machine has more cores) and no dashboard;
-    returns the CPU count it was given."""
+    """``ray.init`` on loopback with at least one logical CPU per worker (more when the machine has more cores) and
+    no dashboard; returns the CPU count it was given."""
     import ray
 
     cpus = max(os.cpu_count() or 1, int(workers * (cpus_per_worker or 1) + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
              runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"})
     return cpus
