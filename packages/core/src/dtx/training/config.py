@@ -48,6 +48,7 @@ class ObjectiveConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     weighting: str = "karras"
+    weighting_options: dict[str, float] = field(default_factory=dict)  # e.g. {gamma: 5.0} for min-snr
 
 
 @dataclass

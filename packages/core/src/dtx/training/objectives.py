@@ -124,7 +124,7 @@ class KarrasObjective:
             raise ConfigError(f"loss {weighting.name!r} is not a sigma weighting; the karras objective needs one of: "
                               + ", ".join(n for n, e in plugins.host().table("loss").items()
                                           if e.meta.get("kind") == "sigma-weighting"))
-        self.weighting = functools.partial(weighting.obj, sigma_data=cfg.sigma_data)
+        self.weighting = functools.partial(weighting.obj, sigma_data=cfg.sigma_data, **cfg.weighting_options)
 
     def denoiser(self, model: nn.Module) -> nn.Module:
         return self.k.Denoiser(model, sigma_data=self.cfg.sigma_data, weighting=self.weighting)
