@@ -371,6 +371,16 @@ def test_train_and_sample_commands_write_the_run_folder_grid_and_npz(tmp_path, c
                  "--cfg", "2.5", "--classes", "2,0", "--n-per-class", "3", "--seed", "1", "--out", str(again)]) == 0
     assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], archive["arr_0"])
 
+    # dtx.load_model on the run folder gives the newest checkpoint's EMA weights, in eval mode
+    from safetensors.torch import load_file
+
+    import dtx
+
+    model = dtx.load_model(out)
+    ema = load_file(str(out / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    assert not model.training and set(ema) == set(model.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+
 
 def test_sample_rejects_out_of_range_classes_and_foreign_folders(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "recipe.yaml")

@@ -163,7 +163,8 @@ def _load_dtx_folder(path: Path, name: str | None, **overrides: Any) -> tuple[nn
 
 def load_model(source: str | os.PathLike, name: str | None = None, *, trust: bool = False,
                **overrides: Any) -> nn.Module:
-    """Load a model from a dtx checkpoint folder or any file a plugin understands (e.g. an official DiT ``.pt``).
+    """Load a model from a dtx checkpoint folder, a training run (its newest valid checkpoint, EMA weights), or any
+    file a plugin understands (e.g. an official DiT ``.pt``).
 
     ``name`` forces the architecture; otherwise it is read from the checkpoint or inferred from tensor shapes.
     Files are read without unpickling arbitrary objects unless ``trust=True``. The model is returned in eval mode
@@ -176,8 +177,14 @@ def load_model(source: str | os.PathLike, name: str | None = None, *, trust: boo
         model, info = _load_dtx_folder(path, name, **overrides)
         model.dtx_load_info = info
         return model.eval()
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "manifest.json").is_file()):
+        from .training.sample import load_run  # a training run folder or one of its checkpoints: EMA weights
+
+        model = load_run(path).model
+        model.dtx_load_info = {"format": "dtx-run"}
+        return model.eval()
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG}")
+        raise CheckpointError(f"{path} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG} (nor a training run)")
     obj = read_safe(path, trust=trust)
     formats = plugins.host().table("checkpoint_format")
     for entry in formats.values():
