@@ -74,6 +74,17 @@ def _churn(x: torch.Tensor, sigma: torch.Tensor, n_steps: int, s_churn: float, s
     return x, sigma_hat
 
 
+def _churned_slope(model: Model, x: torch.Tensor, sigmas: torch.Tensor, i: int, s_in: torch.Tensor, extra_args: dict,
+                   callback: Callback | None, churn: tuple[float, float, float, float],
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared first stage of Euler and Heun: churn, denoise at σ̂, report; returns (x̂, σ̂, dx/dσ at x̂)."""
+    x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, *churn, generator)
+    denoised = model(x, sigma_hat * s_in, **extra_args)
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
+
+
 @torch.no_grad()
 def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callback | None = None, disable: bool | None = None,
@@ -83,11 +94,8 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     extra_args = extra_args or {}
     sigmas, s_in = _prepare(x, sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = _churned_slope(model, x, sigmas, i, s_in, extra_args, callback,
+                                         (s_churn, s_tmin, s_tmax, s_noise), generator)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -121,11 +129,8 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     extra_args = extra_args or {}
     sigmas, s_in = _prepare(x, sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
-        x, sigma_hat = _churn(x, sigmas[i], len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        x, sigma_hat, d = _churned_slope(model, x, sigmas, i, s_in, extra_args, callback,
+                                         (s_churn, s_tmin, s_tmax, s_noise), generator)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt
