@@ -8,19 +8,16 @@ import json
 import numpy as np
 import pytest
 
-from dtx import plugins
 from dtx.cli import main
+from dtx.testing import fresh_plugin_host
 
 pytest.importorskip("dtx_dit")
 
 
 @pytest.fixture(autouse=True)
-def all_plugins(monkeypatch):
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    plugins.reset()
-    yield
-    plugins.reset()
+def all_plugins():
+    with fresh_plugin_host():
+        yield
 
 
 def test_recipe_is_the_class_conditional_dit_on_embedded_digits():

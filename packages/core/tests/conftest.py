@@ -13,16 +13,14 @@ import torch
 import dtx
 from dtx import plugins
 from dtx.errors import ConfigError
+from dtx.testing import fresh_plugin_host
 
 
 @pytest.fixture
-def fresh_host(monkeypatch):
+def fresh_host():
     """Rediscover plugins from scratch, with no allow/deny list in the environment, and again afterwards."""
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    plugins.reset()
-    yield
-    plugins.reset()
+    with fresh_plugin_host():
+        yield
 
 
 @dataclasses.dataclass
