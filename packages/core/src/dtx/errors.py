@@ -38,3 +38,8 @@ class PluginError(DtxError, RuntimeError):
 
 class TrainingError(DtxError, RuntimeError):
     """Training cannot go on (e.g. the loss kept being NaN/inf); earlier checkpoints are kept."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message flattened to one line (the CLI prints every user error as one ``dtx: error:`` line)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
