@@ -10,8 +10,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import dtx
+import dtx.errors
 from dtx import plugins
 from dtx.cli import main
 
@@ -50,11 +52,69 @@ def test_plugins_json(capsys, dist_plugins):
     code, out, _ = run_cli(capsys, "plugins", "--json")
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
-    assert set(rows["good"]) == {"name", "dist", "version", "module", "registers", "error"}
+    assert set(rows["good"]) == {"name", "dist", "version", "module", "registers", "error", "conflicts"}
     assert rows["good"] == {"name": "good", "dist": "dtx-good-test", "version": "0.3", "module": "dtx_good_test_mod",
-                            "registers": {"model": ["good-linear"]}, "error": None}
+                            "registers": {"model": ["good-linear"]}, "error": None, "conflicts": []}
     assert rows["broken"]["error"].startswith("RuntimeError: boom at import") and rows["broken"]["registers"] == {}
     assert rows["core"]["dist"] == "dtx-core" and rows["core"]["registers"]["command"][:2] == ["plugins", "models"]
+
+
+def _register_dup(name: str) -> None:
+    module = types.ModuleType(f"dup_{name}")
+
+    @dtx.hookimpl
+    def dtx_register_models(register):
+        register("dup-net", lambda: torch.nn.Linear(2, 2), family="dup")
+
+    module.dtx_register_models = dtx_register_models
+    plugins.register_plugin(module, name=name)
+
+
+def test_plugins_lists_conflicts(capsys, fresh_host):
+    _register_dup("first")
+    _register_dup("second")
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0
+    lines = out.splitlines()
+    section = lines[lines.index("conflicts:") + 1:]
+    assert section[0] == "  model 'dup-net': first, second"
+    assert "second:dup-net" in section[1] and "DTX_DISABLE_PLUGINS" in section[1]
+    code, out, _ = run_cli(capsys, "plugins", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    conflict = {"kind": "model", "name": "dup-net", "plugins": ["first", "second"]}
+    assert rows["first"]["conflicts"] == rows["second"]["conflicts"] == [conflict]
+    assert rows["core"]["conflicts"] == []
+
+
+def test_plugins_without_conflicts_has_no_conflict_section(capsys, tiny_plugin):
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0 and "conflicts:" not in out.splitlines()
+
+
+def test_using_a_conflicting_name_is_a_one_line_error(capsys, fresh_host):
+    _register_dup("first")
+    _register_dup("second")
+    module = types.ModuleType("build_plugin")
+
+    def run_build(args) -> int:
+        dtx.create_model(args.model)
+        return 0
+
+    @dtx.hookimpl
+    def dtx_register_commands(register):
+        register("build", lambda p: p.add_argument("model"), run=run_build, help="build a model")
+
+    module.dtx_register_commands = dtx_register_commands
+    plugins.register_plugin(module, name="builder")
+    assert_one_line_error(*run_cli(capsys, "build", "dup-net")[::2], "model 'dup-net' is registered by several "
+                          "plugins: first, second", "'first:dup-net' or 'second:dup-net' picks one")
+    assert run_cli(capsys, "build", "second:dup-net")[0] == 0
+
+
+def test_cli_uses_the_one_error_flattener():
+    import dtx.cli
+
+    assert not hasattr(dtx.cli, "_one_line") and dtx.cli.one_line is dtx.errors.one_line
 
 
 def test_models_json_counts_parameters(capsys, tiny_plugin):

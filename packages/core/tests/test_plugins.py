@@ -1,11 +1,16 @@
-"""Plugin host: run-time plugins, broken plugins, allow/deny lists, unknown names and unknown options."""
+"""Plugin host: run-time plugins, broken plugins, allow/deny lists, unknown names and unknown options, names
+registered twice (conflicts, ``plugin:name``), a missing core entry point, the objective kind."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import sys
+import textwrap
 import types
 
 import pytest
+import torch
 
 import dtx
 from dtx import plugins
@@ -140,3 +145,163 @@ def test_hook_with_arguments_the_spec_lacks_is_a_plugin_error(fresh_host):
     with pytest.raises(PluginError, match="plugin 'badsig' cannot be registered: PluginValidationError: .*device"):
         plugins.register_plugin(module, name="badsig")
     assert "badsig" not in records() and plugins.host().pm.get_plugin("badsig") is None
+
+
+# -- names registered more than once ----------------------------------------------------------------------------
+
+
+def _model_plugin(module_name: str, *names: str, width: int = 2) -> types.ModuleType:
+    """A run-time plugin whose ``dtx_register_models`` registers each of ``names`` (repeats allowed)."""
+    module = types.ModuleType(module_name)
+
+    @dtx.hookimpl
+    def dtx_register_models(register):
+        for name in names:
+            register(name, lambda width=width: torch.nn.Linear(width, width), family=module_name)
+
+    module.dtx_register_models = dtx_register_models
+    return module
+
+
+def test_a_name_two_plugins_register_keeps_the_first_and_is_a_conflict(fresh_host):
+    plugins.register_plugin(_model_plugin("one_mod", "dup-net", "only-one", width=2), name="one")
+    plugins.register_plugin(_model_plugin("two_mod", "dup-net", width=3), name="two")
+    host = plugins.host()
+    assert host.conflicts == {("model", "dup-net"): ["one", "two"]}
+    assert host.table("model")["dup-net"].plugin == "one"  # the first registration, not a silent replacement
+    assert dtx.list_models().count("dup-net") == 1
+    assert records()["two"].registers == {"model": ["dup-net"]} and records()["two"].error is None
+    for spelling in ("dup-net", "DUP-NET"):
+        with pytest.raises(PluginError) as info:
+            plugins.get("model", spelling)
+        msg = str(info.value)
+        assert "\n" not in msg and "model 'dup-net' is registered by several plugins: one, two" in msg
+        assert "'one:dup-net' or 'two:dup-net' picks one" in msg and "DTX_DISABLE_PLUGINS=two removes one" in msg
+    with pytest.raises(PluginError, match="registered by several plugins"):
+        dtx.create_model("dup-net")
+    assert plugins.get("model", "one:dup-net").plugin == "one"
+    assert plugins.get("model", "two:dup-net").plugin == "two"
+    assert tuple(dtx.create_model("two:dup-net").weight.shape) == (3, 3)
+    assert [e.plugin for e in host.registrations("model", "dup-net")] == ["one", "two"]
+    assert plugins.get("model", "only-one").plugin == "one"  # other names of the plugins are unaffected
+
+
+def test_unregistering_the_winner_hands_the_name_to_the_next_plugin(fresh_host):
+    plugins.register_plugin(_model_plugin("one_mod", "dup-net"), name="one")
+    plugins.register_plugin(_model_plugin("two_mod", "dup-net"), name="two")
+    plugins.unregister_plugin("one")
+    assert plugins.host().conflicts == {}
+    assert plugins.get("model", "dup-net").plugin == "two"
+
+
+def test_a_name_one_plugin_registers_twice_is_a_conflict_too(fresh_host):
+    plugins.register_plugin(_model_plugin("twice_mod", "again", "again"), name="twice")
+    assert plugins.host().conflicts == {("model", "again"): ["twice", "twice"]}
+    assert records()["twice"].registers == {"model": ["again"]}
+    with pytest.raises(PluginError, match=r"model 'again' is registered 2 times by plugin 'twice' .*"
+                                          r"'twice:again' picks its first registration"):
+        plugins.get("model", "again")
+    assert plugins.get("model", "twice:again") is plugins.host().registrations("model", "again")[0]
+
+
+def test_qualified_names_work_for_every_name_and_say_what_a_plugin_has(tiny_plugin):
+    assert plugins.get("sampler", "core:ddim") is plugins.get("sampler", "ddim")
+    assert plugins.get("model", "tiny:TINY-MLP").name == "tiny-mlp"
+    with pytest.raises(UnknownNameError, match=r"plugin 'tiny' registers no model 'tiny-mpl'; did you mean "
+                                               r"'tiny:tiny-mlp'.*\? \(its models: tiny-cfg, tiny-mlp\)"):
+        plugins.get("model", "tiny:tiny-mpl")
+    with pytest.raises(UnknownNameError, match=r"plugin 'core' registers no model 'x' \(its models: none\)"):
+        plugins.get("model", "core:x")
+    with pytest.raises(UnknownNameError, match=r"unknown model 'nobody:tiny-mlp'"):  # not a plugin: a plain name
+        plugins.get("model", "nobody:tiny-mlp")
+
+
+def _install_dists(root, dists: dict[str, str]) -> None:
+    """Fake pip-installed plugins on ``root``: entry point name -> source of its module ``dtx_<name>_conflict``."""
+    for ep_name, source in dists.items():
+        module = f"dtx_{ep_name}_conflict"
+        info = root / f"dtx_{ep_name}_conflict-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: dtx-{ep_name}-conflict\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[dtx]\n{ep_name} = {module}\n")
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+_SAME_NAME = """
+    import torch
+    import dtx
+
+    @dtx.hookimpl
+    def dtx_register_models(register):
+        register("same-net", lambda: torch.nn.Linear({n}, {n}), family="{ep}")
+"""
+
+
+def test_installed_plugins_conflict_in_entry_point_name_order(tmp_path, monkeypatch, fresh_host):
+    _install_dists(tmp_path, {ep: _SAME_NAME.format(n=n, ep=ep) for ep, n in (("zeta", 2), ("alpha", 3))})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.reset()
+        host = plugins.host()
+        assert list(host.records).index("core") == 0
+        assert host.conflicts[("model", "same-net")] == ["alpha", "zeta"]
+        assert host.table("model")["same-net"].plugin == "alpha"
+        with pytest.raises(PluginError, match="DTX_DISABLE_PLUGINS=zeta removes one"):
+            plugins.get("model", "same-net")
+        monkeypatch.setenv("DTX_DISABLE_PLUGINS", "alpha")
+        plugins.reset()
+        assert plugins.host().conflicts == {}
+        assert tuple(dtx.create_model("same-net").weight.shape) == (2, 2)
+    finally:
+        for ep in ("zeta", "alpha"):
+            sys.modules.pop(f"dtx_{ep}_conflict", None)
+
+
+# -- the core plugin, the objective kind and error messages -----------------------------------------------------
+
+
+def test_missing_core_entry_point_is_an_error_on_the_core_record(fresh_host, monkeypatch):
+    real = plugins.md.entry_points
+    monkeypatch.setattr(plugins.md, "entry_points",
+                        lambda **kw: [ep for ep in real(**kw) if ep.name != plugins.BUILTIN])
+    plugins.reset()
+    core = records()["core"]
+    assert list(records())[0] == "core" and core.dist == "dtx-core" and core.registers == {}
+    assert "dtx-core's package metadata is missing" in core.error and "reinstall dtx-core" in core.error
+    assert plugins.host().pm.get_plugin("core") is None and plugins.names("sampler") == []
+
+
+def test_plugins_module_does_not_import_builtin():
+    source = inspect.getsource(plugins)
+    assert "import builtin" not in source and "dtx.builtin import" not in source
+
+
+def test_objective_kind_and_hook_api_version(fresh_host):
+    assert plugins.KINDS["objective"] == "dtx_register_objectives" and dtx.hookspecs.HOOK_API_VERSION == "1.1"
+    module = types.ModuleType("objective_plugin")
+
+    def factory(cfg, model, info):
+        return ("objective", cfg, model, info)
+
+    @dtx.hookimpl
+    def dtx_register_objectives(register):
+        register("toy-objective", factory, description="for the test")
+
+    module.dtx_register_objectives = dtx_register_objectives
+    plugins.register_plugin(module, name="objectives")
+    entry = plugins.get("objective", "toy-objective")
+    assert entry.obj is factory and entry.meta == {"description": "for the test"} and entry.plugin == "objectives"
+    assert records()["objectives"].registers == {"objective": ["toy-objective"]} and records()["objectives"].error is None
+
+
+def test_hook_errors_are_flattened_to_one_line(fresh_host):
+    module = types.ModuleType("multiline_plugin")
+
+    @dtx.hookimpl
+    def dtx_register_models(register):
+        raise ValueError("first line\n    second line\n")
+
+    module.dtx_register_models = dtx_register_models
+    plugins.register_plugin(module, name="multiline")
+    assert re.fullmatch(r"in dtx_register_models: ValueError: first line second line \(test_plugins\.py:\d+\)",
+                        records()["multiline"].error)

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from . import plugins
-from .errors import DtxError, PluginError
+from .errors import DtxError, PluginError, one_line
 
 
 def configure_plugins(p: argparse.ArgumentParser) -> None:
@@ -18,10 +18,14 @@ def configure_plugins(p: argparse.ArgumentParser) -> None:
 
 
 def run_plugins(args: argparse.Namespace) -> int:
-    records = list(plugins.host())
+    host = plugins.host()
+    records = list(host)
+    conflicts = [{"kind": kind, "name": name, "plugins": plugs} for (kind, name), plugs in host.conflicts.items()]
     if args.json:
         print(json.dumps([{"name": r.name, "dist": r.dist, "version": r.version, "module": r.module,
-                           "registers": r.registers, "error": r.error} for r in records], indent=2))
+                           "registers": r.registers, "error": r.error,
+                           "conflicts": [c for c in conflicts if r.name in c["plugins"]]} for r in records],
+                         indent=2))
         return 0
     for r in records:
         print(f"{r.name}  ({' '.join(filter(None, (r.dist or r.module, r.version)))})")
@@ -30,6 +34,13 @@ def run_plugins(args: argparse.Namespace) -> int:
         for kind, names in sorted(r.registers.items()):
             shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12})" if len(names) > 12 else "")
             print(f"  {plugins.plural(kind)}: {shown}")
+    if conflicts:
+        print("conflicts:")
+        for c in conflicts:
+            print(f"  {c['kind'].replace('_', ' ')} {c['name']!r}: {', '.join(c['plugins'])}")
+        example = conflicts[0]
+        print(f"  (names registered more than once must be picked as plugin:name, e.g. "
+              f"{example['plugins'][-1]}:{example['name']}; DTX_DISABLE_PLUGINS=<plugin> removes a plugin)")
     return 0
 
 
@@ -112,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version, or a command that exits itself
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except DtxError as exc:
-        print(f"dtx: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"dtx: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("dtx: interrupted", file=sys.stderr)
@@ -127,13 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("dtx: error: out of memory (try a smaller batch size, activation checkpointing, "
                   "or bf16 autocast)", file=sys.stderr)
             return 1
-        print(f"dtx: error: {type(exc).__name__}: {_one_line(exc)} (set DTX_DEBUG=1 for the traceback)",
+        print(f"dtx: error: {type(exc).__name__}: {one_line(exc)} (set DTX_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

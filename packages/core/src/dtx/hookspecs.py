@@ -2,7 +2,12 @@
 
 Every hook is a registration callback in the style of simonw/llm: the host passes a ``register`` function and the
 plugin calls it once per thing it contributes, so a hook implementation may ignore arguments added in later
-versions. Bump ``HOOK_API_VERSION`` when a hook changes incompatibly; add hooks freely.
+versions. Bump ``HOOK_API_VERSION``'s minor number when hooks are added and its major number when a hook changes
+incompatibly.
+
+A name registered twice in one kind (by two plugins, or twice by one) is not an override: the first registration
+in plugin load order is kept, the clash is reported by ``dtx plugins``, and the bare name must then be picked as
+``plugin:name``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Any, Callable
 
 import pluggy
 
-HOOK_API_VERSION = "1.0"
+HOOK_API_VERSION = "1.1"  # 1.1: added dtx_register_objectives; no hook changed
 
 hookspec = pluggy.HookspecMarker("dtx")
 hookimpl = pluggy.HookimplMarker("dtx")
@@ -21,14 +26,21 @@ hookimpl = pluggy.HookimplMarker("dtx")
 def dtx_register_models(register: Callable[..., Any]) -> None:
     """Register model architectures and named presets.
 
-    ``register(name, factory, *, family, description="", config=None)``: ``factory(**overrides)`` returns an
-    ``nn.Module``; presets such as ``DiT-XL/2`` are registered as their own names.
+    ``register(name, factory, *, family, description="", config=None, flops=None)``: ``factory(**overrides)``
+    returns an ``nn.Module``; presets such as ``DiT-XL/2`` are registered as their own names. The optional
+    ``flops=counter`` gives the model's cost in closed form: ``counter(model)`` returns a ``dtx.costs.Cost``.
     """
 
 
 @hookspec
 def dtx_register_conditioners(register: Callable[..., Any]) -> None:
-    """Register conditioners and text encoders: ``register(name, factory, *, description="")``."""
+    """Register conditioners and text encoders.
+
+    ``register(name, factory, *, description="", default_for=("y",), sample_flags={"--flag": "help"})``:
+    ``factory(**options)`` returns a ``dtx.conditioning.Conditioner``. ``default_for`` names the batch keys (data
+    fields) this conditioner is used for when a recipe names none; ``sample_flags`` are the ``dtx sample`` flags it
+    reads, each with its help text.
+    """
 
 
 @hookspec
@@ -43,7 +55,17 @@ def dtx_register_samplers(register: Callable[..., Any]) -> None:
 
 @hookspec
 def dtx_register_losses(register: Callable[..., Any]) -> None:
-    """Register training objectives / loss weightings: ``register(name, factory, *, description="")``."""
+    """Register loss weightings (min-snr, ...): ``register(name, factory, *, description="")``."""
+
+
+@hookspec
+def dtx_register_objectives(register: Callable[..., Any]) -> None:
+    """Register training objectives (what a training step computes: gaussian diffusion, Karras/EDM, ...).
+
+    ``register(name, factory, *, description="")``: ``factory(cfg, model, info)`` -- ``cfg`` the recipe's
+    ``dtx.training.config.ObjectiveConfig``, ``model`` the denoiser, ``info`` the dataset's ``dtx.data.DataInfo``
+    -- returns a ``dtx.training.objectives.Objective``. Recipes select one with ``objective.kind``.
+    """
 
 
 @hookspec

@@ -3,6 +3,12 @@
 Entry points of group ``dtx`` are loaded one by one (pluggy's own loader aborts on the first broken plugin), so a
 plugin that fails to import is recorded with its error and everything else keeps working. ``DTX_PLUGINS=a,b``
 loads only the named plugins (the built-in ``core`` plugin is always loaded); ``DTX_DISABLE_PLUGINS=a,b`` skips them.
+
+Plugins load in a fixed order -- ``core`` first, then by entry-point name, then plugins registered at run time -- and
+a name registered twice in one kind is never silently replaced: the first registration is kept (it is what
+listings and the CLI show), the clash is recorded in ``PluginHost.conflicts`` and reported by ``dtx plugins``, and
+looking the bare name up raises a ``PluginError`` naming the plugins. ``get(kind, "plugin:name")`` picks one
+plugin's registration of any name.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Callable, Iterator
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownNameError
+from .errors import PluginError, UnknownNameError, one_line
 
 GROUP = "dtx"
 BUILTIN = "core"
@@ -30,6 +36,7 @@ KINDS: dict[str, str] = {
     "schedule": "dtx_register_schedules",
     "sampler": "dtx_register_samplers",
     "loss": "dtx_register_losses",
+    "objective": "dtx_register_objectives",
     "dataset": "dtx_register_datasets",
     "runner": "dtx_register_runners",
     "recipe": "dtx_register_recipes",
@@ -77,18 +84,24 @@ def plural(kind: str) -> str:
 def _short_error(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno})" if frame else ""
-    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {message}{where}"
+    return f"{type(exc).__name__}: {one_line(exc)}{where}"
 
 
 class PluginHost:
-    """The plugin manager plus one registry per kind, filled lazily on first use."""
+    """The plugin manager plus one registry per kind, filled lazily on first use.
+
+    ``entries[kind][name]`` is the registration a bare name resolves to (the first one, in plugin load order);
+    ``conflicts[(kind, name)]`` lists, in load order, the plugins that registered a name more than once between
+    them (a plugin that registered it twice appears twice).
+    """
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
         self.entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self.conflicts: dict[tuple[str, str], list[str]] = {}
+        self._registrations: dict[str, list[Entry]] = {k: [] for k in KINDS}  # every register() call, in order
         self._loaded = False
         self._lock = threading.RLock()
 
@@ -116,17 +129,22 @@ class PluginHost:
                     rec.error = _short_error(exc)
                 else:
                     rec.error = self._unknown_hooks(ep.name)
-            if BUILTIN not in self.records:  # running from a source tree without installed metadata
-                from . import builtin
-
-                self.records[BUILTIN] = PluginRecord(BUILTIN, builtin.__name__, "dtx-core", _version("dtx-core"))
-                self.pm.register(builtin, name=BUILTIN)
+            if BUILTIN not in self.records:  # dtx-core is importable but its entry point is not installed
+                self.records = {BUILTIN: PluginRecord(
+                    BUILTIN, "dtx.builtin", "dtx-core", _version("dtx-core"),
+                    error=f"dtx-core's package metadata is missing (no entry point {BUILTIN!r} in group {GROUP!r}), "
+                          "so core models, samplers and commands are not registered; reinstall dtx-core "
+                          "(pip install --force-reinstall dtx-core, or pip install -e packages/core)"),
+                    **self.records}
             for kind in KINDS:
                 self._collect(kind)
             return self
 
     def register_plugin(self, module: Any, name: str) -> None:
-        """Register a plugin object at run time (tests, notebooks) and add what it contributes."""
+        """Register a plugin object at run time (tests, notebooks) and add what it contributes.
+
+        Run-time plugins come after every installed plugin: a name they share with one is a conflict, not an
+        override."""
         with self._lock:
             self.load()
             if name in self.records or self.pm.get_plugin(name) is not None:
@@ -167,13 +185,16 @@ class PluginHost:
             if plugin is not None:
                 self.pm.unregister(plugin)
             self.records.pop(name, None)
-            for table in self.entries.values():
-                for key in [k for k, e in table.items() if e.plugin == name]:
-                    del table[key]
+            for kind in KINDS:
+                self._registrations[kind] = [e for e in self._registrations[kind] if e.plugin != name]
+                self._index(kind)
 
     def _collect(self, kind: str, only: str | None = None) -> None:
         hook = getattr(self.pm.hook, KINDS[kind])
-        for impl in hook.get_hookimpls():
+        order = {name: i for i, name in enumerate(self.records)}
+        # load order decides which registration of a name wins, whatever order pluggy keeps its hooks in
+        impls = sorted(hook.get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order)))
+        for impl in impls:
             if only is not None and impl.plugin_name != only:
                 continue
             rec = self.records.get(impl.plugin_name)
@@ -183,8 +204,8 @@ class PluginHost:
                     meta["args"] = args
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_p!r} registered a {kind} with an invalid name {name!r}")
-                self.entries[kind][name] = Entry(kind, name, obj, _p, meta)
-                if rec is not None:
+                self._registrations[kind].append(Entry(kind, name, obj, _p, meta))
+                if rec is not None and name not in rec.registers.get(kind, []):
                     rec.registers.setdefault(kind, []).append(name)
 
             try:
@@ -193,19 +214,47 @@ class PluginHost:
                 if rec is not None:
                     error = f"in {KINDS[kind]}: {_short_error(exc)}"
                     rec.error = error if rec.error is None else f"{rec.error}; {error}"
+        self._index(kind)
+
+    def _index(self, kind: str) -> None:
+        """Rebuild ``entries[kind]`` (first registration of each name wins) and this kind's ``conflicts``."""
+        table: dict[str, Entry] = {}
+        providers: dict[str, list[str]] = {}
+        for entry in self._registrations[kind]:
+            table.setdefault(entry.name, entry)
+            providers.setdefault(entry.name, []).append(entry.plugin)
+        self.entries[kind] = table
+        for key in [key for key in self.conflicts if key[0] == kind]:
+            del self.conflicts[key]
+        for name, plugs in providers.items():
+            if len(plugs) > 1:
+                self.conflicts[(kind, name)] = plugs
 
     # -- lookup ------------------------------------------------------------------------------------------------
     def table(self, kind: str) -> dict[str, Entry]:
+        """Every name of a kind and the registration it resolves to (the first one where plugins conflict)."""
         self.load()
         return self.entries[kind]
 
+    def registrations(self, kind: str, name: str | None = None) -> list[Entry]:
+        """Every registration of a kind (of one name, if given), in plugin load order, conflicting ones included."""
+        self.load()
+        return [e for e in self._registrations[kind] if name is None or e.name == name]
+
     def get(self, kind: str, name: str) -> Entry:
+        """The registration of ``name``, or of ``plugin:name`` -- one plugin's registration of the name.
+
+        Raises ``UnknownNameError`` (listing close matches) when nothing is registered under the name, and
+        ``PluginError`` when several registrations of the bare name conflict."""
         table = self.table(kind)
-        if name in table:
-            return table[name]
-        folded = {k.lower(): k for k in table}
-        if name.lower() in folded:
-            return table[folded[name.lower()]]
+        key = name if name in table else {k.lower(): k for k in table}.get(name.lower())
+        if key is not None:
+            if (kind, key) in self.conflicts:
+                raise PluginError(self._conflict_message(kind, key))
+            return table[key]
+        plugin, sep, bare = name.partition(":")
+        if sep and plugin in self.records:
+            return self._get_qualified(kind, plugin, bare)
         close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
         providers = sorted({e.plugin for e in table.values()})
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -215,6 +264,31 @@ class PluginHost:
         if broken:
             msg += f"; plugins that failed to load: {', '.join(broken)} -- see `dtx plugins`"
         raise UnknownNameError(msg + ")")
+
+    def _get_qualified(self, kind: str, plugin: str, name: str) -> Entry:
+        own = {}
+        for entry in self._registrations[kind]:
+            if entry.plugin == plugin:
+                own.setdefault(entry.name, entry)  # a plugin that registered a name twice: its first one
+        key = name if name in own else {k.lower(): k for k in own}.get(name.lower())
+        if key is not None:
+            return own[key]
+        close = difflib.get_close_matches(name, list(own), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(f'{plugin}:{c}') for c in close)}?" if close else ""
+        raise UnknownNameError(f"plugin {plugin!r} registers no {kind.replace('_', ' ')} {name!r}{hint} "
+                               f"(its {plural(kind)}: {', '.join(sorted(own)) or 'none'})")
+
+    def _conflict_message(self, kind: str, name: str) -> str:
+        plugs = self.conflicts[(kind, name)]
+        distinct = list(dict.fromkeys(plugs))
+        what = f"{kind.replace('_', ' ')} {name!r}"
+        if len(distinct) == 1:
+            return (f"{what} is registered {len(plugs)} times by plugin {distinct[0]!r} (a bug in that plugin); "
+                    f"{distinct[0] + ':' + name!r} picks its first registration")
+        picks = " or ".join(repr(f"{p}:{name}") for p in distinct)
+        removable = [p for p in distinct if p != BUILTIN]
+        return (f"{what} is registered by several plugins: {', '.join(distinct)}; {picks} picks one, or "
+                f"DTX_DISABLE_PLUGINS={removable[-1]} removes one (see `dtx plugins`)")
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.table(kind))
