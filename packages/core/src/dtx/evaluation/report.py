@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..writers import quantize
 
 SKIP_PARTS = {"checkpoints", ".tmp"}
 
@@ -66,9 +67,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] to uint8 as the sample archives store it: clamp(127.5 x + 128, 0, 255)."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+to_uint8 = quantize  # the archives' quantisation lives in dtx.writers; this name stays for training/sample.py
 
 
 @lru_cache(maxsize=3)
@@ -117,7 +116,7 @@ def evaluate_samples(path: str | Path, reference: str = "train",
     result["fid"], result["fid_skipped"] = None, reason
     if reason is None:
         real_x = digits_arrays(reference, 8)[0]
-        real_uint8 = to_uint8(real_x.repeat_interleave(h // 8, dim=-2).repeat_interleave(h // 8, dim=-1))
+        real_uint8 = quantize(real_x.repeat_interleave(h // 8, dim=-2).repeat_interleave(h // 8, dim=-1))
         result["fid"] = compute_fid(real_uint8, images, inception_weights)
     return result
 
