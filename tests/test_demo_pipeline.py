@@ -21,7 +21,7 @@ def all_plugins():
 
 
 def test_recipe_is_the_class_conditional_dit_on_embedded_digits():
-    from dtx.training.commands import resolve_train_config
+    from dtx.commands.train import resolve_train_config
 
     cfg = resolve_train_config("dit-digits")
     assert cfg.model.name.startswith("DiT") and cfg.data.name == "digits"

@@ -116,7 +116,7 @@ def write_recipe(path: Path, **extra) -> Path:
 
 
 def cfg_for(tmp_path: Path, out: str, *overrides: str, **extra):
-    from dtx.training.commands import resolve_train_config
+    from dtx.commands.train import resolve_train_config
 
     return resolve_train_config(str(write_recipe(tmp_path / "recipe.yaml", **extra)), list(overrides),
                                 out=str(tmp_path / out))
@@ -272,7 +272,7 @@ def test_lr_warmup_is_linear_then_constant():
 
 
 def test_epoch_batches_split_a_permutation_by_rank_without_overlap():
-    from dtx.training.loop import EpochBatches
+    from dtx.training.data_stream import EpochBatches
 
     shards = [list(EpochBatches(23, 3, rank, 2, seed=7, epoch=0)) for rank in (0, 1)]
     assert [len(s) for s in shards] == [3, 3]  # 23 // (3 * 2) global batches, the rest dropped

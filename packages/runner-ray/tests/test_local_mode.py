@@ -14,7 +14,8 @@ import torch
 
 from dtx.checkpoint import CheckpointManager
 from dtx.errors import CheckpointError, ConfigError, DataError, PluginError
-from dtx.training.commands import configure_train, run_local
+from dtx.commands.train import configure as configure_train
+from dtx.training.local import run_local
 from dtx_ray import jobs
 from dtx_ray.runner import RayOptions, check_worker_plugins, raise_worker_failure, run_with_options
 

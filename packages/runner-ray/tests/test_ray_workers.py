@@ -14,8 +14,8 @@ import torch
 
 from dtx.checkpoint import CheckpointManager, load_checkpoint
 from dtx.errors import DataError
-from dtx.training.commands import run_local
-from dtx.training.sample import load_run
+from dtx.training.local import run_local
+from dtx.training.sampling import load_for_sampling
 from dtx_ray.runner import RayOptions, run_with_options
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_two_workers_train_report_and_write_loadable_checkpoints(two_workers, lo
     assert [p.name for p in mgr.list()] == ["step_00000003", "step_00000006"]
     state = mgr.load()
     assert state["step"] == 6
-    run = load_run(out)  # what `dtx sample` does: model rebuilt from the checkpoint's spec, EMA weights loaded
+    run = load_for_sampling(out)  # what `dtx sample` does: model rebuilt from the checkpoint's spec, EMA weights loaded
     assert run.step == 6 and sum(p.numel() for p in run.model.parameters()) > 0
 
     # Ray kept its own copy of every reported checkpoint under the run folder, byte-identical tensors
@@ -72,7 +72,7 @@ def test_two_workers_train_report_and_write_loadable_checkpoints(two_workers, lo
 
 def _crash_rank1_once(cfg, ctx):
     """The real loop, but rank 1 dies (as a killed process would) before step 5 on the first attempt."""
-    from dtx.training import loop as core_loop
+    from dtx.training import trainer as core_loop
 
     marker = Path(cfg.out) / "crashed-once"
     if ctx.rank == 1 and not marker.exists():

@@ -179,8 +179,15 @@ _sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
 class DiT(nn.Module):
     """Diffusion transformer over patchified latents: ``forward(x, t, y)`` -> [N, out_channels, H, W].
 
-    With ``learn_sigma`` the output is [eps (in_channels), variance interpolation v (in_channels)].
+    With ``learn_sigma`` the output is [eps (in_channels), variance interpolation v (in_channels)]. The model is
+    conditioned on DDPM timesteps in [0, 1000) (``noise_input``); dtx's EDM objective maps sigma into that range.
+    Labels are used as given: condition dropout for guidance is the conditioning stage's job (``class_dropout_prob``
+    > 0 still adds the null-class row, and ``y_embedder.token_drop`` drops labels as the official model does).
     """
+
+    channel_dim = 1  # [N, C, H, W]
+    noise_input = "timestep"
+    num_timesteps = 1000
 
     def __init__(self, config: DiTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -210,6 +217,11 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(d, p, self.out_channels, modulated=cfg.block in ("adaln-zero", "adaln"))
         self.initialize_weights()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-sample input shape the model was built for: (in_channels, H, W)."""
+        return (self.in_channels, *self.config.input_hw)
 
     @property
     def null_class(self) -> int | None:
@@ -273,7 +285,7 @@ class DiT(nn.Module):
         rows = self.y_embedder.embedding_table.num_embeddings
         if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) >= rows):  # on GPU this would sync
             raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
-        return self.y_embedder(y, self.training)
+        return self.y_embedder(y, train=False)  # labels arrive already dropped (dtx.conditioning)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: [N, in_channels, H, W] latents; t: [N] timestep indices; y: [N] class labels (null class allowed)."""

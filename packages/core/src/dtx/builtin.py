@@ -1,4 +1,5 @@
-"""The core's own contributions, registered like any plugin (entry point ``core``)."""
+"""The core's own contributions, registered like any plugin (entry point ``core``): commands, schedules, samplers,
+loss weightings, objectives, conditioners, datasets and the local runner."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ from .hookspecs import hookimpl
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
-
-    register("plugins", cli.configure_plugins, run=cli.run_plugins, help="list installed plugins and what they register")
-    register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
-    from .training import commands as training
-
-    register("train", training.configure_train, run=training.run_train,
-             help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
-    register("sample", training.configure_sample, run=training.run_sample,
-             help="sample a trained run or checkpoint into a PNG grid and an .npz archive")
+    from .commands import flops, sample, train
     from .data import extract
     from .evaluation import report
 
+    register("plugins", cli.configure_plugins, run=cli.run_plugins, help="list installed plugins and what they register")
+    register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
+    register("train", train.configure, run=train.run,
+             help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
+    register("sample", sample.configure, run=sample.run,
+             help="sample a run, model folder or checkpoint: PNG grid + .npz (videos: frame grid, GIF, MP4)")
+    register("flops", flops.configure, run=flops.run,
+             help="parameters and forward FLOPs of any registered model (analytic where its family counts them)")
     register("extract-latents", extract.configure_parser, run=extract.run,
-             help="encode an image folder with a local diffusers AutoencoderKL into latent shards")
+             help="encode an image or video folder with a local diffusers AutoencoderKL into latent shards")
     register("eval", report.configure_parser, run=report.run,
              help="score a samples .npz (or a run folder's newest): digits accuracy, Frechet distance, FID")
 
@@ -33,19 +34,21 @@ def dtx_register_schedules(register: Callable[..., Any]) -> None:
     from .diffusion import gaussian, karras
 
     for name, fn in gaussian.SCHEDULES.items():
-        register(name, fn, kind="beta", description="discrete beta schedule")
+        register(name, fn, kind="beta", description="discrete beta schedule (objective.noise_schedule)")
     for name, fn in karras.SCHEDULES.items():
-        register(name, fn, kind="sigma", description="continuous sigma schedule")
+        register(name, fn, kind="sigma", description="continuous sigma schedule (objective.sigma_schedule)")
 
 
 @hookimpl
 def dtx_register_samplers(register: Callable[..., Any]) -> None:
-    from .diffusion import gaussian, karras
+    from .diffusion import gaussian, karras, sampler_api
 
     for name, fn in gaussian.SAMPLERS.items():
-        register(name, fn, kind="gaussian", description="discrete-time sampler over a respaced schedule")
+        register(name, sampler_api.discrete(fn), kind="gaussian",
+                 description="discrete-time sampler over a respaced schedule")
     for name, fn in karras.SAMPLERS.items():
-        register(name, fn, kind="karras", description="sigma-space sampler (k-diffusion convention)")
+        register(name, sampler_api.sigma_space(fn), kind="karras",
+                 description="sigma-space sampler (k-diffusion convention)")
 
 
 @hookimpl
@@ -54,6 +57,25 @@ def dtx_register_losses(register: Callable[..., Any]) -> None:
 
     for name, fn in karras.WEIGHTINGS.items():
         register(name, fn, kind="sigma-weighting", description="EDM loss weighting w(sigma)")
+
+
+@hookimpl
+def dtx_register_objectives(register: Callable[..., Any]) -> None:
+    from .training.objectives import GaussianObjective, KarrasObjective
+
+    register("gaussian", GaussianObjective, description="DDPM/IDDPM: uniform t, eps/x0/v, hybrid loss with "
+                                                        "learned variance")
+    register("karras", KarrasObjective, description="EDM: preconditioned denoiser, log-normal or "
+                                                    "cosine-interpolated sigma, registered weightings")
+
+
+@hookimpl
+def dtx_register_conditioners(register: Callable[..., Any]) -> None:
+    from .conditioning import ClassLabelConditioner, FlagConditioner
+
+    register("class-label", ClassLabelConditioner, default_for=("y",),
+             description="integer class labels y; null = the model's null class (10% dropout by default)")
+    register("flag", FlagConditioner, description="a per-sample boolean field passed to the model by name")
 
 
 @hookimpl
@@ -69,6 +91,6 @@ def dtx_register_datasets(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_runners(register: Callable[..., Any]) -> None:
-    from .training.commands import run_local
+    from .training.local import run_local
 
     register("local", run_local, description="one process, no Ray (debugging; CUDA when available)")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .io import atomic_write_text, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +77,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- file helpers ----------------------------------------------------------------------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -133,16 +117,6 @@ def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add((str(t.device), t.untyped_storage().data_ptr()))
         out[k] = t
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def step_of(path: Path) -> int:
@@ -224,7 +198,7 @@ class CheckpointManager:
             torch.save(rest, tmp / EXTRA_FILE)
             files = sorted({e["file"] for e in entries.values()} | {EXTRA_FILE})
             for fname in files:
-                _fsync_file(tmp / fname)
+                fsync_file(tmp / fname)
             manifest = {"format": "dtx-checkpoint", "version": FORMAT_VERSION, "step": step,
                         "created": time.time(), "order": list(state), "tensors": entries,
                         "files": {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
@@ -232,7 +206,7 @@ class CheckpointManager:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving a step (e.g. after resume): swap the old copy out first
                 old = self.root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
                 os.replace(final, old)
@@ -240,11 +214,11 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _atomic_write_text(self.root / LATEST, final.name + "\n")
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         self._prune(step)
         return final
 
@@ -268,7 +242,7 @@ class CheckpointManager:
         for p in ckpts:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     # reading
 
@@ -325,3 +299,40 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from exc
     merged = {**rest, **tensors}
     return {k: merged[k] for k in manifest["order"]}
+
+
+# -- run folders -------------------------------------------------------------------------------------------------------
+
+RUN_CHECKPOINTS = "checkpoints"
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """A training run folder (it has ``checkpoints/``) or one of its checkpoint folders (it has a manifest)."""
+    path = Path(path)
+    return path.is_dir() and ((path / RUN_CHECKPOINTS).is_dir() or (path / MANIFEST).is_file())
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A checkpoint folder from a run folder (its newest valid checkpoint) or a checkpoint folder itself."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"run or checkpoint not found: {path}")
+    if (path / RUN_CHECKPOINTS).is_dir():
+        latest = CheckpointManager(path / RUN_CHECKPOINTS).latest()
+        if latest is None:
+            raise CheckpointError(f"{path / RUN_CHECKPOINTS} holds no complete checkpoint")
+        return latest
+    if (path / MANIFEST).is_file():
+        return path
+    raise CheckpointError(f"{path} is neither a run folder (with checkpoints/) nor a checkpoint folder "
+                          f"(step_XXXXXXXX with manifest.json)")
+
+
+def load_training_state(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint folder, state) of a run folder's newest valid checkpoint, checked to be a dtx training state."""
+    ckpt = resolve_checkpoint(source)
+    state = load_checkpoint(ckpt)
+    missing = [k for k in ("model", "model_spec", "config", "data_info") if k not in state]
+    if missing:
+        raise CheckpointError(f"{ckpt} is not a dtx training checkpoint (missing {', '.join(missing)})")
+    return ckpt, state

@@ -41,18 +41,18 @@ class ModelInterface:
         return self.channel_dim == 2
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     """The user's module inside DDP/FSDP/compile wrappers (their attributes are not forwarded)."""
     for attr in ("module", "_orig_mod"):
         inner = getattr(model, attr, None)
         if inner is not None and inner is not model:
-            return _unwrap(inner)
+            return unwrap(inner)
     return model
 
 
 def interface_of(model: Any) -> ModelInterface:
     """The declared ``ModelInterface`` of ``model`` (defaults: images, timestep-conditioned, fixed variance)."""
-    m = _unwrap(model)
+    m = unwrap(model)
     channel_dim = getattr(m, "channel_dim", 1)
     noise_input = getattr(m, "noise_input", "timestep")
     name = type(m).__name__

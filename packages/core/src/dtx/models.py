@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from . import plugins
 from .errors import CheckpointError, ConfigError, DtxError
+from .io import atomic_write, atomic_write_text
+from .options import check_options
 
 DTX_WEIGHTS = "model.safetensors"
 DTX_CONFIG = "config.yaml"
+_SPECS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -31,51 +35,27 @@ def model_entry(name: str) -> plugins.Entry:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered architecture or preset, e.g. ``create_model("DiT-XL/2", input_size=32)``.
 
-    The model remembers how it was built in ``model.dtx_spec`` so that it can be saved and rebuilt.
+    How it was built is remembered (``model_spec(model)``) so that it can be saved and rebuilt.
     """
     entry = model_entry(name)
     factory = entry.obj
-    _check_overrides(entry.name, factory, overrides)
+    check_options(f"model {entry.name!r}", factory, overrides)
     try:
         model = factory(**overrides)
     except DtxError:
         raise
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build model {entry.name!r} with {overrides}: {exc}") from exc
-    model.dtx_spec = {"name": entry.name, **overrides}
+    _SPECS[model] = {"name": entry.name, **overrides}
     return model
 
 
-def _check_overrides(name: str, factory: Any, overrides: dict[str, Any]) -> None:
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return
-    params = sig.parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        accepted = _config_fields(factory)
-        if accepted is None:
-            return
-    else:
-        accepted = set(params)
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        import difflib
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """``{"name": registered name, **options}`` of a model built by ``create_model`` (None for others)."""
+    from .interface import unwrap
 
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(accepted), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"model {name!r} has no option {', '.join(hints)}; options: {', '.join(sorted(accepted))}")
-
-
-def _config_fields(factory: Any) -> set[str] | None:
-    cfg_cls = getattr(factory, "config_class", None)
-    if cfg_cls is None:
-        return None
-    import dataclasses
-
-    return {f.name for f in dataclasses.fields(cfg_cls)}
+    spec = _SPECS.get(unwrap(model))
+    return dict(spec) if spec is not None else None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -85,23 +65,21 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 # -- dtx checkpoint format: a folder with model.safetensors + config.yaml (no pickle) ---------------------------
 
 def save_model(model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a dtx checkpoint folder: ``model.safetensors`` + ``config.yaml``."""
+    """Write ``model`` as a dtx checkpoint folder: ``model.safetensors`` + ``config.yaml`` (``extra`` adds sections,
+    e.g. the ``data_info``, ``objective`` and ``conditioning`` that ``dtx sample`` reads)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    spec = getattr(model, "dtx_spec", None)
+    spec = model_spec(model)
     if not spec:
         raise ConfigError("model was not built with dtx.create_model, so its architecture cannot be recorded")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / (DTX_WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "dtx", "name": str(spec["name"])})
-    os.replace(tmp, out / DTX_WEIGHTS)
+    atomic_write(out / DTX_WEIGHTS,
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "dtx", "name": str(spec["name"])}))
     cfg = {"model": dict(spec), **(extra or {})}
-    tmp = out / (DTX_CONFIG + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    os.replace(tmp, out / DTX_CONFIG)
+    atomic_write_text(out / DTX_CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return out
 
 
@@ -118,9 +96,22 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             if keys:
                 more = f" ... (+{len(keys) - 6})" if len(keys) > 6 else ""
                 parts.append(f"{label}: {', '.join(keys[:6])}{more}")
-        raise CheckpointError(f"{source} does not fit {getattr(model, 'dtx_spec', {}).get('name', type(model).__name__)}"
+        raise CheckpointError(f"{source} does not fit {(model_spec(model) or {}).get('name', type(model).__name__)}"
                               f": {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read weights, separate from what to build: which weights of a training checkpoint (its EMA or raw
+    ``model`` weights) and whether pickled objects may be unpickled (only for trusted files)."""
+
+    weights: Literal["ema", "raw"] = "ema"
+    trust: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("ema", "raw"):
+            raise ConfigError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
 
 
 def read_safe(path: Path, trust: bool = False) -> Any:
@@ -161,39 +152,60 @@ def _load_dtx_folder(path: Path, name: str | None, **overrides: Any) -> tuple[nn
     return model, {"format": "dtx", "config": cfg}
 
 
-def load_model(source: str | os.PathLike, name: str | None = None, *, trust: bool = False,
-               **overrides: Any) -> nn.Module:
-    """Load a model from a dtx checkpoint folder, a training run (its newest valid checkpoint, EMA weights), or any
-    file a plugin understands (e.g. an official DiT ``.pt``).
+def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """A training run folder (its newest valid checkpoint) or one checkpoint folder: EMA or raw weights."""
+    from .checkpoint import load_training_state
 
-    ``name`` forces the architecture; otherwise it is read from the checkpoint or inferred from tensor shapes.
-    Files are read without unpickling arbitrary objects unless ``trust=True``. The model is returned in eval mode
-    (label dropout off); call ``.train()`` to fine-tune.
+    ckpt, state = load_training_state(path)
+    spec = dict(state["model_spec"])
+    model = create_model(spec.pop("name"), **spec)
+    key = "ema" if options.weights == "ema" and "ema" in state else "model"
+    load_state_dict_strict(model, state[key], f"{ckpt} ({key})")
+    return model, {"format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
+                   "step": int(state["step"]), "state": state}
+
+
+def load_model(source: str | os.PathLike, name: str | None = None, *, weights: Literal["ema", "raw"] = "ema",
+               trust: bool = False, **overrides: Any) -> nn.Module:
+    """Load a model from a dtx checkpoint folder, a training run (its newest valid checkpoint), or any file a
+    plugin understands (e.g. an official DiT ``.pt``).
+
+    ``name`` and ``overrides`` are model options (the architecture is otherwise read from the checkpoint or inferred
+    from tensor shapes); ``weights`` ("ema" or "raw") and ``trust`` are loader options: which weights of a training
+    checkpoint, and whether pickled objects may be unpickled. The model is returned in eval mode.
     """
+    model, _ = load_model_with_info(source, name, LoadOptions(weights=weights, trust=trust), **overrides)
+    return model
+
+
+def load_model_with_info(source: str | os.PathLike, name: str | None = None, options: LoadOptions = LoadOptions(),
+                         **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``load_model`` plus what the reader found: ``format``, ``weights`` and, for dtx folders and runs, the
+    stored config (a run's full training ``state`` under ``state``)."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    from .checkpoint import is_run_folder
+
     if path.is_dir() and (path / DTX_CONFIG).exists() and (path / DTX_WEIGHTS).exists():
         model, info = _load_dtx_folder(path, name, **overrides)
-        model.dtx_load_info = info
-        return model.eval()
-    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "manifest.json").is_file()):
-        from .training.sample import load_run  # a training run folder or one of its checkpoints: EMA weights
-
-        model = load_run(path).model
-        model.dtx_load_info = {"format": "dtx-run"}
-        return model.eval()
-    if path.is_dir():
+    elif is_run_folder(path):
+        model, info = _load_run(path, options)
+    elif path.is_dir():
         raise CheckpointError(f"{path} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG} (nor a training run)")
-    obj = read_safe(path, trust=trust)
+    else:
+        model, info = _load_file(path, name, options, **overrides)
+    return model.eval(), info
+
+
+def _load_file(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:
+    obj = read_safe(path, trust=options.trust)
     formats = plugins.host().table("checkpoint_format")
     for entry in formats.values():
-        detect = entry.obj
-        if detect(path, obj):
+        if entry.obj(path, obj):
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
-            model, info = load(path, obj, name, **overrides)
-            model.dtx_load_info = {"format": entry.name, **info}
-            return model.eval()
+            model, info = load(path, obj, name, options, **overrides)
+            return model, {"format": entry.name, **info}
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(f"{path}: no installed plugin recognises this checkpoint (top-level keys: {keys}); "
                           f"formats known: {', '.join(sorted(formats)) or 'none'}")

@@ -95,7 +95,7 @@ def check_worker_plugins(expected: dict[str, str | None]) -> None:
 def train_worker(config: dict[str, Any], loop: TrainLoop | None = None) -> dict[str, Any]:
     """What every Ray Train worker runs: check plugins, rebuild the config, run the loop with a ``RayContext``."""
     from dtx.training.config import config_from_dict
-    from dtx.training.loop import train
+    from dtx.training.trainer import train
 
     if config["cwd"] and os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])  # Ray starts workers in its own folder; relative data paths mean the driver's

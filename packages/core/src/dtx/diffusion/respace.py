@@ -77,12 +77,15 @@ def respace_betas(betas: np.ndarray, use_timesteps: Sequence[int]) -> tuple[np.n
 def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_schedule: str = "linear",
                      use_kl: bool = False, sigma_small: bool = False, predict_xstart: bool = False,
                      predict_v: bool = False, learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
-                     diffusion_steps: int = 1000, channel_dim: int = 1) -> GaussianDiffusion:
+                     diffusion_steps: int = 1000, channel_dim: int = 1,
+                     betas: np.ndarray | None = None) -> GaussianDiffusion:
     """DiT's factory: epsilon prediction, learned-range variance and MSE(+VB) loss by default; empty respacing keeps
-    all ``diffusion_steps``."""
+    all ``diffusion_steps``. ``betas`` (e.g. from the ``schedule`` registry) replaces the named ``noise_schedule``."""
     if predict_xstart and predict_v:
         raise ConfigError("predict_xstart and predict_v are mutually exclusive")
-    betas = get_beta_schedule(noise_schedule, diffusion_steps)
+    betas = get_beta_schedule(noise_schedule, diffusion_steps) if betas is None else np.asarray(betas, np.float64)
+    if betas.shape != (diffusion_steps,):
+        raise ConfigError(f"the beta schedule has {betas.shape[0]} steps, diffusion_steps is {diffusion_steps}")
     if use_kl:
         loss_type = "rescaled_kl"
     elif rescale_learned_sigmas:

@@ -67,7 +67,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-to_uint8 = quantize  # the archives' quantisation lives in dtx.writers; this name stays for training/sample.py
+to_uint8 = quantize  # the archives' quantisation lives in dtx.writers
 
 
 @lru_cache(maxsize=3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
+from ..conditioning import ConditioningConfig, GuidanceStep
 from ..config import check, load_config
 
 
@@ -33,10 +34,10 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Noise/sigma sampling and loss: ``gaussian`` (DDPM/IDDPM) or ``karras`` (EDM preconditioning)."""
+    """A registered objective (``gaussian``: DDPM/IDDPM; ``karras``: EDM preconditioning) and its options."""
 
-    kind: Literal["gaussian", "karras"] = "gaussian"
-    noise_schedule: str = "linear"
+    kind: str = "gaussian"
+    noise_schedule: str = "linear"  # beta schedule from the ``schedule`` registry (gaussian)
     diffusion_steps: int = 1000
     predict_xstart: bool = False
     predict_v: bool = False
@@ -47,6 +48,7 @@ class ObjectiveConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    sigma_schedule: str = "karras"  # sigma schedule from the ``schedule`` registry (karras sampling)
     weighting: str = "karras"
     weighting_options: dict[str, float] = field(default_factory=dict)  # e.g. {gamma: 5.0} for min-snr
 
@@ -75,15 +77,23 @@ class EMAConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling defaults for the periodic grids (``every`` steps, 0 = only at the end) and for ``dtx sample``."""
+    """Sampling defaults for the periodic grids (``every`` steps, 0 = only at the end) and for ``dtx sample``.
+
+    ``cfg`` is classic guidance over every conditioner with a null condition; ``guidance`` lists nested terms
+    instead (each switches on more conditioners, e.g. motion then text), overriding ``cfg``.
+    """
 
     every: int = 0
     sampler: str = "ddim"
     steps: int = 50
     cfg: float = 1.0
     guide_channels: Optional[int] = None
-    n_per_class: int = 4
+    guidance: list[GuidanceStep] = field(default_factory=list)
+    n_per_class: int = 4  # samples per subject (class or prompt); the total for unconditional models
     classes: list[int] = field(default_factory=list)  # empty: the first (up to) ten classes
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: Optional[str] = None
+    fps: float = 8.0  # videos
 
 
 @dataclass
@@ -92,6 +102,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -130,6 +141,8 @@ class TrainConfig:
         check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
         check(self.sample.every >= 0, "sample.every", "must be >= 0")
+        check(self.sample.n_per_class >= 1, "sample.n_per_class", "must be >= 1")
+        check(self.sample.fps > 0, "sample.fps", "must be > 0")
         check(self.objective.sigma_min > 0 and self.objective.sigma_max > self.objective.sigma_min,
               "objective.sigma_max", "needs 0 < sigma_min < sigma_max")
 

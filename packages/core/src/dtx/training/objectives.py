@@ -1,10 +1,10 @@
-"""Training objectives behind one interface, so the loop and the sampler never ask which formulation they run.
+"""Training objectives behind one interface, registered in the ``objective`` registry so plugins can add their own.
 
-``GaussianObjective``: discrete DDPM/IDDPM diffusion (uniform t over the training schedule; hybrid loss when the
-model learns sigma). ``KarrasObjective``: EDM preconditioning with sigma drawn log-normally or cosine-interpolated
-and a loss weighting from the ``loss`` registry. Both give ``loss(...) -> [N]`` and ``sample(...) -> x0``, with
-samplers from the ``sampler`` registry; class labels travel as ``y`` and the unconditional term uses
-``model.null_class``.
+An objective gives ``loss(model, x, cond) -> [N]`` and ``sample(...) -> x0`` and reads the model's declared
+``channel_dim`` and ``noise_input`` (``dtx.interface``), so neither the loop nor the sampler asks which formulation,
+layout or noise embedding they run. Core provides ``gaussian`` (DDPM/IDDPM, uniform t, hybrid loss when the model
+learns sigma) and ``karras`` (EDM preconditioning, sigma log-normal or cosine-interpolated, registered weightings).
+Samplers of both kinds are called through one signature: ``sampler(model, x, schedule, generator=, progress=)``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ import torch
 from torch import nn
 
 from .. import plugins
+from ..data.info import DataInfo
+from ..diffusion import noise_levels
+from ..diffusion.guidance import guided
 from ..errors import ConfigError
+from ..interface import ModelInterface, interface_of
+from ..options import factory_options
 from .config import ObjectiveConfig
 
 Cond = dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
-    kind: str
+    kind: str  # the sampler kind it drives: "gaussian" or "karras"
 
     def loss(self, model: nn.Module, x: torch.Tensor, cond: Cond,
              generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -48,24 +53,18 @@ def sampler_entry(name: str, kind: str) -> Callable[..., Any]:
     return entry.obj
 
 
-def class_conds(model: nn.Module, labels: torch.Tensor | None, cfg_scale: float) -> tuple[list[Cond], list[float]]:
-    """Conditioning dicts and guidance scales for class labels: ``[uncond, cond]`` with ``[s]`` when guiding."""
-    if labels is None:
-        return [{}], []
-    if cfg_scale == 1.0:
-        return [{"y": labels}], []
-    null = getattr(model, "null_class", None)
-    if null is None:
-        raise ConfigError("classifier-free guidance needs a model trained with class dropout (it has no null class);"
-                          " use --cfg 1")
-    return [{"y": torch.full_like(labels, int(null))}, {"y": labels}], [float(cfg_scale)]
+def schedule_entry(name: str, kind: str) -> Callable[..., Any]:
+    """A registered noise schedule of the given kind ("beta" or "sigma")."""
+    entry = plugins.get("schedule", name)
+    if entry.meta.get("kind") != kind:
+        fits = [n for n, e in plugins.host().table("schedule").items() if e.meta.get("kind") == kind]
+        raise ConfigError(f"schedule {entry.name!r} is a {entry.meta.get('kind')} schedule; this objective needs a "
+                          f"{kind} schedule: {', '.join(sorted(fits))}")
+    return entry.obj
 
 
-def _guided(model: Callable[..., torch.Tensor], conds: Sequence[Cond], scales: Sequence[float],
-            channels: int | None) -> Callable[..., torch.Tensor]:
-    from ..diffusion.guidance import guided
-
-    return guided(model, list(conds), list(scales), channels=channels)
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class GaussianObjective:
@@ -73,52 +72,57 @@ class GaussianObjective:
 
     kind = "gaussian"
 
-    def __init__(self, cfg: ObjectiveConfig, learn_sigma: bool) -> None:
+    def __init__(self, cfg: ObjectiveConfig, model: nn.Module, info: DataInfo | None = None) -> None:
         from ..diffusion.respace import create_diffusion
 
         self.cfg = cfg
-        self.learn_sigma = learn_sigma
-        self._create = create_diffusion
-        self.diffusion = self._respaced("")
+        self.iface: ModelInterface = interface_of(model)
+        self.betas = schedule_entry(cfg.noise_schedule, "beta")(cfg.diffusion_steps)
+        self._create = functools.partial(create_diffusion, betas=self.betas, learn_sigma=self.iface.learn_sigma,
+                                         predict_xstart=cfg.predict_xstart, predict_v=cfg.predict_v,
+                                         diffusion_steps=cfg.diffusion_steps, channel_dim=self.iface.channel_dim)
+        self.diffusion = self._create(timestep_respacing="")
         self._cache: dict[int, Any] = {}
 
-    def _respaced(self, respacing: str) -> Any:
-        c = self.cfg
-        return self._create(timestep_respacing=respacing, noise_schedule=c.noise_schedule,
-                            learn_sigma=self.learn_sigma, predict_xstart=c.predict_xstart, predict_v=c.predict_v,
-                            diffusion_steps=c.diffusion_steps, channel_dim=1)
+    def net(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The model as the diffusion calls it: original-schedule timesteps mapped to its declared noise input."""
+        return noise_levels.from_timestep(model, self.iface.noise_input, self.diffusion.alphas_cumprod)
 
     def loss(self, model: nn.Module, x: torch.Tensor, cond: Cond,
              generator: torch.Generator | None = None) -> torch.Tensor:
         n = x.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator).to(x.device)
         noise = _randn(x.shape, generator, x.device).to(x.dtype)
-        return self.diffusion.training_losses(model, x, t, model_kwargs=cond, noise=noise)["loss"]
+        return self.diffusion.training_losses(self.net(model), x, t, model_kwargs=cond, noise=noise)["loss"]
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: torch.Generator | None,
                guide_channels: int | None = None, progress: bool = False) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
         if steps not in self._cache:
-            self._cache[steps] = self._respaced(str(steps))
-        device = next(model.parameters()).device
-        noise = _randn(noise_shape, generator, device)
-        net = _guided(model, conds, scales, guide_channels or getattr(model, "in_channels", None))
-        return fn(self._cache[steps], net, noise, model_kwargs={}, clip_denoised=False, progress=progress,
-                  generator=generator)
+            self._cache[steps] = self._create(timestep_respacing=str(steps))
+        noise = _randn(noise_shape, generator, _device(model))
+        channels = guide_channels or self.iface.in_channels or noise_shape[self.iface.channel_dim]
+        net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim)
+        return fn(net, noise, self._cache[steps], generator=generator, progress=progress)
 
 
 class KarrasObjective:
-    """EDM (Karras et al.) preconditioned denoiser; sampling walks a Karras sigma schedule with a sigma-space solver."""
+    """EDM (Karras et al.) preconditioned denoiser; sampling walks a registered sigma schedule with a sigma-space
+    solver. The backbone receives c_noise = ln(sigma)/4, raw sigma or a timestep, as it declares."""
 
     kind = "karras"
 
-    def __init__(self, cfg: ObjectiveConfig, image_size: int) -> None:
+    def __init__(self, cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> None:
         from ..diffusion import karras
 
-        self.cfg = cfg
-        self.k = karras
-        self.image_size = image_size
+        self.cfg, self.k = cfg, karras
+        self.iface = interface_of(model)
+        if self.iface.learn_sigma:
+            raise ConfigError("the karras objective predicts the denoised sample and has no learned variance; "
+                              "set the model's learn_sigma to false or use objective.kind=gaussian")
+        self.image_size = max(info.height, info.width)
+        self.schedule = schedule_entry(cfg.sigma_schedule, "sigma")
         weighting = plugins.get("loss", cfg.weighting)
         if weighting.meta.get("kind") != "sigma-weighting":
             raise ConfigError(f"loss {weighting.name!r} is not a sigma weighting; the karras objective needs one of: "
@@ -126,8 +130,9 @@ class KarrasObjective:
                                           if e.meta.get("kind") == "sigma-weighting"))
         self.weighting = functools.partial(weighting.obj, sigma_data=cfg.sigma_data, **cfg.weighting_options)
 
-    def denoiser(self, model: nn.Module) -> nn.Module:
-        return self.k.Denoiser(model, sigma_data=self.cfg.sigma_data, weighting=self.weighting)
+    def denoiser(self, model: Callable[..., torch.Tensor]) -> nn.Module:
+        inner = noise_levels.from_sigma(model, self.iface.noise_input, self.iface.num_timesteps)
+        return self.k.Denoiser(inner, sigma_data=self.cfg.sigma_data, weighting=self.weighting)
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         c = self.cfg
@@ -151,16 +156,17 @@ class KarrasObjective:
                sampler: str, steps: int, generator: torch.Generator | None,
                guide_channels: int | None = None, progress: bool = False) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
-        device = next(model.parameters()).device
+        device = _device(model)
         c = self.cfg
-        sigmas = self.k.get_sigmas_karras(steps, c.sigma_min, c.sigma_max, rho=c.rho, device=device)
+        shape_options = {"rho": c.rho} if "rho" in (factory_options(self.schedule) or ()) else {}
+        sigmas = self.schedule(steps, c.sigma_min, c.sigma_max, device=device, **shape_options)
         x = _randn(noise_shape, generator, device) * sigmas[0]
-        net = _guided(self.denoiser(model), conds, scales, guide_channels)
-        return fn(net, x, sigmas, extra_args={}, disable=not progress, generator=generator)
+        net = guided(self.denoiser(model), list(conds), list(scales), channels=guide_channels,
+                     channel_dim=self.iface.channel_dim)
+        return fn(net, x, sigmas, generator=generator, progress=progress)
 
 
-def build_objective(cfg: ObjectiveConfig, model: nn.Module, image_size: int) -> Objective:
-    """The objective a config asks for; a Gaussian one learns sigma exactly when the model does."""
-    if cfg.kind == "karras":
-        return KarrasObjective(cfg, image_size)
-    return GaussianObjective(cfg, learn_sigma=bool(getattr(model, "learn_sigma", False)))
+def build_objective(cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> Objective:
+    """The registered objective ``cfg.kind`` for ``model`` on data described by ``info``."""
+    entry = plugins.get("objective", cfg.kind)
+    return entry.obj(cfg, model, info)

@@ -1,0 +1,146 @@
+"""``dtx sample SOURCE``: samples from a training run, a checkpoint folder, a dtx model folder or any checkpoint a
+registered format loads, through the run's conditioning stage (``--classes``, ``--prompt``, flags plugins declare)
+and the one sampling path; writes a PNG grid and an ADM ``.npz`` (videos also a frame grid, GIFs and MP4s)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import plugins
+from ..conditioning import GuidanceStep, SampleRequest
+from ..errors import ConfigError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _guide_step(text: str) -> GuidanceStep:
+    keys, sep, scale = text.rpartition("=")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not sep or not keys or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected CONDITIONER[,CONDITIONER]=SCALE, got {text!r}")
+    return GuidanceStep(keys=[k.strip() for k in keys.split(",") if k.strip()], scale=value)
+
+
+def plugin_flags() -> dict[str, tuple[str, str]]:
+    """Per-sample flags that registered conditioners declare: ``--flag`` -> (field name, help)."""
+    flags: dict[str, tuple[str, str]] = {}
+    for entry in plugins.host().table("conditioner").values():
+        for flag, help_text in dict(entry.meta.get("sample_flags") or {}).items():
+            flags.setdefault(flag, (flag.lstrip("-").replace("-", "_"), help_text))
+    return flags
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="a run folder (newest checkpoint), a checkpoint folder, a dtx "
+                                                    "model folder or a checkpoint file a plugin reads")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, ... (default: the run's sample.sampler)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale over every condition (1 = off)")
+    p.add_argument("--guide", type=_guide_step, action="append", metavar="KEYS=SCALE",
+                   help="a nested guidance term (repeatable, in order), e.g. --guide motion=1.2 --guide text=7.5")
+    p.add_argument("--classes", type=_int_list, help="comma-separated class ids (default: the first ten)")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", help="text for the unconditional guidance term instead of the empty prompt")
+    for flag, (dest, help_text) in plugin_flags().items():
+        p.add_argument(flag, dest=f"flag_{dest}", action="store_true", help=help_text)
+    p.add_argument("--set-flag", action="append", default=[], metavar="FIELD",
+                   help="set a per-sample boolean condition field for every sample (repeatable)")
+    p.add_argument("--n-per-class", type=int, default=8,
+                   help="samples per class or prompt (the total when unconditional)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path; the .npz (and videos) go beside it (default: SOURCE/samples/sample.png)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling objects (trusted files only)")
+    p.add_argument("--guide-channels", type=int, help="guide only the first N channels (3 = DiT's legacy CFG)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per model batch")
+    p.add_argument("--vae", help="local AutoencoderKL folder to decode latents (default: the run's data.vae)")
+    p.add_argument("--fps", type=float, help="frames per second of GIF/MP4 videos (default: the run's sample.fps)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--guide-channels", args.guide_channels), ("--n-per-class", args.n_per_class)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise ConfigError(f"--fps must be a positive number, got {args.fps}")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise ConfigError(f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
+
+
+def _request(args: argparse.Namespace) -> SampleRequest:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    flags = {dest: True for _, (dest, _) in plugin_flags().items() if getattr(args, f"flag_{dest}", False)}
+    flags.update({name.replace("-", "_"): True for name in args.set_flag})
+    return SampleRequest(classes=list(args.classes or []), prompts=prompts, negative_prompt=args.negative_prompt,
+                         flags=flags)
+
+
+def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
+    if not (setup.info.is_latent or args.vae):
+        return None
+    path = args.vae or setup.info.vae
+    if not path:
+        raise ConfigError("this model samples latents; pass --vae PATH (a local AutoencoderKL) to decode them")
+    from ..data.vae import load_vae
+
+    return load_vae(path).to(device)
+
+
+def _default_out(source: Path) -> Path:
+    """``RUN/samples/sample.png`` for a run (also when given one of its checkpoints), else beside the source."""
+    from ..checkpoint import MANIFEST, RUN_CHECKPOINTS
+
+    if (source / MANIFEST).is_file() and source.parent.name == RUN_CHECKPOINTS:
+        source = source.parent.parent
+    return (source if source.is_dir() else source.parent) / "samples" / "sample.png"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..training.context import default_device
+    from ..training.sampling import generate, load_for_sampling, write_samples
+
+    _check_args(args)
+    request = _request(args)
+    device = torch.device(args.device) if args.device else default_device()
+    setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
+                              device=device)
+    s = setup.cfg.sample
+    if not request.classes and s.classes:
+        request.classes = list(s.classes)
+    if not request.prompts and s.prompts:
+        request.prompts = list(s.prompts)
+    vae = _vae(args, setup, device)
+    default_out = _default_out(Path(args.source))
+    samples = generate(setup, request, per_subject=args.n_per_class, sampler=args.sampler or s.sampler,
+                       steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
+                       guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
+                       guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
+                       progress=args.progress)
+    written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps)
+    print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
+    return 0

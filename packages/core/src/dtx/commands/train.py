@@ -1,0 +1,94 @@
+"""``dtx train PRESET_OR_CONFIG.yaml [key=value ...]``: a registered recipe (or a YAML file) plus overrides becomes a
+validated ``TrainConfig`` that a runner executes: ``ray`` when dtx-runner-ray is installed, else ``local``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import plugins
+from ..config import read_yaml
+from ..errors import ConfigError
+from ..training.config import TrainConfig, load_train_config
+
+
+def recipe_source(spec: str) -> tuple[Any, str]:
+    """(YAML path or dict, short name) for a recipe name or a config file path."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path, path.stem
+    entry = plugins.get("recipe", spec)
+    return entry.obj, entry.name
+
+
+def resolve_train_config(spec: str, overrides: Sequence[str] = (), *, out: str | None = None,
+                         max_steps: int | None = None, seed: int | None = None) -> TrainConfig:
+    """Recipe + ``key=value`` overrides + command-line flags -> validated ``TrainConfig`` (default out: runs/NAME)."""
+    source, name = recipe_source(spec)
+    recipe = read_yaml(source) if isinstance(source, (str, Path)) else source
+    default_out = [] if "out" in recipe else [f"out=runs/{name}"]
+    flags = [f"out={out}"] if out else []
+    if max_steps is not None:
+        flags.append(f"max_steps={max_steps}")
+    if seed is not None:
+        flags.append(f"seed={seed}")
+    return load_train_config(recipe, default_out, list(overrides), flags)
+
+
+def _overrides_anywhere(p: argparse.ArgumentParser) -> None:
+    """Let ``key=value`` overrides stand before, between or after the options (argparse alone takes them only
+    before the first option): they are lifted out of the arguments and parsed as the ``overrides`` positional."""
+    takes_value = {s for a in p._actions if a.nargs != 0 for s in a.option_strings}
+
+    def parse_known_args(args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        args = list(sys.argv[1:] if args is None else args)
+        rest, overrides = [], []
+        for i, a in enumerate(args):
+            is_value = i > 0 and args[i - 1] in takes_value
+            (overrides if "=" in a and not a.startswith("-") and not is_value and rest else rest).append(a)
+        ns, extra = type(p).parse_known_args(p, rest, namespace)
+        ns.overrides = list(ns.overrides) + overrides
+        return ns, extra
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="PRESET_OR_CONFIG.yaml", help="a recipe name (see `dtx plugins`) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--out", help="run folder (default runs/<recipe>); re-running with the same folder resumes")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps")
+    p.add_argument("--seed", type=int, help="global seed")
+    p.add_argument("--workers", type=int, default=1, help="training workers (ray runner)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 forces CPU)")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: RAY_ADDRESS or local")
+    p.add_argument("--runner", help="ray or local (default: ray when dtx-runner-ray is installed)")
+    p.add_argument("--resume", action="store_true", help="require resuming from the newest checkpoint in --out")
+    for entry in plugins.host().table("runner").values():  # runner-specific flags, e.g. the ray runner's
+        configure = entry.meta.get("configure_parser")
+        if configure is not None:
+            configure(p)
+    _overrides_anywhere(p)
+
+
+def default_runner() -> str:
+    return "ray" if "ray" in plugins.names("runner") else "local"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_train_config(args.config, args.overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"run folder {cfg.out} exists and is not a folder")
+    entry = plugins.get("runner", args.runner or default_runner())
+    summary = entry.obj(cfg, args)
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "loss" or v == v}, default=str))
+    return 0

@@ -1,0 +1,60 @@
+"""Run metrics: ``metrics.jsonl`` (one JSON object per line, rewound on resume) and the ``loss.png`` plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write, atomic_write_text
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main rank only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a resumed run restarts from) and torn lines."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except (ValueError, AttributeError):
+                continue
+        atomic_write_text(self.path, "".join(kept))
+
+
+def plot_loss(metrics_path: Path, out: Path) -> Path | None:
+    """``loss.png``: logged loss against step (log scale), from ``metrics.jsonl``."""
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and r["loss"] is not None and math.isfinite(r["loss"])]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return out

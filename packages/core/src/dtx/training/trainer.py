@@ -1,0 +1,285 @@
+"""The training loop every backbone and runner shares: data -> (frozen VAE encode) -> conditioning stage (with
+condition dropout) -> objective loss -> AdamW -> clipping -> EMA, with metrics, checkpoints, sample grids and
+exact resume. No model family is named here: the model's declared interface, the registered objective and the
+configured conditioners carry every difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from ..conditioning import ConditioningStage, SampleRequest
+from ..config import to_yaml
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..io import atomic_write_text
+from ..models import create_model, load_state_dict_strict, model_spec
+from ..preemption import stop_on_signals
+from .config import TrainConfig, config_dict
+from .context import RunContext
+from .data_stream import DataPosition, DataStream
+from .ema import EMA
+from .metrics import MetricsLog, plot_loss
+from .model_setup import build_run_data, enable_activation_checkpointing, model_overrides
+from .objectives import Objective, build_objective, sampler_entry
+from .optim import build_optimizer, lr_at, set_lr
+from .sampling import SamplingSetup, generate, write_samples
+from .seeding import STEP, derive_seed, seed_everything
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SEED = 0  # periodic grids always use the same noise, so they show progress rather than luck
+
+
+def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    grads = [p for p in params if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in grads])  # type: ignore[misc]
+
+
+@dataclass
+class Window:
+    """Running sums between two log lines."""
+
+    t0: float
+    steps: int = 0
+    loss: float = 0.0
+    norm: float = 0.0
+
+    def add(self, loss: float, norm: float) -> None:
+        self.steps, self.loss, self.norm = self.steps + 1, self.loss + loss, self.norm + norm
+
+
+class Trainer:
+    """State of one worker's run; ``train(cfg, ctx)`` builds it and calls ``run()``."""
+
+    def __init__(self, cfg: TrainConfig, ctx: RunContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.device = torch.device(ctx.device)
+        self.out = Path(ctx.out_dir)
+        self.micro_batch = self._micro_batch()
+        if self.device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
+
+        self.data = build_run_data(cfg, self.device)
+        self.info = self.data.info
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, **model_overrides(cfg, self.info))
+        self.model_spec = model_spec(model)
+        self.stage = ConditioningStage.build(cfg.conditioning, model, self.info).to(self.device)
+        self.ema = EMA(model, cfg.ema)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.raw = model.to(self.device)
+        self.ema.model.to(self.device)
+        self.objective: Objective = build_objective(cfg.objective, model, self.info)
+        sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training, on a bad sampler
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
+                                       milestone_every=cfg.milestone_every or None)
+        self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
+        self.last_checkpoint: Path | None = None
+        resume = ctx.resume_checkpoint()
+        if resume is not None:
+            self._restore(resume)
+        self.model = ctx.prepare_model(self.raw)
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+
+    def _micro_batch(self) -> int:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.world_size * cfg.grad_accum > cfg.data.batch_size or \
+                cfg.data.batch_size % (ctx.world_size * cfg.grad_accum):
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of workers x grad_accum "
+                              f"= {ctx.world_size} x {cfg.grad_accum}")
+        return cfg.data.batch_size // (ctx.world_size * cfg.grad_accum)
+
+    # -- checkpoints --
+
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint holds; the conditioners are recorded by name and options, never their weights."""
+        return {"model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "ema_updates": self.ema.updates, "rng": rng_state(),
+                "data": {"epoch": self.position.epoch, "batch": self.position.batch},
+                "nonfinite_total": self.nonfinite_total, "model_spec": self.model_spec,
+                "data_info": self.info.to_dict(), "conditioners": self.stage.describe(),
+                "config": config_dict(self.cfg)}
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        saved_spec = state.get("model_spec")
+        if saved_spec is not None and saved_spec != self.model_spec:
+            raise CheckpointError(f"{path} was trained with model {saved_spec}, but this config builds "
+                                  f"{self.model_spec}; use another --out or the original config")
+        load_state_dict_strict(self.raw, state["model"], f"{path} (model)")
+        self.ema.load_state_dict(state["ema"], int(state.get("ema_updates", state["step"])))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: optimizer state does not fit this model ({exc})") from exc
+        self.step = int(state["step"])
+        self.position = DataPosition(int(state["data"]["epoch"]), int(state["data"]["batch"]))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        set_rng_state(state["rng"])
+        self.last_checkpoint = path
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        path = self.ckpts.save(self.step, self._state()) if self.ctx.is_main else None
+        self.ctx.barrier()
+        self.last_checkpoint = path or self.last_checkpoint
+        return path
+
+    # -- samples --
+
+    def sample_grid(self) -> Path | None:
+        """``samples/step_XXXXXXX.png`` (and .npz, videos) from the EMA weights through the one sampling path."""
+        if not self.ctx.is_main or (self.info.is_latent and self.data.vae is None):
+            return None
+        s = self.cfg.sample
+        setup = SamplingSetup(self.ema.model, self.objective, self.stage, self.info, self.cfg, str(self.out))
+        request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
+        samples = generate(setup, request, per_subject=s.n_per_class, sampler=s.sampler, steps=s.steps,
+                           cfg_scale=s.cfg, guidance=s.guidance, seed=SAMPLE_SEED, guide_channels=s.guide_channels,
+                           vae=self.data.vae)
+        return Path(write_samples(samples, self.out / "samples" / f"step_{self.step:07d}.png", fps=s.fps)["grid"])
+
+    # -- one optimizer step --
+
+    def _encode(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.data.vae is None:
+            return x
+        from ..data.vae import encode
+
+        return encode(self.data.vae, x, sample_posterior=True, generator=gen)
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, grad norm, finite)."""
+        cfg = self.cfg
+        step_seed = derive_seed(cfg.seed, STEP, self.ctx.rank, self.step)
+        seed_everything(step_seed)
+        gen = torch.Generator().manual_seed(step_seed ^ 0x5EED)
+        set_lr(self.optimizer, lr_at(self.step, cfg.optim))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = self.stream.next()
+            x = self._encode(batch["x"].to(self.device, non_blocking=True), gen)
+            cond = self.stage.training_kwargs(batch, self.device, gen)
+            sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
+            ctx_sync = self.model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx_sync, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                loss = self.objective.loss(self.model, x, cond, generator=gen).float().mean()
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        mean_loss = self.ctx.all_reduce_mean(total)
+        norm = _grad_norm(self.params, cfg.optim.grad_clip)
+        finite = bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+            self.ema.update(self.raw)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(mean_loss), float(norm), finite
+
+    # -- the run --
+
+    def _nonfinite(self, streak: int, metrics: MetricsLog) -> None:
+        """Count a skipped step; stop with the step number after ``max_nonfinite`` in a row."""
+        self.nonfinite_total += 1
+        metrics.write({"step": self.step, "event": "nonfinite", "loss": None, "streak": streak})
+        if self.ctx.is_main:
+            log.warning("non-finite loss or gradient at step %d (%d in a row); step skipped", self.step + 1, streak)
+        if streak >= self.cfg.max_nonfinite:
+            keep = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else \
+                "; no checkpoint was written before it"
+            raise TrainingError(f"loss is not finite at step {self.step + 1} ({streak} times in a row); "
+                                f"stopped{keep}")
+
+    def _log(self, window: Window, elapsed: float, metrics: MetricsLog, save: bool) -> dict[str, Any]:
+        cfg, now = self.cfg, time.perf_counter()
+        rate = window.steps / max(now - window.t0, 1e-9)
+        record = {"step": self.step, "loss": window.loss / window.steps, "lr": lr_at(self.step - 1, cfg.optim),
+                  "grad_norm": window.norm / window.steps, "steps_per_s": rate,
+                  "samples_per_s": rate * cfg.data.batch_size, "nonfinite_skipped": self.nonfinite_total,
+                  "time_s": elapsed}
+        metrics.write(record)
+        self.ctx.report(record, self.save_checkpoint() if save else None)
+        return record
+
+    def _should_stop(self, guard: Any, elapsed: float) -> bool:
+        cfg = self.cfg
+        stop = guard.stop_requested() or (cfg.max_minutes > 0 and elapsed >= cfg.max_minutes * 60)
+        if self.ctx.world_size > 1:
+            stop = bool(self.ctx.all_reduce_mean(torch.tensor(float(stop), device=self.device)) > 0)
+        return stop
+
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        self.stream = DataStream(self.data.dataset, cfg, ctx, self.micro_batch, self.position)
+        if ctx.is_main:
+            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
+        metrics.rewind(self.step)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        start_step, t0 = self.step, time.perf_counter()
+        window, streak, last_loss, stopped_by = Window(t0), 0, float("nan"), "max_steps"
+        with stop_on_signals() as guard:
+            try:
+                while self.step < cfg.max_steps:
+                    loss, norm, finite = self.train_step()
+                    self.position = self.stream.pos
+                    if not finite:
+                        streak += 1
+                        self._nonfinite(streak, metrics)
+                        continue
+                    streak, last_loss = 0, loss
+                    self.step += 1
+                    window.add(loss, norm)
+                    bar.update(1)
+                    stop = self._should_stop(guard, time.perf_counter() - t0)
+                    last = self.step >= cfg.max_steps or stop
+                    if self.step % cfg.log_every == 0 or last:
+                        record = self._log(window, time.perf_counter() - t0, metrics,
+                                           save=self.step % cfg.ckpt_every == 0 or last)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                        window = Window(time.perf_counter())
+                    elif self.step % cfg.ckpt_every == 0:
+                        ctx.report({"step": self.step, "loss": loss}, self.save_checkpoint())
+                    if cfg.sample.every and self.step % cfg.sample.every == 0 and not last:
+                        self.sample_grid()
+                    if stop:
+                        stopped_by = "signal" if guard.stop_requested() else "max_minutes"
+                        break
+            finally:
+                bar.close()
+            train_time = time.perf_counter() - t0
+            grid = None
+            if ctx.is_main and not guard.stop_requested():  # a preempted run exits at once: its checkpoint is saved
+                grid = self.sample_grid()
+                plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+            if guard.stop_requested():
+                stopped_by = "signal"
+        return {"step": self.step, "steps_run": self.step - start_step, "loss": last_loss, "train_time_s": train_time,
+                "stopped_by": stopped_by, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "samples": str(grid) if grid else None, "nonfinite_skipped": self.nonfinite_total,
+                "out_dir": str(self.out)}
+
+
+def train(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
+    """Run (or resume) one worker's training; returns a summary (final step, loss, time, checkpoint, samples)."""
+    return Trainer(cfg, ctx).run()
