@@ -15,7 +15,7 @@ from safetensors import safe_open
 from sklearn.datasets import load_digits
 
 from dtx.cli import main
-from dtx.data import build_dataset, collate
+from dtx.data import DataInfo, build_dataset, collate, data_info
 from dtx.errors import ConfigError, DataError, ShapeError, UnknownNameError
 
 
@@ -84,6 +84,13 @@ def test_digits_split_is_fixed_and_stratified(sk_digits):
 def test_digits_bad_options(options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         build_dataset("digits", **options)
+
+
+def test_digits_info():
+    ds = build_dataset("digits", image_size=32, split="test")
+    assert ds.info == DataInfo(channels=1, height=32, width=32, num_classes=10, fields=("y",))
+    assert data_info(ds) == ds.info and ds.info.sample_shape == tuple(ds[0]["x"].shape) == (1, 32, 32)
+    assert ds.info.channel_dim == 1 and not ds.info.is_latent and ds.info.latent_scale is None
 
 
 def test_unknown_dataset_name():
@@ -182,6 +189,17 @@ def test_grey_and_unconditional(tmp_path):
     item = ds[0]
     assert set(item) == {"x"} and ds.num_classes == 0 and item["x"].shape == (1, 8, 8)
     assert item["x"].eq(51 / 127.5 - 1).all()
+
+
+def test_image_folder_info(tmp_path):
+    for name in ("b", "a"):
+        save(tmp_path / name / "0.png", np.zeros((12, 20, 3)))
+    ds = build_dataset("image-folder", root=tmp_path, image_size=8)
+    assert ds.info == DataInfo(channels=3, height=8, width=8, num_classes=2, fields=("y",))
+    assert data_info(ds) == ds.info and ds.info.sample_shape == tuple(ds[0]["x"].shape)
+    grey = build_dataset("image-folder", root=tmp_path, image_size=4, channels=1, unconditional=True)
+    assert grey.info == DataInfo(channels=1, height=4, width=4) and grey.info.fields == ()
+    assert (grey.channels, grey.image_size, grey.num_classes, grey.is_latent) == (1, 4, 0, False)
 
 
 def make_folder(root, good: int, garbage: int = 0, truncated: int = 0):
@@ -300,7 +318,10 @@ def test_extract_latents_round_trip(tiny_vae, pixel_folder, tmp_path, capsys):
 
     ds = build_dataset("latent-folder", root=tmp_path / "lat", flip=False)
     assert ds.is_latent and ds.latent_scale == 0.5 and ds.num_classes == 2
-    assert (len(ds), ds.channels, ds.image_size, ds.pixel_size) == (5, 4, 8, 16)
+    assert (len(ds), ds.channels, ds.image_size, ds.pixel_size) == (5, 4, 8, 16) and ds.frames is None
+    assert ds.info == DataInfo(channels=4, height=8, width=8, num_classes=2, is_latent=True, latent_scale=0.5,
+                               latent_shift=0.0, vae=str(vae_path.resolve()), vae_downsample=2, fields=("y",))
+    assert data_info(ds) == ds.info and ds.info.sample_shape == (4, 8, 8)
     batch = collate([ds[i] for i in range(5)])
     assert torch.allclose(batch["x"], expected, atol=1e-5) and torch.equal(batch["y"], y)
     flipping = build_dataset("latent-folder", root=tmp_path / "lat")

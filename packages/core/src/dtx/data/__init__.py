@@ -2,8 +2,9 @@
 
 Every item is a dict: ``x`` is a float tensor ``[C, H, W]`` (or ``[F, C, H, W]`` for video clips) holding pixels in
 [-1, 1] or already-scaled latents, and ``y`` a scalar int64 class (absent for unconditional data); later datasets may
-add keys such as ``text``. Every dataset exposes ``num_classes`` (0 if none), ``channels`` and ``image_size`` (of
-``x``), ``is_latent`` and, when latent, ``latent_scale``.
+add keys such as ``text``. Every built-in dataset describes itself with ``info`` (a ``DataInfo``; ``data_info(ds)``
+also derives one for third-party datasets) and still exposes the older ``num_classes`` (0 if none), ``channels`` and
+``image_size`` (of ``x``), ``is_latent`` and, when latent, ``latent_scale``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from torch.utils.data import Dataset
 
 from .. import plugins
 from ..errors import ConfigError, DataError, DtxError, ShapeError
+from .info import DataInfo, data_info
 
 
 def build_dataset(name: str, **options: Any) -> Dataset:
-    """Build the dataset registered as ``name`` (``digits``, ``image-folder``, ``latent-folder``, ...)."""
+    """Build the dataset registered as ``name`` (``digits``, ``image-folder``, ``latent-folder``, ``video-folder``)."""
     entry = plugins.get("dataset", name)
     factory = entry.obj
     try:
@@ -68,4 +70,4 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["build_dataset", "collate", "list_datasets"]
+__all__ = ["DataInfo", "build_dataset", "collate", "data_info", "list_datasets"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from .info import DataInfo
 
 SIZES = (8, 16, 32)
 SPLITS = ("train", "test", "all")
@@ -74,6 +75,11 @@ class DigitsDataset(Dataset):
         self.image_size = image_size
         self.split = split
         self.images, self.labels = digits_arrays(split, image_size)
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(channels=1, height=self.image_size, width=self.image_size, num_classes=NUM_CLASSES,
+                        fields=("y",))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,8 +1,10 @@
-"""``dtx extract-latents``: encode an image folder once with a local diffusers ``AutoencoderKL`` into latent shards.
+"""``dtx extract-latents``: encode an image folder (or, with ``--frames``, a video folder) once with a local diffusers
+``AutoencoderKL`` into latent shards.
 
 Latents are ``(z - shift_factor) * scaling_factor`` from the VAE's own config (0.18215 and no shift for the SD VAE),
-with ``z`` the posterior mode (default) or one seeded posterior sample. Shards are written atomically, so an
-interrupted run can be resumed: shards already present with the same settings are kept.
+with ``z`` the posterior mode (default) or one seeded posterior sample; video clips are encoded frame by frame into
+``[F, C, h, w]`` (see ``dtx.data.vae``). Shards are written atomically, so an interrupted run can be resumed: shards
+already present with the same settings are kept.
 """
 
 from __future__ import annotations
@@ -15,61 +17,30 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
 from . import collate
 from .images import ImageFolderDataset
 from .latents import SHARD_GLOB, read_shard_metadata, shard_name, write_shard
+from .vae import encode, load_vae, vae_factors  # their home is dtx.data.vae; still importable from here
+from .videos import VideoFolderDataset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: metadata that must agree between an existing output folder and a new run
 SETTINGS = ("scale_factor", "shift_factor", "vae", "source", "image_size", "posterior", "classes", "shard_size",
-            "total", "seed", "flips", "dtype")
+            "total", "seed", "flips", "dtype", "frames", "frame_interval")
 
 
-def load_vae(path: str | Path) -> Any:
-    """Load a diffusers ``AutoencoderKL`` from a local folder (or its ``vae/`` subfolder); never downloads."""
-    from diffusers import AutoencoderKL
-
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(f"VAE path {path} is not a local folder; pass a diffusers AutoencoderKL directory "
-                              f"(saved with save_pretrained); hub ids are not downloaded")
-    subfolder = None
-    if not (root / "config.json").is_file():
-        if not (root / "vae" / "config.json").is_file():
-            raise CheckpointError(f"no config.json in {root} (nor in {root / 'vae'}): not a diffusers VAE folder")
-        subfolder = "vae"
-    try:
-        vae = AutoencoderKL.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load an AutoencoderKL from {root}: {type(exc).__name__}: {exc}") from exc
-    return vae.eval().requires_grad_(False)
-
-
-def vae_factors(vae: Any) -> tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` from the VAE config; the shift is 0 for VAEs without one."""
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-@torch.no_grad()
-def encode(vae: Any, x: torch.Tensor, sample_posterior: bool = False,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents of pixels ``x`` in [-1, 1]: posterior mode or one posterior sample."""
-    scale, shift = vae_factors(vae)
-    posterior = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-    z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-    return (z.float() - shift) * scale
-
-
-def extract_latents(vae: Any, data: ImageFolderDataset, out: str | Path, *, vae_name: str = "",
-                    batch_size: int = 16, shard_size: int = 1024, sample_posterior: bool = False,
+def extract_latents(vae: Any, data: ImageFolderDataset | VideoFolderDataset, out: str | Path, *,
+                    vae_name: str = "", batch_size: int = 16, shard_size: int = 1024, sample_posterior: bool = False,
                     flips: bool = False, dtype: str = "float32", seed: int = 0, workers: int = 0,
                     progress: bool = True) -> list[Path]:
-    """Encode every image of ``data`` (crop, no random flip) into shards under ``out``; returns the shard paths."""
+    """Encode every image (or clip, frame by frame) of ``data`` (crop, no random flip) into shards under ``out``;
+    returns the shard paths."""
     from tqdm import tqdm
 
     if data.flip:
-        raise DataError("extract latents from an image folder built with flip=False (use flips=True to store both)")
+        raise DataError("extract latents from a dataset built with flip=False (use flips=True to store both)")
+    frames = getattr(data, "frames", None)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".shard_*.tmp"):
@@ -79,14 +50,17 @@ def extract_latents(vae: Any, data: ImageFolderDataset, out: str | Path, *, vae_
                 "image_size": data.image_size, "posterior": "sample" if sample_posterior else "mode",
                 "classes": data.classes, "shard_size": shard_size, "total": len(data), "seed": seed,
                 "flips": flips, "dtype": dtype}
+    if frames is not None:
+        settings.update(frames=frames, frame_interval=data.frame_interval)
     for existing in sorted(out.glob(SHARD_GLOB)):
         meta = read_shard_metadata(existing)
-        diff = [k for k in SETTINGS if meta.get(k) != settings[k]]
+        diff = [k for k in SETTINGS if meta.get(k) != settings.get(k)]
         if diff:
             raise DataError(f"{out} already holds latents written with different {', '.join(diff)} "
                             f"({existing.name}); use an empty --out folder")
     paths = []
-    bar = tqdm(total=len(data), desc="extract-latents", unit="img", disable=not progress)
+    bar = tqdm(total=len(data), desc="extract-latents", unit="img" if frames is None else "clip",
+               disable=not progress)
     for k in range(math.ceil(len(data) / shard_size)):
         path = out / shard_name(k)
         indices = range(k * shard_size, min(len(data), (k + 1) * shard_size))
@@ -112,11 +86,16 @@ def extract_latents(vae: Any, data: ImageFolderDataset, out: str | Path, *, vae_
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (or a pipeline folder with vae/)")
-    p.add_argument("--data", required=True, help="image folder with one subfolder per class")
+    p.add_argument("--data", required=True, help="image folder with one subfolder per class (with --frames: a video "
+                   "folder of video files or frame-image folders, in class subfolders or flat)")
     p.add_argument("--out", required=True, help="output folder for the latent shards")
     p.add_argument("--image-size", type=int, default=256, help="pixel size after ADM centre crop (default 256)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=1024, help="latents per shard file")
+    p.add_argument("--frames", type=int, default=None,
+                   help="read --data as videos and store clips of this many frames, encoded frame by frame")
+    p.add_argument("--frame-interval", type=int, default=None,
+                   help="with --frames: take every K-th frame of each video's first clip (default 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="images (or clips) per encoder batch")
+    p.add_argument("--shard-size", type=int, default=1024, help="latents (images or clips) per shard file")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--mode", dest="sample_posterior", action="store_false",
                       help="store the posterior mode (default; deterministic)")
@@ -134,10 +113,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
+    for name in ("image_size", "batch_size", "shard_size", "frames", "frame_interval"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    data = ImageFolderDataset(args.data, image_size=args.image_size, flip=False, unconditional=args.unconditional)
+    frames = getattr(args, "frames", None)
+    if frames is None:
+        if getattr(args, "frame_interval", None) is not None:
+            raise DataError("--frame-interval needs --frames (the clip length)")
+        data = ImageFolderDataset(args.data, image_size=args.image_size, flip=False, unconditional=args.unconditional)
+    else:
+        data = VideoFolderDataset(args.data, image_size=args.image_size, frames=frames,
+                                  frame_interval=args.frame_interval or 1, unconditional=args.unconditional)
     vae = load_vae(args.vae)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device)
@@ -146,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                             sample_posterior=args.sample_posterior, flips=args.flips, dtype=args.dtype,
                             seed=args.seed, workers=args.workers, progress=not args.no_progress)
     scale, shift = vae_factors(vae)
-    print(f"wrote {len(data)} latents in {len(paths)} shard(s) to {args.out} (scale_factor {scale:g}"
+    what = "latents" if frames is None else f"{frames}-frame clip latents"
+    print(f"wrote {len(data)} {what} in {len(paths)} shard(s) to {args.out} (scale_factor {scale:g}"
           + (f", shift_factor {shift:g}" if shift else "") + ")")
     return 0

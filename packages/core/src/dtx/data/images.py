@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from .info import DataInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 MODES = {1: "L", 3: "RGB"}
@@ -116,6 +117,11 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"{len(self.corrupt)} of {self.total_files} images in {self.root} are unreadable "
                             f"({fraction:.0%} > max_corrupt_fraction {self.max_corrupt_fraction:.0%}); "
                             f"first: {self.corrupt[0]}")
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(channels=self.channels, height=self.image_size, width=self.image_size,
+                        num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
 
     def __len__(self) -> int:
         return len(self.files)

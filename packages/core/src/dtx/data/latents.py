@@ -1,9 +1,10 @@
 """Pre-extracted VAE latents: safetensors shards written by ``dtx extract-latents`` and the dataset that reads them.
 
-A shard ``shard_NNNNN.safetensors`` holds ``latents`` [n, C, h, w] (already multiplied by the VAE scale factor),
-``labels`` [n] int64 and optionally ``latents_flipped`` (the latents of the mirrored images). Its string metadata
-records the format, ``scale_factor``, ``shift_factor``, the source folder, the VAE, the pixel ``image_size``, the
-posterior mode and the class names. Shards are read lazily through memory-mapped ``safe_open`` handles.
+A shard ``shard_NNNNN.safetensors`` holds ``latents`` [n, C, h, w] (already multiplied by the VAE scale factor), or
+[n, F, C, h, w] for video clips encoded frame by frame, ``labels`` [n] int64 and optionally ``latents_flipped`` (the
+latents of the mirrored images). Its string metadata records the format, ``scale_factor``, ``shift_factor``, the
+source folder, the VAE, the pixel ``image_size``, the posterior mode and the class names, and for clips ``frames``
+and ``frame_interval``. Shards are read lazily through memory-mapped ``safe_open`` handles.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .info import DataInfo
 
 FORMAT = "dtx-latents/1"
 SHARD_GLOB = "shard_*.safetensors"
@@ -64,10 +66,11 @@ def read_shard_metadata(path: Path) -> dict[str, Any]:
 
 
 class LatentFolderDataset(Dataset):
-    """``{"x": scaled latent [C, h, w], "y": class}`` from a folder of latent shards, read lazily.
+    """``{"x": scaled latent [C, h, w] (or [F, C, h, w] for clips), "y": class}`` from a folder of latent shards.
 
-    ``image_size`` and ``channels`` describe ``x`` (the latent grid); ``pixel_size`` is the size of the source
-    images. With ``flip`` and shards that hold ``latents_flipped``, each item picks one of the two at random.
+    ``image_size`` and ``channels`` describe ``x`` (the latent grid), ``frames`` its clip length (None for
+    images); ``pixel_size`` is the size of the source images. With ``flip`` and shards that hold
+    ``latents_flipped``, each item picks one of the two at random. ``info`` is the full ``DataInfo``.
     """
 
     is_latent = True
@@ -83,7 +86,7 @@ class LatentFolderDataset(Dataset):
         sizes, flips, shape = [], [], None
         for path in self.shards:
             meta = read_shard_metadata(path)
-            for key in ("scale_factor", "shift_factor", "vae", "image_size", "classes"):
+            for key in ("scale_factor", "shift_factor", "vae", "image_size", "classes", "frames"):
                 if meta.get(key) != self.metadata.get(key):
                     raise DataError(f"latent shards in {self.root} disagree on {key}: {path.name} has "
                                     f"{meta.get(key)!r}, {self.shards[0].name} has {self.metadata.get(key)!r}")
@@ -97,7 +100,14 @@ class LatentFolderDataset(Dataset):
         self.offsets = [0]
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
-        self.channels, self.image_size = int(shape[0]), int(shape[1])
+        frames = self.metadata.get("frames")
+        if len(shape) != (3 if frames is None else 4) or (frames is not None and shape[0] != frames):
+            kind = "images: [n, C, h, w]" if frames is None else f"{frames}-frame clips: [n, {frames}, C, h, w]"
+            raise DataError(f"latent shards in {self.root} have latents of shape [n, {', '.join(map(str, shape))}] "
+                            f"but their metadata describe {kind}")
+        self.frames: int | None = None if frames is None else int(frames)
+        self.channels, self.height, self.width = (int(v) for v in shape[-3:])
+        self.image_size = self.height
         self.latent_scale = float(self.metadata["scale_factor"])
         self.latent_shift = float(self.metadata.get("shift_factor") or 0.0)
         self.pixel_size = int(self.metadata["image_size"])
@@ -106,6 +116,14 @@ class LatentFolderDataset(Dataset):
         self.num_classes = len(self.classes)
         self.flip = flip and all(flips)
         self._handles: dict[int, Any] = {}
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(channels=self.channels, height=self.height, width=self.width, frames=self.frames,
+                        num_classes=self.num_classes, is_latent=True, latent_scale=self.latent_scale,
+                        latent_shift=self.latent_shift, vae=self.vae or None,
+                        vae_downsample=max(1, self.pixel_size // self.height),
+                        fields=("y",) if self.num_classes else ())
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -1,0 +1,184 @@
+"""Video folders: clips ``[F, C, S, S]`` in [-1, 1] read from video files or from folders of frame images.
+
+A clip is either a video file (``.mp4``, ``.gif``, ``.webm``, ``.avi``, ``.mov``, ``.mkv``; decoded with imageio,
+through imageio-ffmpeg for all but GIF) or a folder of frame images (``.png``, ``.jpg`` ...; GIF is a video here)
+taken in order of their file names. Clips sit in one subfolder per class (sorted names give class ids) or directly
+under the root (no classes). Each clip yields its first ``frames`` frames taken every ``frame_interval`` frames
+(deterministic: frames 0, K, 2K, ...); every frame gets image-folder's ADM ``center_crop_arr`` and the linear map of
+[0, 255] to [-1, 1]. A clip shorter than ``(frames - 1) * frame_interval + 1`` frames is an error (``DataError``):
+frame folders are counted when the folder is scanned, video files when they are decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .images import IMAGE_EXTENSIONS, MODES, center_crop_arr
+from .info import DataInfo
+
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
+#: frame images of a frame folder (GIF files count as videos)
+FRAME_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSIONS)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The frame images directly inside ``folder``, sorted by file name."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS and p.is_file()
+                   and _visible(p)), key=lambda p: p.name)
+
+
+def is_frame_folder(path: Path) -> bool:
+    return path.is_dir() and bool(frame_files(path))
+
+
+def clips_in(folder: Path) -> list[Path]:
+    """Video files and frame folders directly inside ``folder``, sorted by name."""
+    return sorted((p for p in folder.iterdir() if _visible(p) and (
+        (p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS) or is_frame_folder(p))), key=lambda p: p.name)
+
+
+def scan_video_folder(root: Path, unconditional: bool = False) -> tuple[list[Path], list[int], list[str]]:
+    """Clips (video files and frame folders) under ``root``, their class ids and the sorted class names.
+
+    Subfolders of ``root`` that hold frame images are clips; the other subfolders are classes. A root holding
+    clips directly has no classes; one holding both clips and class folders is an error unless ``unconditional``.
+    """
+    if not root.is_dir():
+        raise DataError(f"video folder not found: {root}")
+    top = clips_in(root)
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and _visible(d) and not is_frame_folder(d)),
+                        key=lambda d: d.name)
+    per_class = [clips_in(d) for d in class_dirs]
+    if unconditional:
+        clips = top + [c for found in per_class for c in found]
+        return clips, [-1] * len(clips), []
+    if top and any(per_class):
+        raise DataError(f"{root} holds clips at the top level ({top[0].name}) and in class subfolders "
+                        f"({class_dirs[[bool(f) for f in per_class].index(True)].name}); use one layout or set "
+                        f"unconditional=True")
+    if top:
+        return top, [-1] * len(top), []
+    clips, labels = [], []
+    for label, found in enumerate(per_class):
+        clips += found
+        labels += [label] * len(found)
+    return clips, labels, [d.name for d in class_dirs]
+
+
+def _imageio() -> Any:
+    try:
+        import imageio.v3 as iio
+    except ImportError as exc:  # frame folders work without it
+        raise ConfigError("reading video files needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg); "
+                          "frame folders do not") from exc
+    return iio
+
+
+class VideoFolderDataset(Dataset):
+    """``{"x": [F, C, S, S] in [-1, 1], "y": class}`` from a folder of videos or frame folders (see the module).
+
+    Options: ``image_size`` (S, ADM centre crop of every frame), ``frames`` (F, the clip length), ``frame_interval``
+    (take every K-th frame), ``channels`` (1 or 3), ``unconditional`` (ignore class subfolders) and ``flip`` (mirror
+    a whole clip at random, off by default).
+    """
+
+    is_latent = False
+
+    def __init__(self, root: str | Path, image_size: int = 256, frames: int = 16, frame_interval: int = 1,
+                 channels: int = 3, unconditional: bool = False, flip: bool = False) -> None:
+        if channels not in MODES:
+            raise ConfigError(f"video-folder channels must be 1 or 3, got {channels!r}")
+        for name, value in (("image_size", image_size), ("frames", frames), ("frame_interval", frame_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"video-folder {name} must be a positive integer, got {value!r}")
+        self.root = Path(root).expanduser()
+        self.image_size = image_size
+        self.frames = frames
+        self.frame_interval = frame_interval
+        self.channels = channels
+        self.flip = flip
+        self.clips, self.labels, self.classes = scan_video_folder(self.root, unconditional)
+        self.num_classes = len(self.classes)
+        if not self.clips:
+            raise DataError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders found in {self.root}")
+        for clip in self.clips:
+            if clip.is_dir():
+                self._check_length(clip, len(frame_files(clip)))
+
+    @property
+    def span(self) -> int:
+        """Source frames one clip covers: ``(frames - 1) * frame_interval + 1``."""
+        return (self.frames - 1) * self.frame_interval + 1
+
+    @property
+    def info(self) -> DataInfo:
+        return DataInfo(channels=self.channels, height=self.image_size, width=self.image_size, frames=self.frames,
+                        num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
+
+    def _check_length(self, clip: Path, n: int) -> None:
+        if n < self.span:
+            raise DataError(f"clip {clip} has {n} frame(s); frames={self.frames} with frame_interval="
+                            f"{self.frame_interval} needs {self.span}")
+
+    def _video_frames(self, path: Path) -> Iterator[np.ndarray]:
+        iio = _imageio()
+        try:
+            yield from iio.imiter(path)
+        except Exception as exc:
+            raise DataError(f"cannot read video {path}: {type(exc).__name__}: {exc}") from exc
+
+    def read_frames(self, clip: Path) -> list[Image.Image]:
+        """The clip's ``frames`` source frames (0, K, 2K, ...) as PIL images, before cropping."""
+        if clip.is_dir():
+            files = frame_files(clip)
+            self._check_length(clip, len(files))
+            out = []
+            for path in files[:self.span:self.frame_interval]:
+                with Image.open(path) as im:
+                    im.load()
+                    out.append(im)
+            return out
+        out, n = [], 0
+        frames = self._video_frames(clip)
+        try:
+            for arr in frames:
+                if n % self.frame_interval == 0:
+                    arr = np.asarray(arr)
+                    out.append(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr))
+                n += 1
+                if n == self.span:
+                    break
+        finally:
+            frames.close()  # stops the decoder early
+        self._check_length(clip, n)
+        return out
+
+    def load(self, clip: Path) -> torch.Tensor:
+        """Decode, crop and normalise one clip to ``[F, C, S, S]`` in [-1, 1] (no flip)."""
+        s, mode = self.image_size, MODES[self.channels]
+        arrs = [np.asarray(center_crop_arr(im.convert(mode), s), dtype=np.float32).reshape(s, s, -1)
+                for im in self.read_frames(clip)]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.load(self.clips[i])
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        item = {"x": x}
+        if self.num_classes:
+            item["y"] = torch.tensor(self.labels[i], dtype=torch.int64)
+        return item
