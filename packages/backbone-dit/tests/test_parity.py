@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import dtx
+from dtx.errors import ConfigError
+from dtx.models import load_model_with_info, model_spec
 
 D, DEPTH, P, C, CLASSES = 128, 2, 2, 4, 10
 
@@ -136,9 +138,9 @@ def inputs(n: int = 3, hw: tuple[int, int] = (8, 8), seed: int = 0):
 def test_plain_state_dict_loads_and_matches_reference(tmp_path):
     sd = official_state_dict(0)
     torch.save(sd, tmp_path / "DiT-tiny.pt")
-    model = dtx.load_model(tmp_path / "DiT-tiny.pt").eval()
-    assert model.dtx_load_info["format"] == "dit-official" and model.dtx_load_info["weights"] == "state_dict"
-    assert model.dtx_spec == {"name": "DiT", "depth": 2, "hidden_size": 128, "num_heads": 2, "patch_size": 2,
+    model, info = load_model_with_info(tmp_path / "DiT-tiny.pt")
+    assert info["format"] == "dit-official" and info["weights"] == "state_dict"
+    assert model_spec(model) == {"name": "DiT", "depth": 2, "hidden_size": 128, "num_heads": 2, "patch_size": 2,
                               "input_size": 8, "num_classes": 10}
     x, t, y = inputs()
     with torch.no_grad():
@@ -180,11 +182,13 @@ def test_training_checkpoint_uses_ema_and_reads_args(tmp_path):
     args = argparse.Namespace(model="DiT-XL/2", image_size=64, num_classes=CLASSES, global_batch_size=256)
     torch.save({"model": raw, "ema": ema, "opt": opt, "args": args}, tmp_path / "0400000.pt")
     x, t, y = inputs()
-    model = dtx.load_model(tmp_path / "0400000.pt").eval()
-    assert model.dtx_load_info["weights"] == "ema" and model.dtx_load_info["args"]["num_classes"] == CLASSES
+    model, info = load_model_with_info(tmp_path / "0400000.pt")
+    assert info["weights"] == "ema" and info["args"]["num_classes"] == CLASSES
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), ref_dit(ema, x, t, y, heads=2), atol=1e-5, rtol=1e-5)
-    resumed = dtx.load_model(tmp_path / "0400000.pt", "DiT", use_ema=False).eval()
+    resumed = dtx.load_model(tmp_path / "0400000.pt", "DiT", weights="raw").eval()
+    with pytest.raises(ConfigError, match="option 'use_ema'"):  # a loader option is not a model option
+        dtx.load_model(tmp_path / "0400000.pt", "DiT", use_ema=False)
     with torch.no_grad():
         torch.testing.assert_close(resumed(x, t, y), ref_dit(raw, x, t, y, heads=2), atol=1e-5, rtol=1e-5)
 

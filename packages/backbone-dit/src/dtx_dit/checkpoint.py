@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from dtx.errors import CheckpointError
-from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, create_model, load_state_dict_strict, model_entry, read_safe)
+from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, LoadOptions, create_model, load_state_dict_strict, model_entry,
+                        read_safe)
 
 from .model import DIT_PRESETS, DiTConfig
 
@@ -128,13 +129,13 @@ def infer_config(state: dict[str, torch.Tensor], args: dict[str, Any] | None = N
     return name, spec
 
 
-def load(path: Path, obj: Any, name: str | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model the checkpoint needs (or ``name``) and load its weights strictly.
+def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = LoadOptions(),
+         **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model the checkpoint needs (or ``name``, with model ``overrides``) and load its weights strictly.
 
-    ``use_ema=False`` picks a training checkpoint's raw ``model`` weights instead of ``ema`` (to resume training).
+    Loader options: ``options.weights == "raw"`` picks a training checkpoint's ``model`` weights instead of ``ema``.
     """
-    use_ema = bool(overrides.pop("use_ema", True))
-    state, where = select_state(obj, use_ema=use_ema)
+    state, where = select_state(obj, use_ema=options.weights == "ema")
     if state is None:
         raise CheckpointError(f"{path}: no DiT weights found")
     args = _args_dict(obj)

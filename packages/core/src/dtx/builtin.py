@@ -83,10 +83,12 @@ def dtx_register_datasets(register: Callable[..., Any]) -> None:
     from .data.digits import DigitsDataset
     from .data.images import ImageFolderDataset
     from .data.latents import LatentFolderDataset
+    from .data.videos import VideoFolderDataset
 
     register("digits", DigitsDataset, description="scikit-learn's bundled 8x8 digits, upsampled to 8/16/32 (no download)")
     register("image-folder", ImageFolderDataset, description="class-subfolder images, ADM centre crop and flip")
     register("latent-folder", LatentFolderDataset, description="VAE latent shards written by `dtx extract-latents`")
+    register("video-folder", VideoFolderDataset, description="video files or frame folders as [F, C, H, W] clips")
 
 
 @hookimpl
