@@ -1,8 +1,10 @@
-"""Checkpoint detection and inference, incompatible files, fine-tuning loads, ``dtx convert``/``dtx flops``, plugin."""
+"""Checkpoint detection and inference, incompatible files, fine-tuning loads, ``dtx convert``, DiT's figures through
+the core's ``dtx flops``, plugin."""
 
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -10,8 +12,11 @@ from safetensors.torch import load_file
 
 import dtx
 from dtx.cli import main
+from dtx.models import load_model_with_info
+from dtx.testing import fresh_plugin_host
 from dtx_dit import plugin
 from dtx_dit.checkpoint import detect, infer_config, load_weights
+from dtx_dit.flops import dit_counter
 
 TINY = dict(input_size=8, depth=2, hidden_size=128, num_heads=2, num_classes=10)
 
@@ -115,8 +120,8 @@ def test_convert_writes_safetensors_and_yaml_that_reload_equal(tmp_path, capsys)
     assert set(load_file(str(out / "model.safetensors"))) == set(model.state_dict())
     text = (out / "config.yaml").read_text()
     assert "name: DiT" in text and "input_size:" in text
-    reloaded = dtx.load_model(out)
-    assert reloaded.dtx_load_info["format"] == "dtx"
+    reloaded, info = load_model_with_info(out)
+    assert info["format"] == "dtx"
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
     torch.testing.assert_close(probe(reloaded, (8, 12)), probe(model, (8, 12)), atol=0, rtol=0)
 
@@ -132,18 +137,40 @@ def test_convert_training_checkpoint_raw_weights(tmp_path, capsys):
     torch.testing.assert_close(probe(dtx.load_model(tmp_path / "ema")), probe(ema), atol=0, rtol=0)
 
 
-def test_flops_command_prints_the_paper_numbers(capsys):
+@pytest.fixture
+def flops_command():
+    """The core's ``dtx flops``, registered here only until ``dtx.builtin`` registers it itself."""
+    with fresh_plugin_host():
+        from dtx import plugins
+
+        if "flops" not in plugins.names("command"):
+            from dtx.commands import flops
+
+            module = types.ModuleType("dtx_dit_test_flops_command")
+
+            @dtx.hookimpl
+            def dtx_register_commands(register):
+                register("flops", flops.configure, run=flops.run, help="parameters and forward FLOPs of a model")
+
+            module.dtx_register_commands = dtx_register_commands
+            plugins.register_plugin(module, name="flops-command-test")
+        yield
+
+
+def test_flops_command_prints_the_paper_numbers(flops_command, capsys):
     assert main(["flops", "DiT-XL/2", "--input-size", "32"]) == 0
     text = capsys.readouterr().out
     assert "675,129,632" in text and "118.62 Gflops" in text and "237.24 GFLOPs real" in text
+    assert "analytic" in text and "tokens: 256" in text and "block: adaln-zero" in text
     assert main(["flops", "DiT-XL/2", "--input-size", "64", "--json", "--measure"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert round(row["gflops_macs"], 1) == 524.5 and row["gflops_measured"] == pytest.approx(row["gflops_real"])
+    assert row["method"] == "analytic" and row["input_size"] == [64, 64] and row["tokens"] == 1024
     assert main(["flops", "DiT-B/4", "--set", "block=cross-attention", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["block"] == "cross-attention"
 
 
-def test_flops_command_rejects_bad_sizes(capsys):
+def test_flops_command_rejects_bad_sizes(flops_command, capsys):
     assert main(["flops", "DiT-XL/2", "--input-size", "31"]) == 2
     assert "not divisible by patch_size 2" in capsys.readouterr().err
     assert main(["flops", "DiT-XL/2", "--input-size", "big"]) == 2
@@ -153,7 +180,9 @@ def test_plugin_registers_formats_commands_and_every_recipe_file(tmp_path, monke
     from dtx import plugins
 
     assert plugins.get("checkpoint_format", "dit-official").plugin == "dit"
-    assert {"convert", "flops"} <= set(plugins.names("command"))
+    assert plugins.get("command", "convert").plugin == "dit"
+    assert "flops" not in plugins.host().records["dit"].registers.get("command", [])  # the core's command counts
+    assert all(plugins.get("model", name).meta["flops"] is dit_counter for name in dtx.list_models("dit"))
     (tmp_path / "dit-a.yaml").write_text("# tiny DiT on digits\nmodel: {name: DiT-S/2}\n")
     (tmp_path / "dit-b.yaml").write_text("model: {name: DiT-B/4}\n")
     (tmp_path / "notes.txt").write_text("not a recipe")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dtx
-from dtx_dit.flops import dit_cost, measure_flops
+from dtx.costs import measure, model_cost
+from dtx_dit.flops import dit_cost, dit_counter, measure_flops
 from dtx_dit.model import DiTConfig
 
 # Paper Table 4 (256x256 images = 32x32 latents): Gflops and parameters in millions
@@ -71,3 +72,16 @@ def test_cost_of_a_non_square_latent_follows_the_token_count():
     expected = t * 4 * 4 * 64 + 256 * 64 + 64 ** 2 + (12 * t * 64 ** 2 + 2 * t * t * 64 + 6 * 64 ** 2) \
         + t * 64 * 4 * 8 + 2 * 64 ** 2
     assert wide == expected
+
+
+@pytest.mark.parametrize("block", ["adaln-zero", "in-context"])
+def test_registered_counter_is_the_closed_form_and_the_core_meter_agrees(block):
+    cost = model_cost("DiT-XL/2", input_size=32, block=block)  # dtx.costs finds dit_counter through the registry
+    closed = dit_cost(meta_model("DiT-XL/2", input_size=32, block=block).config)
+    assert cost.method == "analytic" and cost.macs == closed.macs and cost.flops == 2 * closed.macs
+    assert (cost.params, cost.trainable_params, cost.extra["frozen_params"]) == \
+        (closed.params, closed.trainable_params, closed.frozen_params)
+    assert cost.extra["block"] == block and cost.extra["tokens"] == 256 and cost.extra["input_size"] == [32, 32]
+    assert cost.extra["train_gflops_per_image"] == round(3 * closed.real_gflops, 2)
+    small = meta_model("DiT-B/4", input_size=[16, 24], num_classes=0, block=block)
+    assert measure(small) == dit_counter(small).flops == measure_flops(small)  # core meter: declared input_shape

@@ -2,6 +2,8 @@
 
 The paper's "Gflops" are multiply-accumulates per image and forward pass (VAE excluded); real FLOPs are twice that.
 ``measure_flops`` cross-checks the closed form with PyTorch's own counter on meta tensors (no memory, no compute).
+``dit_counter`` is the closed form behind the core's counter interface (``dtx.costs``, ``dtx flops``): it is
+registered with every DiT model as its ``flops`` counter.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dtx.costs import ANALYTIC, Cost
 
 from .model import DiTConfig
 
@@ -76,6 +80,19 @@ def dit_cost(config: DiTConfig) -> DiTCost:
     params += _linear(d, p * p * out) + (_linear(d, 2 * d) if modulated else 2 * d)
     macs += t * d * p * p * out + (2 * d * d if modulated else 0)
     return DiTCost(macs=macs, params=params, frozen_params=t * d)
+
+
+def dit_counter(model: nn.Module) -> Cost:
+    """``dtx.costs`` counter of a built DiT (meta device is fine): the closed form of ``dit_cost``, as MACs and
+    real FLOPs, with DiT's own rows (block design, latent size, tokens, frozen pos_embed, training GFLOPs)."""
+    cfg = model.config
+    cost = dit_cost(cfg)
+    gh, gw = cfg.grid
+    return Cost(params=cost.params, trainable_params=cost.trainable_params, macs=cost.macs, flops=2 * cost.macs,
+                method=ANALYTIC,
+                extra={"block": cfg.block, "input_size": list(cfg.input_hw), "tokens": gh * gw,
+                       "frozen_params": cost.frozen_params,
+                       "train_gflops_per_image": round(3 * cost.real_gflops, 2)})
 
 
 def measure_flops(model: nn.Module, input_hw: tuple[int, int] | None = None, batch: int = 1) -> int:

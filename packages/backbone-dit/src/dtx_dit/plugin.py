@@ -1,5 +1,6 @@
 """dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format, the
-``convert``/``flops`` commands and the recipes shipped in ``dtx_dit/recipes``."""
+``convert`` command and the recipes shipped in ``dtx_dit/recipes``. ``dtx flops`` (core) counts DiTs with the
+closed form registered with each model (``flops=dit_counter``)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ def _recipe_description(path: Path) -> str:
 
 @hookimpl
 def dtx_register_models(register: Callable[..., Any]) -> None:
+    from .flops import dit_counter
     from .model import DIT_PRESETS, DiTConfig
 
-    register("DiT", _factory({}), family="dit", config=DiTConfig,
+    register("DiT", _factory({}), family="dit", config=DiTConfig, flops=dit_counter,
              description="DiT with every option settable (defaults: XL/2, 32x32 latents)")
     for name, preset in DIT_PRESETS.items():
-        register(name, _factory(preset), family="dit", config=DiTConfig,
+        register(name, _factory(preset), family="dit", config=DiTConfig, flops=dit_counter,
                  description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads, "
                              f"patch {preset['patch_size']}")
 
@@ -55,8 +57,6 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
 
     register("convert", cli.configure_convert, run=cli.run_convert,
              help="write any loadable checkpoint as a dtx folder (model.safetensors + config.yaml)")
-    register("flops", cli.configure_flops, run=cli.run_flops,
-             help="parameters and forward Gflops of a DiT, counted as in the paper (MACs) and as real FLOPs")
 
 
 @hookimpl
