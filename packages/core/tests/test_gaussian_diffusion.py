@@ -11,8 +11,11 @@ import torch
 from dtx.diffusion import gaussian
 from dtx.diffusion.gaussian import (SAMPLERS, SCHEDULES, GaussianDiffusion, discretized_gaussian_log_likelihood,
                                     get_beta_schedule, mean_flat, normal_kl)
+from dtx.diffusion import diffusers_bridge
 from dtx.diffusion.respace import create_diffusion, respace_betas, space_timesteps
 from dtx.errors import ConfigError, ShapeError
+
+SAMPLERS = {**SAMPLERS, **diffusers_bridge.SAMPLERS}  # every discrete sampler, in its own (DiT-style) signature
 
 T = 1000
 
@@ -477,5 +480,7 @@ def test_registered_samplers_and_schedules():
     from dtx import plugins
 
     assert {"ddpm", "ddim", "ddim-diffusers", "dpm-solver"} <= set(SAMPLERS)
-    assert plugins.get("sampler", "dpm-solver").obj is gaussian.SAMPLERS["dpm-solver"]
+    # registered in the one sampler signature sampler(model, x, schedule, *, generator, progress), wrapping these
+    assert plugins.get("sampler", "dpm-solver").obj.__wrapped__ is SAMPLERS["dpm-solver"]
+    assert plugins.get("sampler", "ddim").obj.__wrapped__ is gaussian.SAMPLERS["ddim"]
     assert plugins.get("schedule", "cosine").obj is gaussian.SCHEDULES["cosine"]

@@ -29,8 +29,8 @@ def test_runtime_plugin_contributes_models_and_commands(tiny_plugin):
     assert records()["tiny"].registers == {"model": ["tiny-mlp", "tiny-cfg"], "command": ["hello"]}
     model = dtx.create_model("tiny-mlp", width=3, depth=2)
     assert [tuple(m.weight.shape) for m in model] == [(3, 3), (3, 3)]
-    assert model.dtx_spec == {"name": "tiny-mlp", "width": 3, "depth": 2}
-    assert dtx.create_model("TINY-MLP").dtx_spec["name"] == "tiny-mlp"  # case-insensitive fallback
+    assert dtx.models.model_spec(model) == {"name": "tiny-mlp", "width": 3, "depth": 2}
+    assert dtx.models.model_spec(dtx.create_model("TINY-MLP"))["name"] == "tiny-mlp"  # case-insensitive fallback
 
 
 def test_unregister_removes_contributions(tiny_plugin):

@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
-                        sincos_2d_torch, unpatchify)
+from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
+                        TimestepEmbedder, layer_norm, sincos_2d_torch, unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
 BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
@@ -90,45 +90,16 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 
 # -- blocks ------------------------------------------------------------------------------------------------------
 
-def _layer_norm(dim: int, affine: bool) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
-
-
-class AdaLNBlock(nn.Module):
-    """Transformer block conditioned through adaptive LayerNorm; ``gated`` adds adaLN-Zero's residual gates.
-
-    The modulation vector is chunked as (shift, scale, gate) for attention, then for the MLP (gates only if gated).
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True) -> None:
-        super().__init__()
-        self.gated = gated
-        self.norm1 = _layer_norm(hidden_size, affine=False)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = _layer_norm(hidden_size, affine=False)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
 class CrossAttentionBlock(nn.Module):
     """Pre-norm block with cross-attention to the conditioning tokens between self-attention and the MLP."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = _layer_norm(hidden_size, affine=True)
+        self.norm1 = layer_norm(hidden_size, affine=True)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = _layer_norm(hidden_size, affine=True)
+        self.norm2 = layer_norm(hidden_size, affine=True)
         self.cross_attn = CrossAttention(hidden_size, num_heads, qkv_bias=True)
-        self.norm3 = _layer_norm(hidden_size, affine=True)
+        self.norm3 = layer_norm(hidden_size, affine=True)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -142,33 +113,14 @@ class InContextBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = _layer_norm(hidden_size, affine=True)
+        self.norm1 = layer_norm(hidden_size, affine=True)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = _layer_norm(hidden_size, affine=True)
+        self.norm2 = layer_norm(hidden_size, affine=True)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-class FinalLayer(nn.Module):
-    """Norm (adaLN-modulated by (shift, scale) when ``modulated``) and a linear map to p*p*out_channels per token."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool = True) -> None:
-        super().__init__()
-        self.modulated = modulated
-        self.norm_final = _layer_norm(hidden_size, affine=not modulated)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        if modulated:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.norm_final(x)
-        if self.modulated:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            x = modulate(x, shift, scale)
-        return self.linear(x)
 
 
 _sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)

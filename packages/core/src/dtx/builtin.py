@@ -41,9 +41,9 @@ def dtx_register_schedules(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_samplers(register: Callable[..., Any]) -> None:
-    from .diffusion import gaussian, karras, sampler_api
+    from .diffusion import diffusers_bridge, gaussian, karras, sampler_api
 
-    for name, fn in gaussian.SAMPLERS.items():
+    for name, fn in {**gaussian.SAMPLERS, **diffusers_bridge.SAMPLERS}.items():
         register(name, sampler_api.discrete(fn), kind="gaussian",
                  description="discrete-time sampler over a respaced schedule")
     for name, fn in karras.SAMPLERS.items():

@@ -53,16 +53,17 @@ def configure_models(p: argparse.ArgumentParser) -> None:
 def run_models(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import count_parameters, create_model, list_models, model_entry
+    from .models import count_parameters, create_model
 
     rows = []
-    for name in list_models(args.family):
-        entry = model_entry(name)
+    for name, entry in sorted(plugins.host().table("model").items()):
+        if args.family is not None and entry.meta.get("family") != args.family:
+            continue
         params = None
         if not args.no_params:
             with torch.device("meta"):
-                try:
-                    params = count_parameters(create_model(name))
+                try:  # by plugin:name, so a name two plugins register is still listed (as the one in use)
+                    params = count_parameters(create_model(f"{entry.plugin}:{name}"))
                 except Exception:  # architectures without defaults for every option
                     params = None
         rows.append({"name": name, "family": entry.meta.get("family", ""), "plugin": entry.plugin,

@@ -192,7 +192,8 @@ def load_model_with_info(source: str | os.PathLike, name: str | None = None, opt
     elif is_run_folder(path):
         model, info = _load_run(path, options)
     elif path.is_dir():
-        raise CheckpointError(f"{path} is a folder without {DTX_WEIGHTS} + {DTX_CONFIG} (nor a training run)")
+        raise CheckpointError(f"{path} is neither a run folder (with checkpoints/), a checkpoint folder (with "
+                              f"manifest.json) nor a dtx model folder ({DTX_WEIGHTS} + {DTX_CONFIG})")
     else:
         model, info = _load_file(path, name, options, **overrides)
     return model.eval(), info

@@ -371,7 +371,7 @@ class GaussianDiffusion:
 
 # --- samplers with the uniform registry signature ---------------------------------------------------------------------
 
-def _reject_options(sampler: str, opts: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+def reject_options(sampler: str, opts: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     if opts:
         raise ConfigError(f"sampler {sampler!r} got unknown option(s) {', '.join(sorted(opts))}; "
                           f"it accepts: {', '.join(allowed) or 'none'}")
@@ -381,7 +381,7 @@ def ddpm_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                  model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
                  progress: bool = False, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
     """Ancestral DDPM sampling (DiT's ``p_sample_loop``)."""
-    _reject_options("ddpm", opts, ())
+    reject_options("ddpm", opts, ())
     return diffusion.p_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                    generator=generator)
 
@@ -391,44 +391,12 @@ def ddim_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                  progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0,
                  **opts: Any) -> Tensor:
     """DDIM sampling (ADM's ``ddim_sample_loop``); option ``eta``."""
-    _reject_options("ddim", opts, ("eta",))
+    reject_options("ddim", opts, ("eta",))
     return diffusion.ddim_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                       generator=generator, eta=eta)
-
-
-def ddim_diffusers_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-                           model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                           progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0,
-                           **opts: Any) -> Tensor:
-    """DDIM through diffusers' ``DDIMScheduler`` over the same steps; option ``eta``."""
-    _reject_options("ddim-diffusers", opts, ("eta",))
-    from .diffusers_bridge import ddim_scheduler, scheduler_sample_loop
-
-    if eta < 0:
-        raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
-    scheduler = ddim_scheduler(diffusion, clip_denoised=clip_denoised)
-    return scheduler_sample_loop(diffusion, scheduler, model, noise, model_kwargs, clip_denoised=clip_denoised,
-                                 progress=progress, generator=generator, step_kwargs={"eta": eta})
-
-
-def dpm_solver_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-                       model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                       progress: bool = False, generator: torch.Generator | None = None, solver_order: int = 2,
-                       algorithm_type: str = "dpmsolver++", **opts: Any) -> Tensor:
-    """DPM-Solver(++) multistep through diffusers over steps K-1..1 of the chain, then to sigma = 0 (K-1 model calls);
-    options ``solver_order``, ``algorithm_type``."""
-    _reject_options("dpm-solver", opts, ("solver_order", "algorithm_type"))
-    from .diffusers_bridge import dpm_solver_scheduler, scheduler_sample_loop
-
-    scheduler = dpm_solver_scheduler(diffusion, clip_denoised=clip_denoised, solver_order=solver_order,
-                                     algorithm_type=algorithm_type)
-    return scheduler_sample_loop(diffusion, scheduler, model, noise, model_kwargs, clip_denoised=clip_denoised,
-                                 progress=progress, generator=generator)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sampler,
     "ddim": ddim_sampler,
-    "ddim-diffusers": ddim_diffusers_sampler,
-    "dpm-solver": dpm_solver_sampler,
 }

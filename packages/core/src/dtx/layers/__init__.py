@@ -1,5 +1,6 @@
 """Building blocks shared by every dtx backbone, each written once."""
 
+from .adaln import AdaLNBlock, FinalLayer, layer_norm
 from .embeddings import FourierFeatures, LabelEmbedder, TimestepEmbedder, timestep_embedding
 from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, geglu, modulate, rms_norm
 from .patch import PatchEmbed, unpatchify
@@ -8,7 +9,7 @@ from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos
 from .transformer import Attention, CrossAttention, Mlp
 
 __all__ = [
-    "AdaRMSNorm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
+    "AdaLNBlock", "AdaRMSNorm", "FinalLayer", "layer_norm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
     "Mlp", "PatchEmbed", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
     "make_axial_pos", "modulate", "rms_norm", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
     "timestep_embedding", "unpatchify",
