@@ -413,3 +413,68 @@ def test_gaussian_objective_hands_continuous_models_their_sigma(toys):
     t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0))  # the objective's first draw
     expected = torch.log(torch.tensor(_linear_sigmas()[t.numpy()], dtype=torch.float32)) / 4
     torch.testing.assert_close(probe.levels[-1].float(), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- nested guidance and plugin-declared sample flags --------------------------------------------------------------
+
+class MotionFlag(dtx.conditioning.FlagConditioner):
+    """GenTron-style motion-free flag: null = motion-free (True)."""
+
+    def __init__(self) -> None:
+        super().__init__(field="motion_free", null=True, default=False)
+
+
+class FlagTextModel(ToyTextModel):
+    def forward(self, x, c_noise, context, context_mask, pooled, motion_free):
+        self.received[-1:] = []
+        out = super().forward(x, c_noise, context, context_mask, pooled)
+        self.received[-1]["motion_free"] = motion_free
+        return out + motion_free[:, None, None, None].to(x.dtype) * 0.5
+
+
+def test_three_term_guidance_and_a_plugin_declared_flag(toys, capsys):
+    from dtx.commands.sample import _request, configure
+    from dtx.conditioning import GuidanceStep
+    from dtx.training.config import ObjectiveConfig
+    from dtx.training.objectives import build_objective
+    from dtx.training.sampling import SamplingSetup, generate
+
+    plugins.host().entries["conditioner"]["motion"] = plugins.Entry(
+        "conditioner", "motion", MotionFlag, "toys", {"sample_flags": {"--motion-free": "sample without motion"}})
+
+    def probe(net, x, schedule, generator=None, progress=False):
+        return net(x, torch.ones(x.shape[0]))
+
+    plugins.host().entries["sampler"]["probe-k"] = plugins.Entry("sampler", "probe-k", probe, "toys", {"kind": "karras"})
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["run", "--prompt", "left", "--motion-free", "--guide", "motion=1.2",
+                              "--guide", "caption=7.5"])
+    assert _request(args).flags == {"motion_free": True}
+    assert [(g.keys, g.scale) for g in args.guide] == [(["motion"], 1.2), (["caption"], 7.5)]
+
+    torch.manual_seed(0)
+    model = FlagTextModel()
+    info = DataInfo(channels=C, height=H, width=W, fields=("text", "motion_free"))
+    cfg = ConditioningConfig(conditioners={"caption": ConditionerConfig(name="toy-text", options={"seed": 3}),
+                                           "motion": ConditionerConfig(name="motion")})
+    stage = ConditioningStage.build(cfg, model, info)
+    objective = build_objective(ObjectiveConfig(kind="karras"), model, info)
+    setup = SamplingSetup(model, objective, stage, info, None, "test")
+    steps = [GuidanceStep(["motion"], 1.2), GuidanceStep(["caption"], 7.5)]
+    out = generate(setup, SampleRequest(prompts=["left"]), per_subject=1, sampler="probe-k", steps=1, guidance=steps,
+                   seed=4).x
+    got = model.received[-1]
+    assert got["motion_free"].tolist() == [True, False, False]  # (0, 0), (0, c_M), (c_T, c_M)
+    assert got["context_mask"].sum(1).tolist() == [0, 0, 4]
+    # e0 + 1.2 (e1 - e0) + 7.5 (e2 - e1) of the denoiser, recomputed here term by term
+    sigma = objective.cfg.sigma_max
+    x = torch.randn((1, C, H, W), generator=torch.Generator().manual_seed(4)) * sigma
+    den = objective.denoiser(model)
+    kws = [stage.encode({"text": [t], "motion_free": torch.tensor([m])}, torch.device("cpu"))
+           for t, m in (("", True), ("", False), ("left", False))]
+    with torch.no_grad():
+        e0, e1, e2 = (den(x, torch.ones(1), **kw) for kw in kws)
+    torch.testing.assert_close(out, e0 + 1.2 * (e1 - e0) + 7.5 * (e2 - e1), rtol=1e-4, atol=1e-4)

@@ -79,7 +79,7 @@ def test_digits_split_is_fixed_and_stratified(sk_digits):
 
 
 @pytest.mark.parametrize("options, fragment", [
-    ({"image_size": 12}, "image_size"), ({"split": "val"}, "split"), ({"flip": True}, "unknown option"),
+    ({"image_size": 12}, "image_size"), ({"split": "val"}, "split"), ({"flip": True}, "no option 'flip'"),
 ])
 def test_digits_bad_options(options, fragment):
     with pytest.raises(ConfigError, match=fragment):

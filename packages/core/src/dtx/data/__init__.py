@@ -9,7 +9,6 @@ also derives one for third-party datasets) and still exposes the older ``num_cla
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from typing import Any, Sequence
 
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .. import plugins
 from ..errors import ConfigError, DataError, DtxError, ShapeError
+from ..options import check_options
 from .info import DataInfo, data_info
 
 
@@ -25,15 +25,7 @@ def build_dataset(name: str, **options: Any) -> Dataset:
     """Build the dataset registered as ``name`` (``digits``, ``image-folder``, ``latent-folder``, ``video-folder``)."""
     entry = plugins.get("dataset", name)
     factory = entry.obj
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for dataset {entry.name!r}; "
-                              f"valid options: {', '.join(params)}")
+    check_options(f"dataset {entry.name!r}", factory, options)
     try:
         return factory(**options)
     except DtxError:

@@ -43,7 +43,7 @@ def extract_latents(vae: Any, data: ImageFolderDataset | VideoFolderDataset, out
     frames = getattr(data, "frames", None)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard_*.tmp"):
+    for stale in out.glob(".tmp-*-shard_*"):  # left by a killed run (dtx.io.atomic_write's temporary names)
         stale.unlink()
     scale, shift = vae_factors(vae)
     settings = {"scale_factor": scale, "shift_factor": shift, "vae": vae_name, "source": str(data.root.resolve()),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..io import atomic_write
 from .info import DataInfo
 
 FORMAT = "dtx-latents/1"
@@ -32,19 +32,10 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write one shard atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write one shard atomically (``dtx.io.atomic_write``: temporary sibling, fsync, rename)."""
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=meta))
 
 
 def read_shard_metadata(path: Path) -> dict[str, Any]:

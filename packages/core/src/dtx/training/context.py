@@ -47,9 +47,9 @@ class RunContext(Protocol):
 
 def find_resume_checkpoint(out_dir: Path, require: bool = False) -> Path | None:
     """Newest checkpoint under ``out_dir/checkpoints`` whose manifest verifies; with ``require``, none is an error."""
-    from ..checkpoint import CheckpointManager
+    from ..checkpoint import RUN_CHECKPOINTS, CheckpointManager
 
-    root = Path(out_dir) / "checkpoints"
+    root = Path(out_dir) / RUN_CHECKPOINTS
     latest = CheckpointManager(root).latest() if root.is_dir() else None
     if latest is None and require:
         raise CheckpointError(f"--resume given but {root} holds no valid checkpoint")

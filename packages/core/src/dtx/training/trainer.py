@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from ..checkpoint import RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..conditioning import ConditioningStage, SampleRequest
 from ..config import to_yaml
 from ..errors import CheckpointError, ConfigError, TrainingError
@@ -86,7 +86,7 @@ class Trainer:
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
         sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training, on a bad sampler
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
+        self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
                                        milestone_every=cfg.milestone_every or None)
         self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
         self.last_checkpoint: Path | None = None
