@@ -24,19 +24,19 @@ import torch
 
 
 def evaluate(run_or_ckpt: Path, n_per_class: int, seed: int, overrides: dict, use_ema: bool = True) -> dict:
+    from dtx.conditioning import SampleRequest
     from dtx.evaluation.digits import digits_accuracy
-    from dtx.training.sample import generate, load_run
+    from dtx.training.sampling import generate, load_for_sampling
 
-    run = load_run(run_or_ckpt, use_ema=use_ema, device="cpu")
-    s, info = run.cfg.sample, run.data_info
-    labels = torch.arange(10).repeat_interleave(n_per_class)
+    setup = load_for_sampling(run_or_ckpt, weights="ema" if use_ema else "raw", device="cpu")
+    s = setup.cfg.sample
     t0 = time.perf_counter()
-    images = generate(run.model, run.objective, (info["channels"], info["image_size"], info["image_size"]), labels,
-                      len(labels), sampler=overrides.get("sampler") or s.sampler,
-                      steps=overrides.get("steps") or s.steps,
-                      cfg_scale=s.cfg if overrides.get("cfg") is None else overrides["cfg"], seed=seed,
-                      guide_channels=s.guide_channels)
-    return {"step": run.step, "accuracy": digits_accuracy(images, labels), "sample_time_s": time.perf_counter() - t0}
+    samples = generate(setup, SampleRequest(classes=list(range(10))), per_subject=n_per_class,
+                       sampler=overrides.get("sampler") or s.sampler, steps=overrides.get("steps") or s.steps,
+                       cfg_scale=s.cfg if overrides.get("cfg") is None else overrides["cfg"], seed=seed,
+                       guide_channels=s.guide_channels)
+    return {"step": setup.step, "accuracy": digits_accuracy(samples.x, samples.fields["y"]),
+            "sample_time_s": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(evaluate(args.eval_only, args.n_per_class, args.seed, sample_opts, not args.no_ema)))
         return 0
 
-    from dtx.training.commands import resolve_train_config
+    from dtx.commands.train import resolve_train_config
     from dtx.training.context import LocalContext
-    from dtx.training.loop import train
+    from dtx.training.trainer import train
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dtx-digits-"))
     if args.out and out.exists():

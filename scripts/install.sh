@@ -15,7 +15,7 @@ $PIP install -q $C --no-build-isolation "natten>=0.20" || echo "install: natten 
 $PIP install -q $C \
   -e packages/core -e packages/backbone-dit -e packages/backbone-hdit -e packages/backbone-latte \
   -e packages/ext-gentron -e packages/runner-ray -e . \
-  "pytest>=7" matplotlib "import-linter>=2.17" "deptry>=0.25"
+  "pytest>=7" "import-linter>=2.17" "deptry>=0.25"
 # No registry copy may shadow the checkout (dagster's guard).
 if $VENV/bin/python -m pip list --exclude-editable 2>/dev/null | grep -iE '^dtx(-|\s)'; then
   echo "install: a non-editable dtx package shadows the checkout" >&2; exit 1

@@ -47,13 +47,9 @@ def test_official_checkpoint_needs_a_vae_then_decodes_through_it(tmp_path, capsy
     assert code == 2 and err.count("\n") == 1 and "--vae" in err
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.npz").exists()
 
-    from diffusers import AutoencoderKL
+    from dtx.testing import save_tiny_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=8, sample_size=16, scaling_factor=0.5)
-    vae.save_pretrained(tmp_path / "vae")
+    save_tiny_vae(tmp_path / "vae")
     code, _, err = _run(capsys, "sample", str(official_pt), "--vae", str(tmp_path / "vae"), "--classes", "3",
                         "--n-per-class", "2", "--steps", "2", "--out", str(tmp_path / "s.png"))
     assert code == 0, err

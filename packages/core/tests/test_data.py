@@ -257,15 +257,9 @@ def test_missing_empty_and_flat_folders(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
+    from dtx.testing import save_tiny_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=8, sample_size=16, scaling_factor=0.5)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return vae.eval(), path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
-"""Test helpers for dtx and its plugins (the start of the conformance kit): isolate the process-wide plugin host."""
+"""Test helpers for dtx and its plugins (the start of the conformance kit): isolate the process-wide plugin host,
+build a tiny random VAE on disk (the real ``from_pretrained`` path, no download)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from . import plugins
 
@@ -23,3 +26,17 @@ def fresh_plugin_host() -> Iterator[None]:
         for name in PLUGIN_ENV:
             os.environ.pop(name, None)
         os.environ.update(saved)
+
+
+def save_tiny_vae(path: str | os.PathLike, seed: int = 0) -> tuple[Any, Path]:
+    """A randomly initialised 2x-downsampling diffusers ``AutoencoderKL`` (4 latent channels, scaling factor 0.5)
+    saved to ``path``; returns (vae in eval mode, path). Tests load it back through ``dtx.data.vae.load_vae``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.5)
+    vae.save_pretrained(path)
+    return vae.eval(), Path(path)

@@ -43,24 +43,22 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
     return torch.randn(tuple(shape), generator=generator).to(device)
 
 
-def sampler_entry(name: str, kind: str) -> Callable[..., Any]:
-    """A registered sampler of the given kind; one of the other kind gets an error naming the right choices."""
-    entry = plugins.get("sampler", name)
+def _entry(registry: str, name: str, kind: str, what: str) -> Callable[..., Any]:
+    """A registered sampler or schedule of the given kind; one of another kind gets an error naming the fits."""
+    entry = plugins.get(registry, name)
     if entry.meta.get("kind") != kind:
-        fits = [n for n, e in plugins.host().table("sampler").items() if e.meta.get("kind") == kind]
-        raise ConfigError(f"sampler {entry.name!r} is a {entry.meta.get('kind')} sampler; this run uses the {kind} "
-                          f"objective, whose samplers are: {', '.join(sorted(fits))}")
+        fits = [n for n, e in plugins.host().table(registry).items() if e.meta.get("kind") == kind]
+        raise ConfigError(f"{registry} {entry.name!r} is a {entry.meta.get('kind')} {registry}; {what} "
+                          f"{', '.join(sorted(fits))}")
     return entry.obj
+
+
+def sampler_entry(name: str, kind: str) -> Callable[..., Any]:
+    return _entry("sampler", name, kind, f"this run uses the {kind} objective, whose samplers are:")
 
 
 def schedule_entry(name: str, kind: str) -> Callable[..., Any]:
-    """A registered noise schedule of the given kind ("beta" or "sigma")."""
-    entry = plugins.get("schedule", name)
-    if entry.meta.get("kind") != kind:
-        fits = [n for n, e in plugins.host().table("schedule").items() if e.meta.get("kind") == kind]
-        raise ConfigError(f"schedule {entry.name!r} is a {entry.meta.get('kind')} schedule; this objective needs a "
-                          f"{kind} schedule: {', '.join(sorted(fits))}")
-    return entry.obj
+    return _entry("schedule", name, kind, f"this objective needs a {kind} schedule:")
 
 
 def _device(model: nn.Module) -> torch.device:
