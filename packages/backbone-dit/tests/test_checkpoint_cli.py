@@ -4,7 +4,6 @@ the core's ``dtx flops``, plugin."""
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
@@ -139,22 +138,10 @@ def test_convert_training_checkpoint_raw_weights(tmp_path, capsys):
 
 @pytest.fixture
 def flops_command():
-    """The core's ``dtx flops``, registered here only until ``dtx.builtin`` registers it itself."""
+    """A fresh plugin host, in which the core registers ``dtx flops``."""
     with fresh_plugin_host():
-        from dtx import plugins
-
-        if "flops" not in plugins.names("command"):
-            from dtx.commands import flops
-
-            module = types.ModuleType("dtx_dit_test_flops_command")
-
-            @dtx.hookimpl
-            def dtx_register_commands(register):
-                register("flops", flops.configure, run=flops.run, help="parameters and forward FLOPs of a model")
-
-            module.dtx_register_commands = dtx_register_commands
-            plugins.register_plugin(module, name="flops-command-test")
         yield
+
 
 
 def test_flops_command_prints_the_paper_numbers(flops_command, capsys):
@@ -192,3 +179,22 @@ def test_plugin_registers_formats_commands_and_every_recipe_file(tmp_path, monke
     assert sorted(seen) == ["dit-a", "dit-b"]
     assert seen["dit-a"] == (str(tmp_path / "dit-a.yaml"), {"description": "tiny DiT on digits"})
     assert seen["dit-b"][1] == {"description": ""}
+
+
+def test_convert_a_training_run_takes_raw_or_ema_weights(tmp_path, capsys):
+    """`--raw-weights` is a loader option: it reaches the run-folder reader (it used to travel as a model option and
+    was lost, so a run's EMA weights came back either way)."""
+    from dtx.checkpoint import load_training_state
+
+    run = tmp_path / "run"
+    assert main(["train", "dit-digits", "--out", str(run), "--max-steps", "3", "--runner", "local", "sample.every=0",
+                 "ckpt_every=3", "log_every=1", "sample.steps=2", "sample.n_per_class=1", "model.options.depth=1",
+                 "model.options.hidden_size=32", "model.options.num_heads=2"]) == 0
+    assert main(["convert", str(run), str(tmp_path / "raw"), "--raw-weights"]) == 0
+    assert main(["convert", str(run), str(tmp_path / "ema")]) == 0
+    capsys.readouterr()
+    _, state = load_training_state(run)
+    for folder, key in (("raw", "model"), ("ema", "ema")):
+        got = dtx.load_model(tmp_path / folder).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state[key].items()), folder
+    assert not all(torch.equal(state["model"][k], v) for k, v in state["ema"].items())
