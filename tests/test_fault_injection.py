@@ -274,7 +274,7 @@ def _fuzz_cases(d: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("patch-not-dividing", train + [edit("patch_size: 4", "patch_size: 3")] + out, "not divisible by patch_size"),
         ("heads-not-dividing", train + [edit("num_heads: 2", "num_heads: 5")] + out, "not divisible by num_heads"),
         ("schedule-unknown", train + [edit("noise_schedule: linear", "noise_schedule: nope")] + out,
-         "unknown noise schedule"),
+         "objective.noise_schedule: unknown schedule 'nope'"),
         ("sampler-unknown", train + [edit("every: 0", "every: 0, sampler: nope")] + out, "unknown sampler 'nope'"),
         ("dataset-unknown", train + [edit("name: digits", "name: cifar")] + out, "unknown dataset 'cifar'"),
         ("digits-size", train + [edit("image_size: 8", "image_size: 12")] + out, "image_size"),

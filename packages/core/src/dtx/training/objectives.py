@@ -19,7 +19,7 @@ from .. import plugins
 from ..data.info import DataInfo
 from ..diffusion import noise_levels
 from ..diffusion.guidance import guided
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownNameError
 from ..interface import ModelInterface, interface_of
 from ..options import factory_options
 from .config import ObjectiveConfig
@@ -43,22 +43,30 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
     return torch.randn(tuple(shape), generator=generator).to(device)
 
 
-def _entry(registry: str, name: str, kind: str, what: str) -> Callable[..., Any]:
+def lookup(key: str, registry: str, name: str) -> plugins.Entry:
+    """A registry entry named by config key ``key``; an unknown name is an error that names the key."""
+    try:
+        return plugins.get(registry, name)
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"{key}: {exc}") from None
+
+
+def _entry(key: str, registry: str, name: str, kind: str, what: str) -> Callable[..., Any]:
     """A registered sampler or schedule of the given kind; one of another kind gets an error naming the fits."""
-    entry = plugins.get(registry, name)
+    entry = lookup(key, registry, name)
     if entry.meta.get("kind") != kind:
         fits = [n for n, e in plugins.host().table(registry).items() if e.meta.get("kind") == kind]
-        raise ConfigError(f"{registry} {entry.name!r} is a {entry.meta.get('kind')} {registry}; {what} "
+        raise ConfigError(f"{key}: {registry} {entry.name!r} is a {entry.meta.get('kind')} {registry}; {what} "
                           f"{', '.join(sorted(fits))}")
     return entry.obj
 
 
 def sampler_entry(name: str, kind: str) -> Callable[..., Any]:
-    return _entry("sampler", name, kind, f"this run uses the {kind} objective, whose samplers are:")
+    return _entry("sample.sampler", "sampler", name, kind, f"this run uses the {kind} objective, whose samplers are:")
 
 
-def schedule_entry(name: str, kind: str) -> Callable[..., Any]:
-    return _entry("schedule", name, kind, f"this objective needs a {kind} schedule:")
+def schedule_entry(key: str, name: str, kind: str) -> Callable[..., Any]:
+    return _entry(key, "schedule", name, kind, f"this objective needs a {kind} schedule:")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -75,7 +83,7 @@ class GaussianObjective:
 
         self.cfg = cfg
         self.iface: ModelInterface = interface_of(model)
-        self.betas = schedule_entry(cfg.noise_schedule, "beta")(cfg.diffusion_steps)
+        self.betas = schedule_entry("objective.noise_schedule", cfg.noise_schedule, "beta")(cfg.diffusion_steps)
         self._create = functools.partial(create_diffusion, betas=self.betas, learn_sigma=self.iface.learn_sigma,
                                          predict_xstart=cfg.predict_xstart, predict_v=cfg.predict_v,
                                          diffusion_steps=cfg.diffusion_steps, channel_dim=self.iface.channel_dim)
@@ -120,8 +128,8 @@ class KarrasObjective:
             raise ConfigError("the karras objective predicts the denoised sample and has no learned variance; "
                               "set the model's learn_sigma to false or use objective.kind=gaussian")
         self.image_size = max(info.height, info.width)
-        self.schedule = schedule_entry(cfg.sigma_schedule, "sigma")
-        weighting = plugins.get("loss", cfg.weighting)
+        self.schedule = schedule_entry("objective.sigma_schedule", cfg.sigma_schedule, "sigma")
+        weighting = lookup("objective.weighting", "loss", cfg.weighting)
         if weighting.meta.get("kind") != "sigma-weighting":
             raise ConfigError(f"loss {weighting.name!r} is not a sigma weighting; the karras objective needs one of: "
                               + ", ".join(n for n, e in plugins.host().table("loss").items()
@@ -166,5 +174,4 @@ class KarrasObjective:
 
 def build_objective(cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> Objective:
     """The registered objective ``cfg.kind`` for ``model`` on data described by ``info``."""
-    entry = plugins.get("objective", cfg.kind)
-    return entry.obj(cfg, model, info)
+    return lookup("objective.kind", "objective", cfg.kind).obj(cfg, model, info)
