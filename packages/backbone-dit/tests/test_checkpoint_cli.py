@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import dtx
@@ -167,8 +169,8 @@ def test_plugin_registers_formats_commands_and_every_recipe_file(tmp_path, monke
     from dtx import plugins
 
     assert plugins.get("checkpoint_format", "dit-official").plugin == "dit"
-    assert plugins.get("command", "convert").plugin == "dit"
-    assert "flops" not in plugins.host().records["dit"].registers.get("command", [])  # the core's command counts
+    assert plugins.get("command", "convert").plugin == "core" and plugins.get("command", "flops").plugin == "core"
+    assert "command" not in plugins.host().records["dit"].registers  # the core's generic commands serve DiT
     assert all(plugins.get("model", name).meta["flops"] is dit_counter for name in dtx.list_models("dit"))
     (tmp_path / "dit-a.yaml").write_text("# tiny DiT on digits\nmodel: {name: DiT-S/2}\n")
     (tmp_path / "dit-b.yaml").write_text("model: {name: DiT-B/4}\n")
@@ -198,3 +200,9 @@ def test_convert_a_training_run_takes_raw_or_ema_weights(tmp_path, capsys):
         got = dtx.load_model(tmp_path / folder).state_dict()
         assert all(torch.equal(got[k], v) for k, v in state[key].items()), folder
     assert not all(torch.equal(state["model"][k], v) for k, v in state["ema"].items())
+    # the converted folder keeps what sampling needs: it samples with the run's EDM objective and data facts
+    stored = OmegaConf.to_container(OmegaConf.load(tmp_path / "ema" / "config.yaml"))
+    assert stored["objective"]["kind"] == "karras" and stored["data_info"]["height"] == 8
+    assert main(["sample", str(tmp_path / "ema"), "--classes", "4", "--n-per-class", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 1)

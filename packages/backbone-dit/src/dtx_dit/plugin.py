@@ -1,5 +1,5 @@
-"""dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format, the
-``convert`` command and the recipes shipped in ``dtx_dit/recipes``. ``dtx flops`` (core) counts DiTs with the
+"""dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format and the
+recipes shipped in ``dtx_dit/recipes``. ``dtx flops`` (core) counts DiTs with the
 closed form registered with each model (``flops=dit_counter``)."""
 
 from __future__ import annotations
@@ -49,14 +49,6 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="facebookresearch/DiT .pt: released state dicts and train.py checkpoints (EMA weights)")
-
-
-@hookimpl
-def dtx_register_commands(register: Callable[..., Any]) -> None:
-    from . import cli
-
-    register("convert", cli.configure_convert, run=cli.run_convert,
-             help="write any loadable checkpoint as a dtx folder (model.safetensors + config.yaml)")
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from .hookspecs import hookimpl
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
-    from .commands import flops, sample, train
+    from .commands import convert, flops, sample, train
     from .data import extract
     from .evaluation import report
 
@@ -21,6 +21,8 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
              help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
     register("sample", sample.configure, run=sample.run,
              help="sample a run, model folder or checkpoint: PNG grid + .npz (videos: frame grid, GIF, MP4)")
+    register("convert", convert.configure, run=convert.run,
+             help="write a run or any loadable checkpoint as a dtx folder (model.safetensors + config.yaml)")
     register("flops", flops.configure, run=flops.run,
              help="parameters and forward FLOPs of any registered model (analytic where its family counts them)")
     register("extract-latents", extract.configure_parser, run=extract.run,

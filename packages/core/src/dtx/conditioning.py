@@ -14,6 +14,7 @@ options, from which ``dtx sample`` rebuilds them.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -70,7 +71,7 @@ class SampleRequest:
 
 # -- the conditioner contract ---------------------------------------------------------------------------------------
 
-class Conditioner(nn.Module):
+class Conditioner(nn.Module, abc.ABC):
     """Base class: subclasses set ``fields`` and implement ``encode``, ``null_fields`` and ``subjects``.
 
     ``encode`` maps raw fields of n samples to model keywords; ``null_fields(n)`` gives the raw fields that mean
@@ -91,11 +92,13 @@ class Conditioner(nn.Module):
     def has_null(self) -> bool:
         return True
 
+    @abc.abstractmethod
     def encode(self, raw: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-        raise NotImplementedError  # abstract: every conditioner encodes
+        """Model keywords of the raw fields of n samples."""
 
+    @abc.abstractmethod
     def null_fields(self, n: int) -> Fields:
-        raise NotImplementedError  # abstract
+        """Raw fields of n samples that mean "no condition"."""
 
     def subjects(self, request: SampleRequest) -> list[Fields] | None:
         return None

@@ -1,0 +1,51 @@
+"""``dtx convert SOURCE OUT``: any loadable checkpoint (a training run, a dtx folder, a file a registered format reads)
+written as a dtx model folder, ``model.safetensors`` + ``config.yaml``, without pickle. A run's data facts, objective,
+conditioning and sampling defaults go into ``config.yaml`` too, so ``dtx sample OUT`` samples as the run would."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import parse_dotlist
+
+#: the sections of a run's config that sampling a converted model needs
+SAMPLING_SECTIONS = ("objective", "conditioning", "sample")
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(parse_dotlist(items or []), resolve=True)  # type: ignore[return-value]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a training run, a dtx folder or any file a plugin understands (e.g. a DiT .pt)")
+    p.add_argument("output", help="folder to write model.safetensors + config.yaml into")
+    p.add_argument("--name", help="architecture or preset to load into (default: read or inferred from the file)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[], help="model options, e.g. num_classes=10")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="take a training checkpoint's raw 'model' weights instead of its EMA weights")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling arbitrary objects (only for files you trust)")
+
+
+def sampling_facts(info: dict[str, Any]) -> dict[str, Any]:
+    """What a loaded source knows for sampling: a run's data_info and config sections, a dtx folder's own."""
+    state = info.get("state")
+    if state is not None:
+        return {"data_info": state["data_info"], **{k: state["config"][k] for k in SAMPLING_SECTIONS}}
+    stored = dict(info.get("config") or {})
+    return {k: stored[k] for k in ("data_info", *SAMPLING_SECTIONS) if k in stored}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import LoadOptions, count_parameters, load_model_with_info, model_spec, save_model
+
+    options = LoadOptions(weights="raw" if args.raw_weights else "ema", trust=args.trust_checkpoint)
+    model, info = load_model_with_info(args.source, args.name, options, **_overrides(args.set))
+    out = save_model(model, args.output, extra=sampling_facts(info))
+    print(f"wrote {out}/ ({(model_spec(model) or {}).get('name', '?')}, {len(model.state_dict())} tensors, "
+          f"{count_parameters(model):,} parameters; read as {info.get('format', '?')}"
+          f"{', ' + info['weights'] + ' weights' if 'weights' in info else ''})")
+    return 0
