@@ -415,3 +415,23 @@ def test_pixel_data_is_encoded_by_a_frozen_vae_and_samples_are_decoded(tmp_path,
     assert main(["sample", str(out), "--steps", "3", "--classes", "1", "--n-per-class", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert np.load(tmp_path / "g.npz")["arr_0"].shape == (2, SIZE, SIZE, 1)  # decoded back to pixels
+
+
+def test_init_from_starts_a_fresh_run_from_another_run_but_never_a_resumed_one(tmp_path, capsys):
+    from dtx.checkpoint import load_training_state
+
+    source = cfg_for(tmp_path, "source", "max_steps=2", "ckpt_every=2")
+    run_local(source)
+    capsys.readouterr()
+    fresh = cfg_for(tmp_path, "fresh", "max_steps=1", "ckpt_every=1", "optim.lr=1e-12",
+                    f"model.init_from={tmp_path / 'source'}")
+    run_local(fresh)
+    assert "init from" in capsys.readouterr().err
+    _, src = load_training_state(tmp_path / "source")
+    _, got = load_training_state(tmp_path / "fresh")
+    for key, value in src["ema"].items():  # started from the source's EMA weights (lr ~0: one step moves nothing)
+        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=1e-9)
+    more = cfg_for(tmp_path, "fresh", "max_steps=2", "ckpt_every=1", "optim.lr=1e-12",
+                   f"model.init_from={tmp_path / 'source'}")
+    run_local(more)
+    assert "init from" not in capsys.readouterr().err

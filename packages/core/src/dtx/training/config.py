@@ -15,10 +15,15 @@ from ..config import check, load_config
 
 @dataclass
 class ModelConfig:
-    """A registered model name plus keyword overrides; input size, channels and classes default to the data's."""
+    """A registered model name plus keyword overrides; input size, channels and classes default to the data's.
+
+    ``init_from`` (a loader option, not a model option) starts a fresh run from another checkpoint's weights: a dtx
+    folder, a run or a file; the model family maps the keys and a report of loaded/skipped/new keys is logged.
+    """
 
     name: str = "DiT-S/2"
     options: dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,13 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, **model_overrides(cfg, self.info))
         self.model_spec = model_spec(model)
+        resume = ctx.resume_checkpoint()
+        if cfg.model.init_from and resume is None:  # a resumed run already holds its own weights
+            from ..init_weights import init_weights
+
+            report = init_weights(model, cfg.model.init_from)
+            if ctx.is_main:
+                print(report.summary(), file=sys.stderr, flush=True)
         self.stage = ConditioningStage.build(cfg.conditioning, model, self.info).to(self.device)
         self.ema = EMA(model, cfg.ema)
         if cfg.activation_checkpointing:
@@ -90,7 +98,6 @@ class Trainer:
                                        milestone_every=cfg.milestone_every or None)
         self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
         self.last_checkpoint: Path | None = None
-        resume = ctx.resume_checkpoint()
         if resume is not None:
             self._restore(resume)
         self.model = ctx.prepare_model(self.raw)
