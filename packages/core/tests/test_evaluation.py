@@ -1,5 +1,6 @@
 """Evaluation: Fréchet distance vs closed forms, the shipped digits classifier on real and noise images, FID plumbing
-with a stand-in torchmetrics, and ``dtx eval`` on archives built from real digits."""
+with a stand-in torchmetrics, ``dtx eval`` on archives built from real digits, and the per-frame scoring of videos of
+one moving digit (``frame_consistency``, ``dtx eval`` on NFHWC archives)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from sklearn.datasets import load_digits
 from dtx.cli import main
 from dtx.errors import DataError, ShapeError
 from dtx.evaluation import fid
-from dtx.evaluation.digits import WEIGHTS, DigitsClassifier, digits_accuracy, digits_features, train_digits_classifier
+from dtx.evaluation.digits import (WEIGHTS, DigitsClassifier, digits_accuracy, digits_features, frame_consistency,
+                                   locate_digits, train_digits_classifier)
 from dtx.evaluation.frechet import frechet_distance, frechet_distance_from_stats
 
 
@@ -281,3 +283,108 @@ def test_eval_one_line_errors(test_digits, tmp_path, capsys):
     assert_one_line_error(*run_eval(capsys, str(tmp_path / "badlab.npz"))[::2], "0..9")
     write_archive(tmp_path / "short.npz", x[:4], [0, 1])
     assert_one_line_error(*run_eval(capsys, str(tmp_path / "short.npz"))[::2], "labels must be integers [N=4]")
+
+
+# -- videos of one moving digit -------------------------------------------------------------------------------------
+
+def moving_clips(x8: torch.Tensor, frames: int = 8):
+    """Each 8x8 digit upscaled 2x and moved in a straight line over a black 32x32 canvas (as Latte's moving-digits
+    draws them, without bounces): videos [N, F, 1, 32, 32] in [-1, 1] and each frame's top-left corner [N, F, 2]."""
+    n = len(x8)
+    sprites = x8.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    i = torch.arange(n)
+    start = torch.stack([i % 3, (i // 3) % 3], 1)
+    velocity = torch.stack([1 + i % 2, 1 + (i // 2) % 2], 1) * torch.where(i % 4 < 2, 1, -1)[:, None]
+    start = torch.where(velocity < 0, 16 - start, start)
+    corners = start[:, None] + torch.arange(frames)[None, :, None] * velocity[:, None]
+    videos = torch.full((n, frames, 1, 32, 32), -1.0)
+    for k in range(n):
+        for f in range(frames):
+            r, c = corners[k, f].tolist()
+            videos[k, f, :, r:r + 16, c:c + 16] = sprites[k]
+    return videos, corners
+
+
+@pytest.fixture(scope="module")
+def test_clips(test_digits):
+    x, y = test_digits
+    videos, corners = moving_clips(x)
+    return videos, y, corners
+
+
+def test_locate_digits_finds_the_upscaled_digit(test_clips):
+    videos, y, corners = test_clips
+    frames = videos[:, :, 0].flatten(0, 1)
+    centroid, origin = locate_digits(frames)
+    diff = origin - corners.flatten(0, 1)
+    assert (diff == 0).all(1).float().mean() >= 0.85  # mostly the sprite itself (left-right by the digit's mass)
+    assert (diff[:, 0] == 0).float().mean() >= 0.99 and diff.abs().max() <= 2  # digits fill their box vertically
+    assert (diff.remainder(2) == 0).all(1).float().mean() >= 0.99  # on the sprite's 2x2 grid: no block is split
+    # the centroid moves exactly with the digit
+    shift = centroid.view(len(y), -1, 2) - centroid.view(len(y), -1, 2)[:, :1]
+    assert torch.allclose(shift, (corners - corners[:, :1]).float(), atol=1e-4)
+    blank = torch.full((2, 32, 32), -1.0)
+    centroid, origin = locate_digits(blank)
+    assert centroid.tolist() == [[15.5, 15.5]] * 2 and origin.tolist() == [[8, 8]] * 2
+    corner = torch.full((1, 32, 32), -1.0)
+    corner[0, 30:, 30:] = 1.0  # a digit at the edge: the window is clamped to the frame
+    assert locate_digits(corner)[1].tolist() == [[16, 16]]
+
+
+def test_frame_consistency_of_real_frozen_and_mislabelled_clips(test_clips):
+    videos, y, _ = test_clips
+    real = frame_consistency(videos, y)
+    assert real["num_videos"] == len(y) and real["frames"] == 8
+    assert real["frame_consistency"] >= 0.95 and real["clip_consistency"] >= 0.95 and real["label_agreement"] >= 0.99
+    assert real["moving"] == 1.0 and real["mean_displacement_px"] >= 7 * 2 ** 0.5 - 1e-4
+    rgb = frame_consistency(videos.expand(-1, -1, 3, -1, -1), y)
+    assert rgb["frame_consistency"] == real["frame_consistency"]
+    frozen = frame_consistency(videos[:, 3:4].expand(-1, 8, -1, -1, -1), y)
+    assert frozen["moving"] == 0.0 and frozen["mean_displacement_px"] == 0.0 and frozen["label_agreement"] == 1.0
+    wrong = frame_consistency(videos, (y + 1) % 10)
+    assert wrong["frame_consistency"] < 0.1 and wrong["clip_consistency"] < 0.1
+    unlabelled = frame_consistency(videos[:10])
+    assert unlabelled["frame_consistency"] is None and unlabelled["clip_consistency"] is None
+    assert unlabelled["moving"] == 1.0
+    with pytest.raises(ShapeError):
+        frame_consistency(videos[0], y[:1])  # not batch-first
+    with pytest.raises(ShapeError):
+        frame_consistency(torch.zeros(2, 4, 1, 8, 8), torch.zeros(2))  # smaller than the 16x16 crop
+    with pytest.raises(ShapeError):
+        frame_consistency(videos[:3], y[:4])
+
+
+def test_eval_on_video_archives(test_clips, tmp_path, capsys):
+    from dtx.writers import save_npz
+
+    videos, y, _ = test_clips
+    real = save_npz(videos, tmp_path / "real.npz", labels=y, channel_dim=2)  # NFHWC, as `dtx sample` writes
+    code, out, err = run_eval(capsys, str(real), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["kind"] == "videos" and res["num_samples"] == len(y) and res["video_shape"] == [8, 1, 32, 32]
+    assert res["frame_consistency"] >= 0.95 and res["accuracy"] == res["frame_consistency"]
+    assert res["clip_consistency"] >= 0.95 and res["moving"] == 1.0
+    assert res["fd_digits"] < 3 * res["fd_real_test_baseline"] + 1 and res["fid"] is None and res["fid_skipped"]
+
+    frozen = save_npz(videos[:, :1].expand(-1, 8, -1, -1, -1), tmp_path / "frozen.npz", labels=y, channel_dim=2)
+    code, out, _ = run_eval(capsys, str(frozen), "--json")
+    assert code == 0 and json.loads(out)["moving"] == 0.0
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    code, out, _ = run_eval(capsys, str(save_npz(videos, tmp_path / "s.npz", labels=shuffled, channel_dim=2)), "--json")
+    assert code == 0 and json.loads(out)["frame_consistency"] < 0.25
+
+    code, out, err = run_eval(capsys, str(real))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("samples ") and f"({len(y)} videos, 8 frames of 1x32x32)" in lines[0]
+    assert lines[1].startswith("frame_consistency  0.9") and lines[2].startswith("clip_consistency   0.9")
+    assert any(line.startswith("moving             1.0000") for line in lines), out
+
+    code, out, _ = run_eval(capsys, str(save_npz(videos[:5], tmp_path / "u.npz", channel_dim=2)))
+    assert code == 0 and "frame_consistency  n/a (archive has no labels)" in out
+
+    small = save_npz(torch.zeros(2, 4, 1, 8, 8), tmp_path / "small.npz", labels=[0, 1], channel_dim=2)
+    assert_one_line_error(*run_eval(capsys, str(small))[::2], "16x16", "8x8")
+    save_npz(videos[:4], tmp_path / "badlab.npz", labels=[0, 1, 2, 10], channel_dim=2)
+    assert_one_line_error(*run_eval(capsys, str(tmp_path / "badlab.npz"))[::2], "0..9")

@@ -4,6 +4,9 @@ requested class, and its penultimate features give a Fréchet distance to the re
 The weights ship in ``weights/digits_classifier.safetensors``; ``train_digits_classifier(seed)`` regenerates them
 (``python -m dtx.evaluation.digits``) from the ``train`` split of ``dtx.data.digits``. Any input size that is a
 multiple of 8 is area-downsampled to 8x8 first, which exactly undoes the dataset's nearest upsampling.
+
+Videos of one moving digit (Latte's ``moving-digits``: a 2x-upscaled 16x16 digit on a black 32x32 canvas) are scored
+frame by frame with :func:`frame_consistency`: each frame's digit is located, cropped and classified.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from ..errors import CheckpointError, ShapeError
 WEIGHTS = Path(__file__).parent / "weights" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
 NUM_CLASSES = 10
+CROP = 16  # side of the window cut around each video frame's digit (moving-digits' sprite)
+BRIGHT = 0.0  # a pixel above mid grey is part of the digit: it finds the digit and its centroid
+LIT = -0.8  # a pixel this bright (just above 1/16 of full ink) near the digit is part of its extent and mass
+MARGIN = 4  # how far (px) around the first window lit pixels are taken into account
+MOVING_PX = 1.0  # a clip "moves" when its digit's centroid gets this far from where it started
 
 
 class DigitsClassifier(nn.Module):
@@ -127,6 +135,152 @@ def digits_features(images: torch.Tensor, model: DigitsClassifier | None = None,
     """Penultimate features ``[N, 64]`` for a Fréchet distance in the classifier's feature space."""
     model = model or _shipped()
     return torch.cat([model.features(chunk) for chunk in images.cpu().split(batch_size)])
+
+
+# -- videos of one moving digit ----------------------------------------------------------------------------------
+
+def _grey_frames(videos: torch.Tensor, crop: int) -> torch.Tensor:
+    """``[N, F, 1|3, H, W]`` in [-1, 1] -> grey ``[N, F, H, W]`` (channel mean), checking the layout and sizes."""
+    v = torch.as_tensor(videos)
+    if v.dim() != 5 or v.shape[2] not in (1, 3) or 0 in v.shape:
+        raise ShapeError(f"videos must be non-empty [N, F, 1 or 3, H, W] in [-1, 1], got {tuple(v.shape)}")
+    if crop < 8 or crop % 8:
+        raise ShapeError(f"the digit crop must be a multiple of 8, got {crop}")
+    if v.shape[-2] < crop or v.shape[-1] < crop:
+        raise ShapeError(f"video frames must be at least {crop}x{crop} to crop a digit, got "
+                         f"{v.shape[-2]}x{v.shape[-1]}")
+    return v.detach().cpu().float().mean(dim=2)
+
+
+def _extent(mask: torch.Tensor, fallback: torch.Tensor, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left ``[M, 2]`` and bottom-right ``[M, 2]`` (inclusive) of the bounding box of each ``[M, H, W]`` mask,
+    counting only pixels inside a ``block`` x ``block`` square of set pixels (2: isolated pixels do not count);
+    ``fallback`` (both corners) where nothing counts."""
+    m, h, w = mask.shape
+    if block > 1:  # corners of all-set squares, then the squares' extent
+        mask = -F.max_pool2d(-mask.float().unsqueeze(1), block, stride=1).squeeze(1) > 0
+    rows, cols = mask.any(2), mask.any(1)
+    ir, ic = torch.arange(rows.shape[1]), torch.arange(cols.shape[1])
+    first = torch.stack([torch.where(rows, ir, h).min(1).values, torch.where(cols, ic, w).min(1).values], 1)
+    last = torch.stack([torch.where(rows, ir, -1).max(1).values, torch.where(cols, ic, -1).max(1).values], 1)
+    last = last + (block - 1)
+    found = mask.flatten(1).any(1)[:, None]
+    return (torch.where(found, first.to(fallback.dtype), fallback),
+            torch.where(found, last.to(fallback.dtype), fallback))
+
+
+def _window(centre: torch.Tensor, crop: int, h: int, w: int, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-left corners ``[M, 2]`` of ``crop``-sided windows centred on ``centre``, clamped to the frame; with
+    ``grid``, each corner is moved by one pixel where needed to lie an even distance from ``grid``."""
+    exact = centre - (crop - 1) / 2
+    origin = torch.round(exact)
+    if grid is not None:
+        odd = (origin - grid).remainder(2) == 1
+        origin = torch.where(odd, origin + torch.where(exact >= origin, 1.0, -1.0), origin)
+    origin = origin.long()
+    origin[:, 0].clamp_(0, h - crop)
+    origin[:, 1].clamp_(0, w - crop)
+    return origin
+
+
+def locate_digits(frames: torch.Tensor, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the digit of each grey frame ``[M, H, W]`` (in [-1, 1]) is.
+
+    Returns the centroid ``[M, 2]`` (row, col) of the digit's bright pixels (above mid grey, weighted by how far;
+    it translates exactly with the digit, for ``moving``) and the top-left corner ``[M, 2]`` of a ``crop`` x
+    ``crop`` window around the digit, clamped to the frame:
+
+    1. a first window is centred on the bounding box of the bright pixels (robust to faint noise);
+    2. the lit pixels (above ``LIT``, in 2x2 squares, so isolated noise does not count) within ``MARGIN`` px of it
+       place the final window: vertically on their bounding box, horizontally on their ink-weighted centroid --
+       scikit-learn digits fill their 8x8 box top to bottom and sit left-right by mass, so this finds the original
+       8x8 placement more often than a box or a centroid on both axes (98.4% vs 97.7% / 86% of real frames read
+       right);
+    3. the corner is moved by one pixel where needed to lie an even distance from the lit box's corner: a
+       nearest-upscaled digit's box starts on its 2x2 pixel grid, so area-downsampling the window then gives the
+       8x8 digit with no block split.
+
+    A frame with no bright pixel gets the frame's centre and a centred window.
+    """
+    m, h, w = frames.shape
+    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=frames.dtype).expand(m, 2)
+    weight = frames.clamp_min(BRIGHT) - BRIGHT
+    mass = weight.sum(dim=(1, 2))
+    rows = torch.arange(h, dtype=frames.dtype)
+    cols = torch.arange(w, dtype=frames.dtype)
+    centroid = torch.stack([(weight.sum(2) * rows).sum(1), (weight.sum(1) * cols).sum(1)], 1)
+    centroid = torch.where((mass > 0)[:, None], centroid / mass.clamp_min(1e-12)[:, None], centre)
+
+    top_left, bottom_right = _extent(frames > BRIGHT, centre)
+    first = _window((top_left + bottom_right) / 2, crop, h, w)
+    r, c = rows[None, :, None], cols[None, None, :]
+    near = ((r >= first[:, 0, None, None] - MARGIN) & (r < first[:, 0, None, None] + crop + MARGIN)
+            & (c >= first[:, 1, None, None] - MARGIN) & (c < first[:, 1, None, None] + crop + MARGIN))
+    lit = (frames > LIT) & near
+    top_left, bottom_right = _extent(lit, centre, block=2)
+    ink = (frames - LIT).clamp_min(0) * lit
+    ink_mass = ink.sum(dim=(1, 2)).clamp_min(1e-12)
+    across = (ink.sum(1) * cols).sum(1) / ink_mass
+    target = torch.stack([(top_left[:, 0] + bottom_right[:, 0]) / 2, across], 1)
+    origin = _window(target, crop, h, w, grid=top_left)
+    return centroid, torch.where((mass > 0)[:, None], origin, first)
+
+
+def digit_crops(frames: torch.Tensor, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The located digit of each grey frame ``[M, H, W]`` as ``[M, 1, 8, 8]`` (a ``crop`` window downsampled by
+    area), and the frames' centroids ``[M, 2]``."""
+    centroid, origin = locate_digits(frames, crop)
+    offsets = torch.arange(crop)
+    r = (origin[:, 0, None] + offsets)[:, :, None]
+    c = (origin[:, 1, None] + offsets)[:, None, :]
+    windows = frames[torch.arange(len(frames))[:, None, None], r, c]
+    return F.avg_pool2d(windows.unsqueeze(1), crop // 8), centroid
+
+
+@torch.no_grad()
+def frame_consistency(videos: torch.Tensor, labels: torch.Tensor | None = None,
+                      model: DigitsClassifier | None = None, crop: int = CROP) -> dict[str, float | int | None]:
+    """Per-frame scores of videos ``[N, F, 1|3, H, W]`` in [-1, 1] that each show one moving digit.
+
+    Every frame's digit is located (:func:`locate_digits`), cropped, downsampled to 8x8 and classified. Returned:
+
+    - ``frame_consistency``: fraction of all frames classified as their clip's requested label;
+    - ``clip_consistency``: fraction of clips classified right in every frame (both None without ``labels``);
+    - ``label_agreement``: fraction of frames classified as their clip's most frequent prediction (no labels needed);
+    - ``moving``: fraction of clips whose digit centroid gets at least ``MOVING_PX`` (1 px) away from its position in
+      the first frame at some frame (a frozen clip scores 0; a digit that bounces back still counts as moving);
+    - ``mean_displacement_px``: the mean over clips of that largest distance;
+    - ``num_videos`` and ``frames``.
+    """
+    grey = _grey_frames(videos, crop)
+    n, f = grey.shape[:2]
+    crops, centroid = digit_crops(grey.reshape(n * f, *grey.shape[2:]), crop)
+    pred = digits_logits(crops, model).argmax(1).view(n, f)
+    centroid = centroid.view(n, f, 2)
+    displacement = (centroid - centroid[:, :1]).norm(dim=-1).amax(dim=1)
+    majority = pred.mode(dim=1).values
+    out: dict[str, float | int | None] = {"num_videos": n, "frames": f, "frame_consistency": None,
+                                          "clip_consistency": None}
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).cpu().long()
+        if len(labels) != n:
+            raise ShapeError(f"{n} videos but {len(labels)} labels")
+        right = pred == labels[:, None]
+        out["frame_consistency"] = right.float().mean().item()
+        out["clip_consistency"] = right.all(dim=1).float().mean().item()
+    out["label_agreement"] = (pred == majority[:, None]).float().mean().item()
+    out["moving"] = (displacement >= MOVING_PX).float().mean().item()
+    out["mean_displacement_px"] = displacement.mean().item()
+    return out
+
+
+@torch.no_grad()
+def video_digit_features(videos: torch.Tensor, model: DigitsClassifier | None = None,
+                         crop: int = CROP) -> torch.Tensor:
+    """Classifier features ``[N * F, 64]`` of every frame's located 8x8 digit (for a Fréchet distance)."""
+    grey = _grey_frames(videos, crop)
+    crops, _ = digit_crops(grey.flatten(0, 1), crop)
+    return digits_features(crops, model)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """``dtx eval``: score a sample archive written by ``dtx sample`` against the real digits.
 
-The archive holds ``arr_0`` (uint8 NHWC, from clamp(127.5 x + 128, 0, 255)) and ``labels`` (int64 [N], the requested
-classes). Reported: the digits classifier's accuracy on the requested labels, the Fréchet distance to the real
-digits in the classifier's feature space, and FID when torchmetrics and local Inception weights are available.
+The archive holds ``arr_0`` (uint8 NHWC images or NFHWC videos, from clamp(127.5 x + 128, 0, 255)) and ``labels``
+(int64 [N], the requested classes). Reported for images: the digits classifier's accuracy on the requested labels,
+the Fréchet distance to the real digits in the classifier's feature space, and FID when torchmetrics and local
+Inception weights are available. For videos of one moving digit (Latte's ``moving-digits``), every frame's digit is
+located and classified (``dtx.evaluation.digits.frame_consistency``): the fraction of frames showing the requested
+digit, of clips right in every frame, and of clips whose digit moves; the Fréchet distance uses the located digits.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def find_samples(path: str | Path) -> Path:
 
 
 def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 images ``[N, C, H, W]`` and the requested labels (None if the archive has none) from an ``.npz``."""
+    """uint8 images ``[N, C, H, W]`` (or videos ``[N, F, C, H, W]`` from NFHWC) and the requested labels (None if the
+    archive has none) from an ``.npz``."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -50,10 +54,10 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     arr = arrays["arr_0"]
     if arr.ndim == 3:
         arr = arr[..., None]
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3) or len(arr) == 0:
-        raise DataError(f"{path}: arr_0 must be non-empty uint8 NHWC with 1 or 3 channels, got {arr.dtype} "
-                        f"{arr.shape}")
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    if arr.dtype != np.uint8 or arr.ndim not in (4, 5) or arr.shape[-1] not in (1, 3) or 0 in arr.shape:
+        raise DataError(f"{path}: arr_0 must be non-empty uint8 NHWC (images) or NFHWC (videos) with 1 or 3 "
+                        f"channels, got {arr.dtype} {arr.shape}")
+    images = torch.from_numpy(arr).movedim(-1, -3).contiguous()
     labels = arrays.get("labels")
     if labels is None:
         return images, None
@@ -90,6 +94,8 @@ def evaluate_samples(path: str | Path, reference: str = "train",
 
     archive = find_samples(path)
     images, labels = load_samples(archive)
+    if images.dim() == 5:
+        return _evaluate_videos(archive, images, labels, reference)
     n, c, h, w = images.shape
     if h != w or h % 8:
         raise DataError(f"{archive}: digits evaluation needs square images with a side that is a multiple of 8, "
@@ -97,11 +103,9 @@ def evaluate_samples(path: str | Path, reference: str = "train",
     x = to_unit(images)
     test_x, test_y = digits_arrays("test", 8)
     real_stats = reference_stats(reference)
-    result: dict[str, Any] = {"path": str(archive), "num_samples": n, "image_shape": [c, h, w]}
+    result: dict[str, Any] = {"path": str(archive), "kind": "images", "num_samples": n, "image_shape": [c, h, w]}
     if labels is not None:
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise DataError(f"{archive}: labels must be digit classes 0..9, got range "
-                            f"{labels.min().item()}..{labels.max().item()}")
+        _check_labels(archive, labels, NUM_CLASSES)
         result["accuracy"] = digits_accuracy(x, labels)
     else:
         result["accuracy"] = None
@@ -121,6 +125,63 @@ def evaluate_samples(path: str | Path, reference: str = "train",
     return result
 
 
+def _check_labels(archive: Path, labels: torch.Tensor, num_classes: int) -> None:
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{archive}: labels must be digit classes 0..{num_classes - 1}, got range "
+                        f"{labels.min().item()}..{labels.max().item()}")
+
+
+def _evaluate_videos(archive: Path, videos: torch.Tensor, labels: torch.Tensor | None,
+                     reference: str) -> dict[str, Any]:
+    """Scores of uint8 videos ``[N, F, C, H, W]`` that each show one moving digit (see ``frame_consistency``)."""
+    from ..data.digits import NUM_CLASSES, digits_arrays
+    from .digits import CROP, digits_accuracy, frame_consistency, video_digit_features
+    from .frechet import feature_stats, frechet_distance_from_stats
+
+    n, f, c, h, w = videos.shape
+    if h < CROP or w < CROP:
+        raise DataError(f"{archive}: video evaluation crops a {CROP}x{CROP} digit from each frame; frames are only "
+                        f"{h}x{w}")
+    if labels is not None:
+        _check_labels(archive, labels, NUM_CLASSES)
+    x = to_unit(videos)
+    scores = frame_consistency(x, labels)
+    test_x, test_y = digits_arrays("test", 8)
+    real_stats = reference_stats(reference)
+    result: dict[str, Any] = {"path": str(archive), "kind": "videos", "num_samples": n, "video_shape": [f, c, h, w]}
+    result.update({k: v for k, v in scores.items() if k not in ("num_videos", "frames")})
+    result["accuracy"] = scores["frame_consistency"]  # per-frame accuracy on the requested labels
+    result["classifier_test_accuracy"] = digits_accuracy(test_x, test_y)
+    result["fd_digits"] = None
+    if n * f >= 2:
+        result["fd_digits"] = frechet_distance_from_stats(*feature_stats(video_digit_features(x)), *real_stats)
+    result["fd_reference"] = f"digits/{reference}"
+    if reference != "test":
+        result["fd_real_test_baseline"] = frechet_distance_from_stats(*reference_stats("test"), *real_stats)
+    result["fid"], result["fid_skipped"] = None, "not computed for videos"
+    return result
+
+
+def _print_videos(result: dict[str, Any]) -> None:
+    f, c, h, w = result["video_shape"]
+    print(f"samples            {result['path']} ({result['num_samples']} videos, {f} frames of {c}x{h}x{w})")
+    if result["frame_consistency"] is None:
+        print("frame_consistency  n/a (archive has no labels)")
+        print("clip_consistency   n/a (archive has no labels)")
+    else:
+        print(f"frame_consistency  {result['frame_consistency']:.4f}  (frames classified as the requested digit; "
+              f"classifier on the real test digits: {result['classifier_test_accuracy']:.4f})")
+        print(f"clip_consistency   {result['clip_consistency']:.4f}  (clips right in every frame)")
+    print(f"label_agreement    {result['label_agreement']:.4f}  (frames agreeing with their clip's majority class)")
+    print(f"moving             {result['moving']:.4f}  (clips whose digit moves >= 1 px; mean largest "
+          f"displacement {result['mean_displacement_px']:.2f} px)")
+    fd = "n/a" if result["fd_digits"] is None else f"{result['fd_digits']:.4f}"
+    base = result.get("fd_real_test_baseline")
+    print(f"fd_digits          {fd}  (located digits) vs {result['fd_reference']}"
+          + (f" (real test digits score {base:.4f})" if base is not None else ""))
+    print(f"fid                skipped: {result['fid_skipped']}")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="samples .npz written by `dtx sample`, or a run folder (its newest .npz is used)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -134,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_samples(args.path, args.reference, args.inception_weights)
     if args.json:
         print(json.dumps(result, indent=2))
+        return 0
+    if result["kind"] == "videos":
+        _print_videos(result)
         return 0
     c, h, w = result["image_shape"]
     print(f"samples    {result['path']} ({result['num_samples']} images, {c}x{h}x{w})")
