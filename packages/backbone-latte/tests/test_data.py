@@ -185,11 +185,11 @@ def test_image_label_conditioner_contract():
     out = cond.encode({"y_image": torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)}, torch.device("cpu"))
     assert out["y_image"].dtype == torch.long and out["y_image"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert torch.equal(cond.null_fields(2)["y_image"], torch.full((2, 3), 10))
-    subjects = cond.subjects(SampleRequest(classes=[3, 7]))
-    assert [s["y_image"].tolist() for s in subjects] == [[[3, 3, 3]], [[7, 7, 7]]]
-    assert len(cond.subjects(SampleRequest())) == 10
-    with pytest.raises(ConfigError, match="out of range"):
-        cond.subjects(SampleRequest(classes=[10]))
+    # sampling: clips without images, so no image labels reach the model
+    assert cond.subjects(SampleRequest(classes=[3, 7])) is None
+    for fields in (cond.default_fields(4), cond.guidance_null(SampleRequest(), 4)):
+        assert fields["y_image"].shape == (4, 0)
+        assert cond.encode(fields, torch.device("cpu")) == {}
     with pytest.raises(ShapeError):
         cond.encode({"y_image": torch.tensor([1, 2])}, torch.device("cpu"))
     with pytest.raises(ShapeError):
@@ -220,4 +220,36 @@ def test_image_labels_in_a_conditioning_stage():
     assert y.shape == (64, 3) and 10 < int(dropped.sum()) < 54  # whole rows dropped, about half of them
     assert torch.equal(y[~dropped], batch["y_image"][~dropped])
     raw, n = stage.request_fields(SampleRequest(classes=[1, 2]), per_subject=2)
-    assert n == 4 and raw["y_image"].tolist() == [[1] * 3, [1] * 3, [2] * 3, [2] * 3]
+    assert n == 2 and raw["y_image"].shape == (2, 0)  # no subjects of its own: the other conditioners count
+
+
+def test_joint_training_batches_and_sampling_through_a_tiny_latte():
+    """A joint-training batch trains a tiny Latte with y and y_image; sampling-time conditions run it on clips."""
+    model_module = pytest.importorskip("dtx_latte.model")
+    from dtx.conditioning import ClassLabelConditioner
+
+    torch.manual_seed(0)
+    model = model_module.Latte(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                               num_frames=4, num_classes=10, use_image_num=2, learn_sigma=False)
+    data = MovingDigits("test", frames=4, use_image_num=2)
+    members = []
+    for key, cond in (("y", ClassLabelConditioner()), ("y_image", ImageLabelConditioner())):
+        cond.bind(model, data.info)
+        members.append(Member(key, key, cond, cond.default_dropout, {}))
+    stage = ConditioningStage(members)
+    batch = next(iter(DataLoader(data, batch_size=3)))
+    kwargs = stage.training_kwargs(batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert set(kwargs) == {"y", "y_image"} and kwargs["y_image"].shape == (3, 2)
+    out = model(batch["x"], torch.tensor([1, 500, 999]), **kwargs)
+    assert out.shape == (3, 6, 1, 32, 32)
+    out.square().mean().backward()
+
+    raw, n = stage.request_fields(SampleRequest(classes=[4, 5]), per_subject=1)
+    steps = stage.guidance_steps(2.0)
+    sets, scales = stage.condition_sets(SampleRequest(classes=[4, 5]), raw, steps, torch.device("cpu"))
+    assert n == 2 and scales == [2.0] and [sorted(s) for s in sets] == [["y"], ["y"]]
+    assert sets[0]["y"].tolist() == [10, 10] and sets[1]["y"].tolist() == [4, 5]
+    with torch.no_grad():
+        for kw in sets:  # sampled clips: 4 frames, no images, no y_image
+            assert model(torch.randn(2, *data.info.sample_shape), torch.tensor([10, 10]), **kw).shape == (2, 4, 1,
+                                                                                                          32, 32)

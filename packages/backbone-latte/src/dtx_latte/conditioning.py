@@ -3,7 +3,11 @@
 A joint-training batch carries ``y_image`` [B, k]: the classes of the k still frames appended to each clip
 (``moving-digits`` with ``use_image_num = k``). Latte gives each image frame its own class embedding in the spatial
 condition, so the labels go to the model as its keyword ``y_image``; the null condition is the model's null class,
-as for ``y`` (``dtx.conditioning.ClassLabelConditioner``).
+as for ``y`` (``dtx.conditioning.ClassLabelConditioner``), dropped per sample (all k labels together).
+
+Sampling generates clips only (``DataInfo.frames`` counts the clip's frames, without the images), and the model
+refuses ``y_image`` for a clip without appended images. So at sampling time the conditioner yields "no images":
+labels of shape ``[n, 0]``, for which ``encode`` passes no keyword (the model then conditions on ``y`` alone).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ class ImageLabelConditioner(Conditioner):
     """Integer labels ``y_image`` [B, k] of the joint-training images -> model keyword ``y_image``.
 
     ``bind`` reads the model's ``null_class`` (the null condition; 10% dropout by default when there is one),
-    ``num_classes`` and ``use_image_num`` (k). Sampling requests name classes: each requested class fills all k
-    image labels of its samples.
+    ``num_classes`` and ``use_image_num`` (k). Training batches carry ``[B, k]``; at sampling time (requests,
+    defaults, guidance) the fields are ``[n, 0]`` and ``encode`` passes nothing: sampled clips have no images.
     """
 
     fields = ("y_image",)
@@ -64,6 +68,8 @@ class ImageLabelConditioner(Conditioner):
         if y.ndim != 2 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ShapeError(f"image labels y_image must be integers of shape [B, k], got {y.dtype} "
                              f"{list(y.shape)}")
+        if y.shape[1] == 0:  # sampling: clips without appended images, so no image labels for the model
+            return {}
         if self.use_image_num and y.shape[1] != self.use_image_num:
             raise ShapeError(f"image labels y_image carry {y.shape[1]} labels per sample, but the model was built "
                              f"with use_image_num={self.use_image_num}")
@@ -76,11 +82,11 @@ class ImageLabelConditioner(Conditioner):
         return {"y_image": torch.full((n, self.use_image_num), self.null_class, dtype=torch.long)}
 
     def subjects(self, request: SampleRequest) -> list[Fields] | None:
-        if not self.num_classes:
-            return None
-        chosen = list(request.classes) or list(range(min(self.num_classes, 10)))
-        bad = [c for c in chosen if not 0 <= int(c) < self.num_classes]
-        if bad:
-            raise ConfigError(f"class {bad[0]} is out of range: this model has {self.num_classes} classes "
-                              f"(0..{self.num_classes - 1})")
-        return [{"y_image": torch.full((1, self.use_image_num), int(c), dtype=torch.long)} for c in chosen]
+        """None: a request names clip classes (``y``), and sampled clips carry no images to label."""
+        return None
+
+    def default_fields(self, n: int) -> Fields:
+        return {"y_image": torch.zeros((n, 0), dtype=torch.long)}
+
+    def guidance_null(self, request: SampleRequest, n: int) -> Fields:
+        return self.default_fields(n)
