@@ -1,5 +1,47 @@
-"""Plugin module of the Latte shell package: registers nothing until the Latte issue is done."""
+"""dtx plugin entry point of dtx-backbone-latte.
+
+Models: ``Latte`` (every option settable; defaults Latte-XL/2, 16 frames of 32x32 latents, unconditional) and the
+twelve presets ``Latte-{S,B,L,XL}/{2,4,8}``, all of family "latte", each registered with its closed-form cost
+(``flops=latte_counter``) and the DiT initialisation adapter (``init_from=init_from_dit``: ``model.init_from`` of a
+recipe). Checkpoint formats: ``latte-official`` (Vchitect/Latte ``.pt`` files). One hook per kind below; datasets,
+conditioners and recipes get hooks of their own.
+"""
 
 from __future__ import annotations
 
-SHELL = True
+from typing import Any, Callable
+
+from dtx.hookspecs import hookimpl
+
+
+def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
+    from .model import Latte, LatteConfig
+
+    def build(**overrides: Any) -> Latte:
+        return Latte(LatteConfig(**{**preset, **overrides}))
+
+    build.config_class = LatteConfig  # type: ignore[attr-defined]  # lets core reject unknown options by name
+    return build
+
+
+@hookimpl
+def dtx_register_models(register: Callable[..., Any]) -> None:
+    from .checkpoint import init_from_dit
+    from .flops import latte_counter
+    from .model import LATTE_PRESETS, LatteConfig
+
+    meta = dict(family="latte", config=LatteConfig, flops=latte_counter, init_from=init_from_dit)
+    register("Latte", _factory({}), **meta,
+             description="Latte video DiT with every option settable (defaults: XL/2, 16 frames of 32x32 latents)")
+    for name, preset in LATTE_PRESETS.items():
+        register(name, _factory(preset), **meta,
+                 description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads, "
+                             f"patch {preset['patch_size']}; variant, patch_embed, injection, temporal_pos options")
+
+
+@hookimpl
+def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
+    from . import checkpoint
+
+    register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
+             description="Vchitect/Latte .pt: released checkpoints and train.py {model, ema} files (EMA weights)")
