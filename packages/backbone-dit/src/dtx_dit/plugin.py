@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -20,14 +21,6 @@ def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
 
     build.config_class = DiTConfig  # type: ignore[attr-defined]  # lets core reject unknown options by name
     return build
-
-
-def _recipe_description(path: Path) -> str:
-    """The recipe's first comment line, if it starts with one."""
-    for line in path.read_text().splitlines():
-        if line.strip():
-            return line.strip().lstrip("#").strip() if line.lstrip().startswith("#") else ""
-    return ""
 
 
 @hookimpl
@@ -53,5 +46,4 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_recipes(register: Callable[..., Any]) -> None:
-    for path in sorted(RECIPES.glob("*.yaml")):
-        register(path.stem, str(path), description=_recipe_description(path))
+    register_recipe_folder(register, RECIPES)

@@ -3,15 +3,20 @@
 Models: ``Latte`` (every option settable; defaults Latte-XL/2, 16 frames of 32x32 latents, unconditional) and the
 twelve presets ``Latte-{S,B,L,XL}/{2,4,8}``, all of family "latte", each registered with its closed-form cost
 (``flops=latte_counter``) and the DiT initialisation adapter (``init_from=init_from_dit``: ``model.init_from`` of a
-recipe). Checkpoint formats: ``latte-official`` (Vchitect/Latte ``.pt`` files). One hook per kind below; datasets,
-conditioners and recipes get hooks of their own.
+recipe). Checkpoint formats: ``latte-official`` (Vchitect/Latte ``.pt`` files). Datasets: ``moving-digits`` (embedded,
+no download). Conditioners: ``image-labels`` (labels of the stills appended for image-video joint training). Recipes:
+``dtx_latte/recipes/*.yaml`` (``latte-moving-digits``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
+
+RECIPES = Path(__file__).parent / "recipes"
 
 
 def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
@@ -45,3 +50,24 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="Vchitect/Latte .pt: released checkpoints and train.py {model, ema} files (EMA weights)")
+
+
+@hookimpl
+def dtx_register_datasets(register: Callable[..., Any]) -> None:
+    from .data import MovingDigits
+
+    register("moving-digits", MovingDigits, description="scikit-learn digits bouncing in a 32x32 canvas, "
+                                                        "8 frames by default (no download)")
+
+
+@hookimpl
+def dtx_register_conditioners(register: Callable[..., Any]) -> None:
+    from .conditioning import ImageLabelConditioner
+
+    register("image-labels", ImageLabelConditioner, default_for=("y_image",),
+             description="class labels of the stills appended for image-video joint training (y_image)")
+
+
+@hookimpl
+def dtx_register_recipes(register: Callable[..., Any]) -> None:
+    register_recipe_folder(register, RECIPES)

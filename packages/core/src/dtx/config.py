@@ -156,3 +156,11 @@ def check(cond: bool, key: str, message: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``cond``; for range checks in ``validate()`` methods."""
     if not cond:
         raise ConfigError(f"bad value for config key {key!r}: {message}")
+
+
+def register_recipe_folder(register: Any, folder: str | os.PathLike) -> None:
+    """Register every ``*.yaml`` in ``folder`` as a recipe named by its stem, described by its first comment line
+    (for a plugin's ``dtx_register_recipes`` hook)."""
+    for path in sorted(Path(folder).glob("*.yaml")):
+        first = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+        register(path.stem, str(path), description=first.lstrip("#").strip() if first.startswith("#") else "")
