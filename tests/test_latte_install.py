@@ -3,13 +3,14 @@
 Like ``tests/test_clean_install.py`` (and with its ``fresh_venv`` fixture from ``tests/conftest.py``): a fresh venv
 with ``torch==2.13.0`` and copies of ``packages/core`` and ``packages/backbone-latte`` installed as a user installs
 them (not editable, declared dependencies only). Its ``dtx`` trains 3 steps of the ``latte-moving-digits`` recipe and
-samples 3 classes from the run; the sample writes a PNG frame grid, an NFHWC ``.npz`` and one GIF and one MP4 per
-video. Anything the video path imports but the two packages do not declare (the recipe file as package data, the
+samples from the run; the sample writes a PNG frame grid, an NFHWC ``.npz`` (which ``dtx eval`` scores per frame)
+and one GIF and one MP4 per video. Anything the video path imports but the two packages do not declare (the recipe file as package data, the
 dataset, the conditioner, the GIF/MP4 writers) fails here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,10 @@ def test_latte_install_trains_and_samples_moving_digits(fresh_venv):
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     for path in (png, png.with_suffix(".npz"), run / "s" / "sample_000.gif", run / "s" / "sample_000.mp4"):
         assert path.is_file() and path.stat().st_size > 0, f"no {path.relative_to(run)} in the run folder: {files}"
+
+    # the video archive scores per frame (values are meaningless after 3 steps; the path must work)
+    res = venv.run([dtx, "eval", str(png.with_suffix(".npz")), "--json"], timeout=300)
+    assert res.returncode == 0, f"dtx eval of the sampled videos failed: {venv.explain(res)}"
+    scores = json.loads(res.stdout)
+    assert scores["kind"] == "videos" and scores["num_samples"] >= 1 and scores["video_shape"] == [8, 1, 32, 32]
+    assert 0.0 <= scores["frame_consistency"] <= 1.0 and 0.0 <= scores["moving"] <= 1.0
