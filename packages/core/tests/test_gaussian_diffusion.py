@@ -284,8 +284,12 @@ def test_wrong_output_channels_and_bad_options_raise():
         GaussianDiffusion(d.betas, model_mean_type="eps")
     with pytest.raises(ConfigError, match="mutually exclusive"):
         create_diffusion(predict_xstart=True, predict_v=True)
-    with pytest.raises(ConfigError, match="unknown option.*steps"):
-        SAMPLERS["ddim"](d, lambda x, tm: torch.cat([x, x], 1), x, steps=5)
+    from dtx import plugins
+    from dtx.training.objectives import call_sampler
+
+    with pytest.raises(ConfigError, match="sampler 'ddim' has no option 'steps'.*options: eta"):
+        call_sampler(plugins.get("sampler", "ddim").obj, "ddim", lambda x, tm: torch.cat([x, x], 1), x, d, None,
+                     False, {"steps": 5})
 
 
 # --- respacing -----------------------------------------------------------------------------------------------------

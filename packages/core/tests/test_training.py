@@ -435,3 +435,27 @@ def test_init_from_starts_a_fresh_run_from_another_run_but_never_a_resumed_one(t
                    f"model.init_from={tmp_path / 'source'}")
     run_local(more)
     assert "init from" not in capsys.readouterr().err
+
+
+def test_sampler_options_from_the_recipe_and_the_command_line(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml")
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--runner", "local", "--out", str(out), "--max-steps", "1",
+                 "sample.sampler_options={eta: 1.0}"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--classes", "0", "--n-per-class", "2", "--sampler-option", "eta=0.5",
+                 "--out", str(tmp_path / "e.png")]) == 0
+    from dtx.conditioning import SampleRequest
+    from dtx.training.sampling import generate, load_for_sampling
+
+    setup = load_for_sampling(out)
+    draw = [generate(setup, SampleRequest(classes=[0]), per_subject=2, sampler="ddim", steps=5, seed=3,
+                     sampler_options=opts).x for opts in ({"eta": 0.0}, {"eta": 1.0}, {"eta": 1.0})]
+    assert torch.equal(draw[1], draw[2]) and not torch.allclose(draw[0], draw[1])  # the option reaches DDIM
+    capsys.readouterr()
+    assert main(["sample", str(out), "--sampler-option", "etta=1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "has no option 'etta' (did you mean 'eta'?)" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    code = main(["train", str(recipe), "--runner", "local", "--out", str(tmp_path / "bad"), "--max-steps", "1",
+                 "sample.sampler_options={etta: 1.0}"])
+    assert code == 2 and "sample.sampler_options" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -1,12 +1,16 @@
 """dtx plugin entry point of dtx-backbone-hdit: the HDiT models and presets (each with its analytic FLOP counter,
-``flops=hdit_counter``, read by the core's ``dtx flops``) and the k-diffusion checkpoint format. Recipes, when the
-package ships some, register through their own hook below these two."""
+``flops=hdit_counter``, read by the core's ``dtx flops``), the k-diffusion checkpoint format and the recipes shipped in
+``dtx_hdit/recipes`` (``hdit-digits``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
+
+RECIPES = Path(__file__).parent / "recipes"
 
 
 def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
@@ -49,3 +53,8 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="k-diffusion image_transformer_v2: train.py checkpoints (EMA weights), inference "
                          ".safetensors with their config, bare state dicts")
+
+
+@hookimpl
+def dtx_register_recipes(register: Callable[..., Any]) -> None:
+    register_recipe_folder(register, RECIPES)

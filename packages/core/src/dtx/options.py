@@ -27,7 +27,11 @@ def factory_options(factory: Any) -> set[str] | None:
 
 def check_options(what: str, factory: Any, given: Iterable[str]) -> None:
     """Raise one ``ConfigError`` naming each option ``factory`` does not accept, with a close match and the list."""
-    accepted = factory_options(factory)
+    check_names(what, factory_options(factory), given)
+
+
+def check_names(what: str, accepted: set[str] | None, given: Iterable[str]) -> None:
+    """``check_options`` against an explicit set of accepted names (None: anything)."""
     if accepted is None:
         return
     unknown = sorted(set(given) - accepted)

@@ -47,6 +47,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                                     "model folder or a checkpoint file a plugin reads")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, ... (default: the run's sample.sampler)")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler option (repeatable), e.g. eta=0 or solver_type=heun (default: the run's)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale over every condition (1 = off)")
     p.add_argument("--guide", type=_guide_step, action="append", metavar="KEYS=SCALE",
                    help="a nested guidance term (repeatable, in order), e.g. --guide motion=1.2 --guide text=7.5")
@@ -109,6 +111,17 @@ def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
     return load_vae(path).to(device)
 
 
+def _sampler_options(args: argparse.Namespace, run: Any) -> dict[str, Any]:
+    """The run's sampler options (kept only for the run's sampler) updated by ``--sampler-option``."""
+    from omegaconf import OmegaConf
+
+    from ..config import parse_dotlist
+
+    options = dict(run.sampler_options) if args.sampler in (None, run.sampler) else {}
+    options.update(OmegaConf.to_container(parse_dotlist(args.sampler_option), resolve=True))  # type: ignore[arg-type]
+    return options
+
+
 def _default_out(source: Path) -> Path:
     """``RUN/samples/sample.png`` for a run (also when given one of its checkpoints), else beside the source."""
     from ..checkpoint import MANIFEST, RUN_CHECKPOINTS
@@ -140,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                        steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
                        guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
                        guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
-                       progress=args.progress)
+                       progress=args.progress, sampler_options=_sampler_options(args, s))
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
     return 0

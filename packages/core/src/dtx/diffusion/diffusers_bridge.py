@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .gaussian import GaussianDiffusion, Model, reject_options
+from .gaussian import GaussianDiffusion, Model
 
 _PREDICTION_TYPES = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 
@@ -76,10 +76,8 @@ def scheduler_sample_loop(diffusion: GaussianDiffusion, scheduler: SchedulerMixi
 
 def ddim_diffusers_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                            model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                           progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0,
-                           **opts: Any) -> Tensor:
+                           progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
     """DDIM through diffusers' ``DDIMScheduler`` over the same steps; option ``eta``."""
-    reject_options("ddim-diffusers", opts, ("eta",))
     if eta < 0:
         raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
     scheduler = ddim_scheduler(diffusion, clip_denoised=clip_denoised)
@@ -90,10 +88,9 @@ def ddim_diffusers_sampler(diffusion: GaussianDiffusion, model: Model, noise: Te
 def dpm_solver_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                        model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
                        progress: bool = False, generator: torch.Generator | None = None, solver_order: int = 2,
-                       algorithm_type: str = "dpmsolver++", **opts: Any) -> Tensor:
+                       algorithm_type: str = "dpmsolver++") -> Tensor:
     """DPM-Solver(++) multistep through diffusers over steps K-1..1 of the chain, then to sigma = 0 (K-1 model calls);
     options ``solver_order``, ``algorithm_type``."""
-    reject_options("dpm-solver", opts, ("solver_order", "algorithm_type"))
     scheduler = dpm_solver_scheduler(diffusion, clip_denoised=clip_denoised, solver_order=solver_order,
                                      algorithm_type=algorithm_type)
     return scheduler_sample_loop(diffusion, scheduler, model, noise, model_kwargs, clip_denoised=clip_denoised,

@@ -371,27 +371,18 @@ class GaussianDiffusion:
 
 # --- samplers with the uniform registry signature ---------------------------------------------------------------------
 
-def reject_options(sampler: str, opts: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-    if opts:
-        raise ConfigError(f"sampler {sampler!r} got unknown option(s) {', '.join(sorted(opts))}; "
-                          f"it accepts: {', '.join(allowed) or 'none'}")
-
-
 def ddpm_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                  model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                 progress: bool = False, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
+                 progress: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """Ancestral DDPM sampling (DiT's ``p_sample_loop``)."""
-    reject_options("ddpm", opts, ())
     return diffusion.p_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                    generator=generator)
 
 
 def ddim_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                  model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                 progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0,
-                 **opts: Any) -> Tensor:
+                 progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
     """DDIM sampling (ADM's ``ddim_sample_loop``); option ``eta``."""
-    reject_options("ddim", opts, ("eta",))
     return diffusion.ddim_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                       generator=generator, eta=eta)
 

@@ -16,6 +16,18 @@ import torch
 
 Sampler = Callable[..., torch.Tensor]
 
+#: arguments the adapters themselves pass; everything else a sampler takes is a user option (eta, solver_type, ...)
+_CALL_ARGS = {"diffusion", "model", "noise", "model_kwargs", "clip_denoised", "progress", "generator", "x", "sigmas",
+              "extra_args", "callback", "disable", "noise_sampler"}
+
+
+def option_names(sampler: Sampler) -> set[str] | None:
+    """The options a registered sampler accepts (None: it takes any keyword)."""
+    from ..options import factory_options
+
+    names = factory_options(getattr(sampler, "__wrapped__", sampler))
+    return None if names is None else names - _CALL_ARGS
+
 
 def discrete(fn: Callable[..., torch.Tensor]) -> Sampler:
     """A DDPM/DDIM-style ``fn(diffusion, model, noise, model_kwargs, ...)`` in the common signature."""

@@ -48,6 +48,9 @@ class ObjectiveConfig:
     predict_v: bool = False
     sigma_data: float = 0.5
     sigma_sample: Literal["log-normal", "cosine-interpolated"] = "log-normal"
+    image_d: Optional[int] = None  # cosine-interpolated: image size in pixels (None: the data's larger side)
+    noise_d_low: int = 32  # cosine-interpolated: the low-resolution end of the shifted schedules
+    noise_d_high: Optional[int] = None  # cosine-interpolated: the high end (None: image_d)
     p_mean: float = -1.2
     p_std: float = 1.2
     sigma_min: float = 0.002
@@ -90,6 +93,7 @@ class SampleConfig:
 
     every: int = 0
     sampler: str = "ddim"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # e.g. {eta: 0.0, solver_type: heun}
     steps: int = 50
     cfg: float = 1.0
     guide_channels: Optional[int] = None

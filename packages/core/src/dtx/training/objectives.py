@@ -10,7 +10,7 @@ Samplers of both kinds are called through one signature: ``sampler(model, x, sch
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from ..diffusion import noise_levels
 from ..diffusion.guidance import guided
 from ..errors import ConfigError, UnknownNameError
 from ..interface import ModelInterface, interface_of
-from ..options import factory_options
+from ..diffusion.sampler_api import option_names
+from ..options import check_names, factory_options
 from .config import ObjectiveConfig
 
 Cond = dict[str, torch.Tensor]
@@ -35,7 +36,8 @@ class Objective(Protocol):
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: torch.Generator | None,
-               guide_channels: int | None = None, progress: bool = False) -> torch.Tensor: ...
+               guide_channels: int | None = None, progress: bool = False,
+               options: Mapping[str, Any] | None = None) -> torch.Tensor: ...
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -67,6 +69,15 @@ def sampler_entry(name: str, kind: str) -> Callable[..., Any]:
 
 def schedule_entry(key: str, name: str, kind: str) -> Callable[..., Any]:
     return _entry(key, "schedule", name, kind, f"this objective needs a {kind} schedule:")
+
+
+def call_sampler(fn: Callable[..., torch.Tensor], name: str, net: Callable[..., torch.Tensor], x: torch.Tensor,
+                 schedule: Any, generator: torch.Generator | None, progress: bool,
+                 options: Mapping[str, Any] | None) -> torch.Tensor:
+    """Run a registered sampler with the recipe's/CLI's sampler options (eta, solver_type, ...), checked by name."""
+    options = dict(options or {})
+    check_names(f"sampler {name!r}", option_names(fn), options)
+    return fn(net, x, schedule, generator=generator, progress=progress, **options)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -103,14 +114,15 @@ class GaussianObjective:
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: torch.Generator | None,
-               guide_channels: int | None = None, progress: bool = False) -> torch.Tensor:
+               guide_channels: int | None = None, progress: bool = False,
+               options: Mapping[str, Any] | None = None) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
         if steps not in self._cache:
             self._cache[steps] = self._create(timestep_respacing=str(steps))
         noise = _randn(noise_shape, generator, _device(model))
         channels = guide_channels or self.iface.in_channels or noise_shape[self.iface.channel_dim]
         net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim)
-        return fn(net, noise, self._cache[steps], generator=generator, progress=progress)
+        return call_sampler(fn, sampler, net, noise, self._cache[steps], generator, progress, options)
 
 
 class KarrasObjective:
@@ -127,7 +139,7 @@ class KarrasObjective:
         if self.iface.learn_sigma:
             raise ConfigError("the karras objective predicts the denoised sample and has no learned variance; "
                               "set the model's learn_sigma to false or use objective.kind=gaussian")
-        self.image_size = max(info.height, info.width)
+        self.image_d = cfg.image_d or max(info.height, info.width) * info.vae_downsample  # pixels, as the reference
         self.schedule = schedule_entry("objective.sigma_schedule", cfg.sigma_schedule, "sigma")
         weighting = lookup("objective.weighting", "loss", cfg.weighting)
         if weighting.meta.get("kind") != "sigma-weighting":
@@ -145,8 +157,9 @@ class KarrasObjective:
         if c.sigma_sample == "log-normal":
             sigma = self.k.rand_log_normal((n,), loc=c.p_mean, scale=c.p_std, generator=generator)
         else:
-            sigma = self.k.rand_cosine_interpolated((n,), image_d=self.image_size, noise_d_low=32,
-                                                    noise_d_high=self.image_size, sigma_data=c.sigma_data,
+            sigma = self.k.rand_cosine_interpolated((n,), image_d=self.image_d, noise_d_low=c.noise_d_low,
+                                                    noise_d_high=c.noise_d_high or self.image_d,
+                                                    sigma_data=c.sigma_data,
                                                     min_value=min(c.sigma_min, 1e-3), max_value=max(c.sigma_max, 1e3),
                                                     generator=generator)
         return sigma.to(device)
@@ -160,7 +173,8 @@ class KarrasObjective:
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: torch.Generator | None,
-               guide_channels: int | None = None, progress: bool = False) -> torch.Tensor:
+               guide_channels: int | None = None, progress: bool = False,
+               options: Mapping[str, Any] | None = None) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
         device = _device(model)
         c = self.cfg
@@ -169,7 +183,7 @@ class KarrasObjective:
         x = _randn(noise_shape, generator, device) * sigmas[0]
         net = guided(self.denoiser(model), list(conds), list(scales), channels=guide_channels,
                      channel_dim=self.iface.channel_dim)
-        return fn(net, x, sigmas, generator=generator, progress=progress)
+        return call_sampler(fn, sampler, net, x, sigmas, generator, progress, options)
 
 
 def build_objective(cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> Objective:

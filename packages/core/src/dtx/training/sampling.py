@@ -54,7 +54,7 @@ class SamplingSetup:
 def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, sampler: str, steps: int,
              cfg_scale: float = 1.0, guidance: Sequence[GuidanceStep] = (), seed: int = 0,
              guide_channels: int | None = None, batch_size: int = 256, vae: Any = None,
-             progress: bool = False) -> Samples:
+             progress: bool = False, sampler_options: dict[str, Any] | None = None) -> Samples:
     """``per_subject`` samples of each subject of ``request`` (all classes/prompts; or ``per_subject`` in all)."""
     model, stage = setup.model, setup.stage
     raw, n = stage.request_fields(request, per_subject)
@@ -69,7 +69,7 @@ def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, 
             m = min(batch_size, n - start)
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
             x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sampler, steps, gen,
-                                       guide_channels=guide_channels, progress=progress)
+                                       guide_channels=guide_channels, progress=progress, options=sampler_options)
             if vae is not None:
                 from ..data.vae import decode
 

@@ -23,6 +23,8 @@ from ..config import to_yaml
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import atomic_write_text
 from ..models import create_model, load_state_dict_strict, model_spec
+from ..diffusion.sampler_api import option_names
+from ..options import check_names
 from ..preemption import stop_on_signals
 from .config import TrainConfig, config_dict
 from .context import RunContext
@@ -92,7 +94,9 @@ class Trainer:
         self.raw = model.to(self.device)
         self.ema.model.to(self.device)
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
-        sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training, on a bad sampler
+        sampler = sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training
+        check_names(f"sample.sampler_options: sampler {cfg.sample.sampler!r}", option_names(sampler),
+                    cfg.sample.sampler_options)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
                                        milestone_every=cfg.milestone_every or None)
@@ -159,7 +163,7 @@ class Trainer:
         request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
         samples = generate(setup, request, per_subject=s.n_per_class, sampler=s.sampler, steps=s.steps,
                            cfg_scale=s.cfg, guidance=s.guidance, seed=SAMPLE_SEED, guide_channels=s.guide_channels,
-                           vae=self.data.vae)
+                           vae=self.data.vae, sampler_options=s.sampler_options)
         return Path(write_samples(samples, self.out / "samples" / f"step_{self.step:07d}.png", fps=s.fps)["grid"])
 
     # -- one optimizer step --
