@@ -28,7 +28,8 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
     register("extract-latents", extract.configure_parser, run=extract.run,
              help="encode an image or video folder with a local diffusers AutoencoderKL into latent shards")
     register("eval", report.configure_parser, run=report.run,
-             help="score a samples .npz (or a run folder's newest): digits accuracy, Frechet distance, FID")
+             help="score a samples .npz (or a run folder's newest): digits accuracy, Frechet distance, FID; for "
+                  "videos frame consistency and motion")
 
 
 @hookimpl
