@@ -27,36 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
+
+from dtx.benchmarking import rss_peak_mb, timed
 
 VARIANTS = (1, 2, 3, 4)
 NAMES = {1: "interleaved", 2: "late fusion", 3: "factorised MHA", 4: "split-head MHA"}
-
-
-def _rss_peak_mb() -> float:
-    """The process's peak resident set so far in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and process-CPU milliseconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        wall.append((time.perf_counter() - w0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +51,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.frames, args.in_channels, args.input_size, args.input_size, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
-    rss0 = _rss_peak_mb()
+    rss0 = rss_peak_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model = dtx.create_model(args.preset, variant=args.variant, num_frames=args.frames, input_size=args.input_size,
@@ -86,8 +64,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             model(x, t)
 
     model.eval()
-    fwd_ms, fwd_cpu = _timed(forward, sync, args.warmup, args.repeats)
-    fwd_peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else _rss_peak_mb() - rss0
+    fwd_ms, fwd_cpu = timed(forward, sync, args.warmup, args.repeats)
+    fwd_peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else rss_peak_mb() - rss0
 
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
@@ -99,8 +77,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    step_ms, step_cpu = _timed(train_step, sync, args.warmup, args.repeats)
-    step_peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else _rss_peak_mb() - rss0
+    step_ms, step_cpu = timed(train_step, sync, args.warmup, args.repeats)
+    step_peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else rss_peak_mb() - rss0
     return {"variant": args.variant, "name": NAMES[args.variant], "preset": args.preset, "frames": args.frames,
             "input_size": args.input_size, "in_channels": args.in_channels, "batch": args.batch,
             "device": str(device), "threads": torch.get_num_threads(), "repeats": args.repeats,
