@@ -152,6 +152,7 @@ def fake_natten(monkeypatch):
     monkeypatch.setattr(A, "_natten", lambda: types.SimpleNamespace(na2d=recorder))
     torch_path = _Recorder(A.neighborhood_attention_torch)
     monkeypatch.setattr(A, "neighborhood_attention_torch", torch_path)
+    monkeypatch.setattr(A, "MASKED_MAX_TOKENS", 0)  # these tests follow NATTEN vs the gather path
     return recorder, torch_path
 
 
@@ -223,3 +224,28 @@ def test_cuda_dispatcher_uses_natten_with_grad_and_matches_brute_force(monkeypat
     assert len(natten_path.calls) == 1 and qc.grad is not None
     expected = brute_force_na(*(t.half().double() for t in (q, k, v)), (3, 3))
     torch.testing.assert_close(out.double().cpu(), expected, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 8, 8, 2, 8), (7, 7)), ((1, 5, 9, 3, 4), (3, 5)), ((1, 4, 4, 1, 8), (9, 9))])
+def test_masked_path_equals_brute_force_with_gradients(shape, kernel):
+    q, k, v = (t.double().requires_grad_() for t in _qkv(shape, seed=3))
+    out = A.neighborhood_attention_masked(q, k, v, kernel, 0.7)
+    ref = brute_force_na(q, k, v, tuple(min(a, b) for a, b in zip(kernel, shape[1:3])), 0.7)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+def test_auto_uses_the_masked_path_on_small_maps_and_gathers_on_large(monkeypatch):
+    masked, gather = _Recorder(A.neighborhood_attention_masked), _Recorder(A.neighborhood_attention_torch)
+    monkeypatch.setattr(A, "neighborhood_attention_masked", masked)
+    monkeypatch.setattr(A, "neighborhood_attention_torch", gather)
+    monkeypatch.setattr(A, "_natten", lambda: None)
+    q, k, v = _qkv((1, 8, 8, 2, 8))
+    A.neighborhood_attention(q, k, v, 3)
+    monkeypatch.setattr(A, "MASKED_MAX_TOKENS", 63)
+    A.neighborhood_attention(q, k, v, 3)
+    A.neighborhood_attention(q, k, v, 3, backend="masked")
+    assert (len(masked.calls), len(gather.calls)) == (2, 1)

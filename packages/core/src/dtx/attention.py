@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from .errors import ConfigError, ShapeError
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
-NA_BACKENDS = ("auto", "natten", "torch")
+NA_BACKENDS = ("auto", "natten", "torch", "masked")
+#: maps of at most this many tokens use dense attention with a neighborhood mask (BLAS-friendly, far faster on CPU
+#: than gathering k x k windows, and exact); larger maps gather windows, whose memory grows with n k^2, not n^2
+MASKED_MAX_TOKENS = 1024
 
 
 @lru_cache(maxsize=None)
@@ -147,6 +150,28 @@ def neighborhood_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.to(q.dtype).reshape(b, h, w, nh, -1)
 
 
+@lru_cache(maxsize=32)
+def neighborhood_mask(h: int, w: int, kh: int, kw: int, device: torch.device) -> torch.Tensor:
+    """[HW, HW] bool: True where key j lies in query i's border-clamped kh x kw window (NATTEN's semantics)."""
+    iy = window_starts(h, kh, device)[:, None] + torch.arange(kh, device=device)  # [H, kh]
+    ix = window_starts(w, kw, device)[:, None] + torch.arange(kw, device=device)  # [W, kw]
+    flat = (iy[:, None, :, None] * w + ix[None, :, None, :]).reshape(h * w, kh * kw)  # [HW, kh*kw]
+    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
+    return mask.scatter_(1, flat, True)
+
+
+def neighborhood_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  kernel_size: int | tuple[int, int], scale: float | None = None) -> torch.Tensor:
+    """Neighborhood attention as dense SDPA with a window mask on heads-last [B, H, W, heads, D]; exact, autograd."""
+    b, h, w, nh, d = q.shape
+    kh, kw = _check_kernel(kernel_size, h, w)
+    scale = d ** -0.5 if scale is None else scale
+    mask = neighborhood_mask(h, w, kh, kw, q.device)
+    qf, kf, vf = (t.reshape(b, h * w, nh, -1).transpose(1, 2) for t in (q, k, v))  # [B, heads, HW, D]
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)  # [B, heads, HW, Dv]
+    return out.transpose(1, 2).reshape(b, h, w, nh, -1)
+
+
 def natten_can_run(q: torch.Tensor, *others: torch.Tensor) -> bool:
     """NATTEN is used when installed and either on CUDA or, on CPU, when no input (q, and k, v if given) needs grad."""
     if not has_natten():
@@ -171,7 +196,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     """2D neighborhood attention on heads-last [B, H, W, heads, D] tensors.
 
     Each query attends to the k x k keys of its border-clamped window; a kernel larger than the map is clamped
-    to the map (then it equals global attention). ``backend``: None/"auto", "natten" or "torch".
+    to the map (then it equals global attention). ``backend``: None/"auto", "natten", "masked" (dense SDPA with a
+    window mask) or "torch" (gathered windows). Auto: NATTEN where it can run (CUDA, or CPU without gradients), else
+    the masked path for maps of at most ``MASKED_MAX_TOKENS`` tokens, else the gather path.
     """
     if q.ndim != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ShapeError(f"neighborhood attention expects [B, H, W, heads, D] q/k/v, got "
@@ -185,4 +212,6 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         if not has_natten():
             raise ConfigError("natten is required for backend='natten' (pip install 'dtx-core[natten]')")
         return _natten_na2d(q, k, v, kernel, scale)
+    if backend == "masked" or (backend == "auto" and q.shape[1] * q.shape[2] <= MASKED_MAX_TOKENS):
+        return neighborhood_attention_masked(q, k, v, kernel, scale)
     return neighborhood_attention_torch(q, k, v, kernel, scale)

@@ -1,0 +1,35 @@
+"""Write the README's animation: one sample clip per digit from a trained run, side by side in one looping GIF.
+
+    python packages/backbone-latte/benchmarks/readme_gif.py RUN [--out packages/backbone-latte/docs/moving-digits.gif]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dtx.conditioning import SampleRequest
+    from dtx.training.sampling import generate, load_for_sampling
+    from dtx.writers import save_gif
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "moving-digits.gif"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    setup = load_for_sampling(args.run)
+    s = setup.cfg.sample
+    clips = generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=s.sampler, steps=s.steps,
+                     cfg_scale=s.cfg, seed=args.seed).x  # [10, F, C, H, W]
+    pad = torch.full((*clips.shape[:3], clips.shape[3], 2), -1.0)
+    row = torch.cat([torch.cat([c, p_], dim=-1) for c, p_ in zip(clips, pad)], dim=-1)  # [F, C, H, 10 * (W + 2)]
+    print(save_gif(row, args.out, fps=s.fps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
