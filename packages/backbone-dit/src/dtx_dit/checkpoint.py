@@ -18,24 +18,17 @@ from torch import nn
 from dtx.errors import CheckpointError
 from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, LoadOptions, create_model, load_state_dict_strict, model_entry,
                         read_safe)
+from dtx.models import select_state as dtx_select_state
 
 from .model import DIT_PRESETS, DiTConfig
 
 FORMAT = "dit-official"
 _SIGNATURE = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
-_PREFIXES = ("module.", "_orig_mod.")
 #: DiT's top-level modules; other families reuse DiT's key names (Latte adds ``temp_embed``), so anything else
 #: at the top level means the file is not a DiT
 _TOP_LEVEL = {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer"}
 #: (depth, hidden_size) -> num_heads of the paper's sizes; heads cannot be read from tensor shapes
 _KNOWN_HEADS = {(p["depth"], p["hidden_size"]): p["num_heads"] for p in DIT_PRESETS.values()}
-
-
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def _is_dit_state(state: dict[str, Any]) -> bool:
@@ -44,17 +37,7 @@ def _is_dit_state(state: dict[str, Any]) -> bool:
 
 def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The DiT state dict inside a loaded checkpoint object and where it came from ("ema", "model", "state_dict")."""
-    if not isinstance(obj, dict):
-        return None, ""
-    for key in (("ema", "model") if use_ema else ("model", "ema")):
-        if isinstance(obj.get(key), dict):
-            state = _strip_prefixes(obj[key])
-            if _is_dit_state(state):
-                return state, key
-    state = _strip_prefixes(obj)
-    if _is_dit_state(state):
-        return state, "state_dict"
-    return None, ""
+    return dtx_select_state(obj, _is_dit_state, ("ema", "model"), use_ema)
 
 
 def detect(path: Path, obj: Any) -> bool:

@@ -8,42 +8,23 @@ registered with every DiT model as its ``flops`` counter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dtx.costs import ANALYTIC, Cost
+from dtx.costs import ANALYTIC, ClosedFormCost, Cost, linear_params
 
 from .model import DiTConfig
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the t-MLP
 
 
-@dataclass
-class DiTCost:
-    """Per-image forward cost and parameter counts of one configuration."""
-
-    macs: int
-    params: int  # all parameters, including the frozen pos_embed table
-    frozen_params: int  # pos_embed
-
-    @property
-    def gflops(self) -> float:
-        """The paper's "Gflops": multiply-accumulates / 1e9."""
-        return self.macs / 1e9
-
-    @property
-    def real_gflops(self) -> float:
-        return 2 * self.macs / 1e9
-
-    @property
-    def trainable_params(self) -> int:
-        return self.params - self.frozen_params
+DiTCost = ClosedFormCost  # per-sample forward MACs and parameters (frozen tables counted apart)
 
 
-def _linear(n_in: int, n_out: int) -> int:
-    return n_in * n_out + n_out
+
+
+_linear = linear_params
 
 
 def dit_cost(config: DiTConfig) -> DiTCost:

@@ -25,6 +25,7 @@ from torch import nn
 
 from dtx.errors import CheckpointError, ConfigError
 from dtx.models import LoadOptions, create_model, load_state_dict_strict, model_entry
+from dtx.models import select_state as dtx_select_state
 
 from .model import (HDIT_PRESETS, GlobalAttentionSpec, HDiTConfig, NeighborhoodAttentionSpec, NoAttentionSpec,
                     attention_to_dict, parse_attention)
@@ -37,23 +38,10 @@ _SIGNATURE = ("patch_in.proj.weight", "time_emb.weight", "time_in_proj.weight", 
               "mapping.in_norm.scale", "mid_level.0.ff.up_proj.weight", "out_norm.scale", "patch_out.proj.weight")
 _TOP_LEVEL = {"patch_in", "time_emb", "time_in_proj", "aug_emb", "aug_in_proj", "class_emb", "mapping_cond_in_proj",
               "mapping", "down_levels", "up_levels", "mid_level", "merges", "splits", "out_norm", "patch_out"}
-_PREFIXES = ("module.", "_orig_mod.", "inner_model.")
 #: options that do not change the state dict; a preset keeps its own values of every other option
 _NON_ARCH = ("input_size", "dropout", "mapping_dropout", "grad_checkpointing")
 #: innermost token grid assumed for a bare state dict (16x16 in every configuration of the paper)
 INNER_TOKENS = 16
-
-
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    state = dict(state)
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
 
 
 def _is_hdit_state(state: Mapping[str, Any]) -> bool:
@@ -63,18 +51,9 @@ def _is_hdit_state(state: Mapping[str, Any]) -> bool:
 
 def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str, dict | None]:
     """(state dict, where it came from: "model_ema" / "model" / "state_dict", the k-diffusion config or None)."""
-    if not isinstance(obj, Mapping):
-        return None, "", None
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
-    for key in (("model_ema", "model") if use_ema else ("model", "model_ema")):
-        if isinstance(obj.get(key), Mapping):
-            state = _strip_prefixes(obj[key])
-            if _is_hdit_state(state):
-                return state, key, config
-    state = _strip_prefixes(obj)
-    if _is_hdit_state(state):
-        return state, "state_dict", None
-    return None, "", None
+    state, where = dtx_select_state(obj, _is_hdit_state, ("model_ema", "model"), use_ema)
+    config = obj.get("config") if where not in ("", "state_dict") and isinstance(obj.get("config"), Mapping) else None
+    return state, where, config
 
 
 def detect(path: Path, obj: Any) -> bool:

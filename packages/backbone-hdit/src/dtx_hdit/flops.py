@@ -14,24 +14,17 @@ from typing import Any
 
 from torch import nn
 
-from dtx.costs import ANALYTIC, Cost
+from dtx.costs import ANALYTIC, ClosedFormCost, Cost
 
 from .model import (GlobalAttentionSpec, HDiTConfig, NeighborhoodAttentionSpec, NoAttentionSpec,
                     ShiftedWindowAttentionSpec, attention_label, attention_to_dict, parse_attention)
 
 
 @dataclass
-class HDiTCost:
-    """Per-image forward cost and trainable parameter count of one configuration at one input size."""
+class HDiTCost(ClosedFormCost):
+    """Per-image forward MACs (the paper's "GFLOP" x 1e9) and parameters of one configuration at one input size."""
 
-    macs: int
-    params: int
     levels: list[dict[str, Any]] = field(default_factory=list)  # per level: tokens, layers, attention, GMACs
-
-    @property
-    def gflops(self) -> float:
-        """The paper's "GFLOP": multiply-accumulates / 1e9."""
-        return self.macs / 1e9
 
 
 def _attention_macs(spec: Any, h: int, w: int, width: int) -> int:

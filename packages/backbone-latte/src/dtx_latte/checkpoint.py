@@ -23,24 +23,17 @@ from torch import nn
 from dtx.errors import CheckpointError
 from dtx.init_weights import InitReport
 from dtx.models import LoadOptions, create_model, load_state_dict_strict, model_entry
+from dtx.models import select_state as dtx_select_state
 
 from .model import LATTE_PRESETS, AxisBlock, LatteConfig
 
 FORMAT = "latte-official"
 _SIGNATURE = ("temp_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
-_PREFIXES = ("module.", "_orig_mod.")
 #: Latte's top-level modules (``text_embedding_projection``: the CLIP-text model, recognised to refuse it clearly)
 _TOP_LEVEL = {"pos_embed", "temp_embed", "x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer",
               "temporal_upsample", "text_embedding_projection"}
 #: (depth, hidden_size) -> num_heads of the paper's sizes; heads cannot be read from tensor shapes
 _KNOWN_HEADS = {(p["depth"], p["hidden_size"]): p["num_heads"] for p in LATTE_PRESETS.values()}
-
-
-def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in _PREFIXES:
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def _is_latte_state(state: dict[str, Any]) -> bool:
@@ -50,17 +43,7 @@ def _is_latte_state(state: dict[str, Any]) -> bool:
 
 def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The Latte state dict inside a loaded checkpoint object and where it came from ("ema", "model", "state_dict")."""
-    if not isinstance(obj, dict):
-        return None, ""
-    for key in (("ema", "model") if use_ema else ("model", "ema")):
-        if isinstance(obj.get(key), dict):
-            state = _strip_prefixes(obj[key])
-            if _is_latte_state(state):
-                return state, key
-    state = _strip_prefixes(obj)
-    if _is_latte_state(state):
-        return state, "state_dict"
-    return None, ""
+    return dtx_select_state(obj, _is_latte_state, ("ema", "model"), use_ema)
 
 
 def detect(path: Path, obj: Any) -> bool:

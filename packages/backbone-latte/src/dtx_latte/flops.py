@@ -9,41 +9,22 @@ the core's counter interface (``dtx.costs``, ``dtx flops``), registered with eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import nn
 
-from dtx.costs import ANALYTIC, Cost
+from dtx.costs import ANALYTIC, ClosedFormCost, Cost, linear_params
 
 from .model import AxisBlockSpec, FactorisedBlockSpec, LatteConfig, SplitHeadBlockSpec, block_layout
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the t-MLP
 
 
-@dataclass
-class LatteCost:
-    """Per-sample forward cost and parameter counts of one configuration."""
-
-    macs: int
-    params: int  # all parameters, including the frozen pos_embed / temp_embed tables
-    frozen_params: int
-
-    @property
-    def gflops(self) -> float:
-        """Multiply-accumulates / 1e9 (what DiT's and Latte's papers call "Gflops")."""
-        return self.macs / 1e9
-
-    @property
-    def real_gflops(self) -> float:
-        return 2 * self.macs / 1e9
-
-    @property
-    def trainable_params(self) -> int:
-        return self.params - self.frozen_params
+LatteCost = ClosedFormCost  # per-sample forward MACs and parameters (frozen tables counted apart)
 
 
-def _linear(n_in: int, n_out: int) -> int:
-    return n_in * n_out + n_out
+
+
+_linear = linear_params
 
 
 def latte_cost(config: LatteConfig, frames: int | None = None, images: int = 0) -> LatteCost:

@@ -28,6 +28,34 @@ MEASURED = "measured"
 
 
 @dataclass
+class ClosedFormCost:
+    """A family's closed-form count of one configuration: per-sample forward multiply-accumulates (the papers'
+    "Gflops") and parameters, the frozen tables (sin-cos positions) among them."""
+
+    macs: int
+    params: int
+    frozen_params: int = 0
+
+    @property
+    def gflops(self) -> float:
+        """The papers' "Gflops": multiply-accumulates / 1e9."""
+        return self.macs / 1e9
+
+    @property
+    def real_gflops(self) -> float:
+        return 2 * self.macs / 1e9
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params - self.frozen_params
+
+
+def linear_params(n_in: int, n_out: int) -> int:
+    """Weights and bias of a ``Linear(n_in, n_out)``."""
+    return n_in * n_out + n_out
+
+
+@dataclass
 class Cost:
     """Parameters and per-sample forward cost of one built model."""
 

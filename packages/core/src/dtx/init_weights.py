@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .models import DTX_CONFIG, DTX_WEIGHTS, LoadOptions, model_entry, model_spec, read_safe
-
-_PREFIXES = ("module.", "_orig_mod.")
+from .models import DTX_CONFIG, DTX_WEIGHTS, LoadOptions, model_entry, model_spec, read_safe, select_state
 
 Adapter = Callable[[nn.Module, dict[str, torch.Tensor]], "InitReport"]
 
@@ -43,13 +41,6 @@ class InitReport:
         return "\n".join(lines)
 
 
-def _strip(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def read_state_dict(source: str | os.PathLike, options: LoadOptions = LoadOptions()) -> dict[str, torch.Tensor]:
     """Tensors of a dtx folder, a training run (EMA or raw), or a file (a plain state dict, or a training checkpoint
     wrapping ``ema``/``model``), without knowing the architecture that wrote them."""
@@ -65,15 +56,15 @@ def read_state_dict(source: str | os.PathLike, options: LoadOptions = LoadOption
         return dict(state["ema" if options.weights == "ema" and "ema" in state else "model"])
     if path.is_dir():
         raise CheckpointError(f"model.init_from: {path} is neither a dtx model folder nor a training run")
-    obj = read_safe(path, trust=options.trust)
-    if isinstance(obj, dict):
-        for key in (("ema", "model") if options.weights == "ema" else ("model", "ema")):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    state, _ = select_state(read_safe(path, trust=options.trust), _is_tensor_dict,
+                            ("ema", "model_ema", "model"), options.weights == "ema")
+    if state is None:
         raise CheckpointError(f"model.init_from: {path} holds no state dict of tensors")
-    return _strip(dict(obj))
+    return state
+
+
+def _is_tensor_dict(state: dict[str, Any]) -> bool:
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def copy_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> InitReport:

@@ -7,7 +7,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -112,6 +112,42 @@ class LoadOptions:
     def __post_init__(self) -> None:
         if self.weights not in ("ema", "raw"):
             raise ConfigError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
+
+
+#: wrapper prefixes of saved state dicts: DDP, torch.compile, k-diffusion's Denoiser
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "inner_model.")
+
+
+def strip_prefixes(state: Mapping[str, Any], prefixes: Sequence[str] = WRAPPER_PREFIXES) -> dict[str, Any]:
+    """Drop wrapper prefixes that every key carries (repeatedly: ``module._orig_mod.`` too)."""
+    state = dict(state)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def select_state(obj: Any, fits: Callable[[dict[str, Any]], bool], wrappers: Sequence[str] = ("ema", "model"),
+                 use_ema: bool = True) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """The state dict a family's reader wants inside a loaded checkpoint object, and where it was found.
+
+    Training checkpoints wrap weights under ``wrappers`` (EMA first, the raw ones first with ``use_ema=False``);
+    else the object itself may be the state dict. ``fits(state)`` says whether keys (prefixes stripped) are the
+    family's. Returns (None, "") when nothing fits.
+    """
+    if not isinstance(obj, Mapping):
+        return None, ""
+    for key in (tuple(wrappers) if use_ema else tuple(reversed(wrappers))):
+        if isinstance(obj.get(key), Mapping):
+            state = strip_prefixes(obj[key])
+            if fits(state):
+                return state, key
+    state = strip_prefixes(obj)
+    return (state, "state_dict") if fits(state) else (None, "")
 
 
 def read_safe(path: Path, trust: bool = False) -> Any:
