@@ -152,7 +152,7 @@ def fake_natten(monkeypatch):
     monkeypatch.setattr(A, "_natten", lambda: types.SimpleNamespace(na2d=recorder))
     torch_path = _Recorder(A.neighborhood_attention_torch)
     monkeypatch.setattr(A, "neighborhood_attention_torch", torch_path)
-    monkeypatch.setattr(A, "MASKED_MAX_TOKENS", 0)  # these tests follow NATTEN vs the gather path
+    monkeypatch.setattr(A, "MASKED_MAX_LOGITS", 0)  # these tests follow NATTEN vs the gather path
     return recorder, torch_path
 
 
@@ -245,7 +245,7 @@ def test_auto_uses_the_masked_path_on_small_maps_and_gathers_on_large(monkeypatc
     monkeypatch.setattr(A, "_natten", lambda: None)
     q, k, v = _qkv((1, 8, 8, 2, 8))
     A.neighborhood_attention(q, k, v, 3)
-    monkeypatch.setattr(A, "MASKED_MAX_TOKENS", 63)
+    monkeypatch.setattr(A, "MASKED_MAX_LOGITS", 2 * 64 * 64 - 1)  # [1, 8, 8, 2 heads]: 2 x 64^2 logits
     A.neighborhood_attention(q, k, v, 3)
     A.neighborhood_attention(q, k, v, 3, backend="masked")
     assert (len(masked.calls), len(gather.calls)) == (2, 1)

@@ -18,9 +18,10 @@ from .errors import ConfigError, ShapeError
 
 BACKENDS = ("auto", "sdpa", "flash", "math")
 NA_BACKENDS = ("auto", "natten", "torch", "masked")
-#: maps of at most this many tokens use dense attention with a neighborhood mask (BLAS-friendly, far faster on CPU
-#: than gathering k x k windows, and exact); larger maps gather windows, whose memory grows with n k^2, not n^2
-MASKED_MAX_TOKENS = 1024
+#: neighborhood attention runs as dense attention with a window mask (BLAS-friendly, far faster on CPU than gathering
+#: k x k windows, and exact) while its B x heads x n^2 logits stay within this many elements (512 MiB in fp32);
+#: beyond that it gathers windows, whose memory grows with n k^2 instead of n^2
+MASKED_MAX_LOGITS = 2 ** 27
 
 
 @lru_cache(maxsize=None)
@@ -198,7 +199,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     Each query attends to the k x k keys of its border-clamped window; a kernel larger than the map is clamped
     to the map (then it equals global attention). ``backend``: None/"auto", "natten", "masked" (dense SDPA with a
     window mask) or "torch" (gathered windows). Auto: NATTEN where it can run (CUDA, or CPU without gradients), else
-    the masked path for maps of at most ``MASKED_MAX_TOKENS`` tokens, else the gather path.
+    the masked path while its dense logits fit ``MASKED_MAX_LOGITS`` elements, else the gather path.
     """
     if q.ndim != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ShapeError(f"neighborhood attention expects [B, H, W, heads, D] q/k/v, got "
@@ -212,6 +213,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         if not has_natten():
             raise ConfigError("natten is required for backend='natten' (pip install 'dtx-core[natten]')")
         return _natten_na2d(q, k, v, kernel, scale)
-    if backend == "masked" or (backend == "auto" and q.shape[1] * q.shape[2] <= MASKED_MAX_TOKENS):
+    n = q.shape[1] * q.shape[2]
+    if backend == "masked" or (backend == "auto" and q.shape[0] * q.shape[3] * n * n <= MASKED_MAX_LOGITS):
         return neighborhood_attention_masked(q, k, v, kernel, scale)
     return neighborhood_attention_torch(q, k, v, kernel, scale)
