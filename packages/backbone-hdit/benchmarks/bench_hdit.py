@@ -25,7 +25,7 @@ import subprocess
 import sys
 from typing import Any
 
-from dtx.benchmarking import rss_peak_mb, timed
+from dtx.benchmarking import reset_rss_peak, rss_peak_mb, timed
 
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "hdit": ("HDiT", {"patch_size": 4, "depths": [2, 2, 4], "widths": [128, 256, 512],
@@ -101,7 +101,7 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     cuda = device.type == "cuda"
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     level = torch.full((args.batch,), 1.0 if args.model == "hdit" else 500, device=device)
-    rss0 = rss_peak_mb()
+    rss0 = reset_rss_peak()
     model = build(args.model, args.size, device)
     forward, train_step = steps(model, x, level)
     forward()

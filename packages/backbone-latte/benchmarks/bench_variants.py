@@ -31,7 +31,7 @@ import subprocess
 import sys
 from typing import Any
 
-from dtx.benchmarking import rss_peak_mb, timed
+from dtx.benchmarking import reset_rss_peak, rss_peak_mb, timed
 
 VARIANTS = (1, 2, 3, 4)
 NAMES = {1: "interleaved", 2: "late fusion", 3: "factorised MHA", 4: "split-head MHA"}
@@ -51,7 +51,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.frames, args.in_channels, args.input_size, args.input_size, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
-    rss0 = rss_peak_mb()
+    rss0 = reset_rss_peak()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model = dtx.create_model(args.preset, variant=args.variant, num_frames=args.frames, input_size=args.input_size,

@@ -156,16 +156,18 @@ def fake_natten(monkeypatch):
     return recorder, torch_path
 
 
-def test_dispatcher_uses_natten_on_cpu_without_grad(fake_natten):
+def test_dispatcher_keeps_natten_off_on_cpu_unless_asked(fake_natten):
+    """On CPU NATTEN's path is slower than the core's and has no backward: auto never takes it; backend="natten" does,
+    with the kernel clamped to the map first."""
     natten_calls, torch_calls = fake_natten
     q, k, v = _qkv((1, 5, 4, 2, 8))
-    out = A.neighborhood_attention(q, k, v, 9)  # kernel clamped to the 5x4 map before NATTEN sees it
-    assert len(natten_calls.calls) == 1 and not torch_calls.calls
-    assert natten_calls.calls[0][1] == {"kernel_size": (5, 4), "scale": 8 ** -0.5}
-    torch.testing.assert_close(out, global_attention(q, k, v), atol=1e-5, rtol=0)
-    with torch.no_grad():  # requires_grad inputs, but no graph is being built
-        A.neighborhood_attention(q.requires_grad_(), k, v, 3)
-    assert len(natten_calls.calls) == 2 and not torch_calls.calls
+    with torch.no_grad():
+        auto = A.neighborhood_attention(q, k, v, 9)
+    assert not natten_calls.calls and len(torch_calls.calls) == 1
+    out = A.neighborhood_attention(q, k, v, 9, backend="natten")
+    assert len(natten_calls.calls) == 1 and natten_calls.calls[0][1] == {"kernel_size": (5, 4), "scale": 8 ** -0.5}
+    for result in (auto, out):
+        torch.testing.assert_close(result, global_attention(q, k, v), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])
@@ -204,11 +206,11 @@ def test_dispatcher_with_real_natten_picks_both_paths(monkeypatch):
     natten_path = _Recorder(A._natten_na2d)
     monkeypatch.setattr(A, "_natten_na2d", natten_path)
     q, k, v = _qkv((1, 6, 5, 2, 8), seed=7)
-    out = A.neighborhood_attention(q, k, v, 3)
+    out = A.neighborhood_attention(q, k, v, 3, backend="natten")
     assert len(natten_path.calls) == 1
     torch.testing.assert_close(out, brute_force_na(q, k, v, (3, 3)), atol=1e-5, rtol=0)
     q.requires_grad_()
-    A.neighborhood_attention(q, k, v, 3).sum().backward()  # NATTEN's CPU path would raise here
+    A.neighborhood_attention(q, k, v, 3).sum().backward()  # auto on CPU: the core's path (NATTEN's has no backward)
     assert len(natten_path.calls) == 1 and q.grad is not None
 
 

@@ -4,7 +4,7 @@
 Read top to bottom: helpers, the configuration (attention and level specs), layers (level specs become layers in
 one place, ``build_level``), the model, presets. Internals are channels-last [B, H, W, C]; every Linear is bias-free;
 the output projections are zero-initialised, so a fresh model outputs exactly 0. Neighborhood and global attention
-go through ``dtx.attention`` (NATTEN where it can run, else the pure-PyTorch path, which trains on CPU).
+go through ``dtx.attention`` (NATTEN on CUDA; on CPU the core's exact pure-PyTorch paths, which train).
 """
 
 from __future__ import annotations

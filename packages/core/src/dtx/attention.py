@@ -2,7 +2,7 @@
 
 Dense: flash-attn when importable and the inputs are CUDA fp16/bf16 without a mask, else PyTorch SDPA; ``math`` is
 an explicit softmax reference. ``DTX_ATTENTION=sdpa|flash|math`` forces a backend.
-Neighborhood: NATTEN where it can run (and, on CPU, only without autograd: its CPU path has no backward), else a
+Neighborhood: NATTEN's kernels on CUDA; on CPU an exact dense-attention path with a window mask (small maps) or a
 pure-PyTorch gather implementation with identical semantics (border-clamped windows of exactly k x k keys).
 """
 
@@ -198,8 +198,9 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
 
     Each query attends to the k x k keys of its border-clamped window; a kernel larger than the map is clamped
     to the map (then it equals global attention). ``backend``: None/"auto", "natten", "masked" (dense SDPA with a
-    window mask) or "torch" (gathered windows). Auto: NATTEN where it can run (CUDA, or CPU without gradients), else
-    the masked path while its dense logits fit ``MASKED_MAX_LOGITS`` elements, else the gather path.
+    window mask) or "torch" (gathered windows). Auto: NATTEN's kernels on CUDA; on CPU the masked path while its
+    dense logits fit ``MASKED_MAX_LOGITS`` elements, else the gather path (NATTEN 0.21's CPU path has no backward
+    and its forward is slower: 2.66 s vs 0.36 s for HDiT-Flowers256 at 256 px, measured by bench_hdit.py).
     """
     if q.ndim != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ShapeError(f"neighborhood attention expects [B, H, W, heads, D] q/k/v, got "
@@ -209,7 +210,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     backend = backend or "auto"
     if backend not in NA_BACKENDS:
         raise ConfigError(f"neighborhood attention backend {backend!r} is not one of {', '.join(NA_BACKENDS)}")
-    if backend == "natten" or (backend == "auto" and natten_can_run(q, k, v) and min(kernel) >= 2):
+    if backend == "natten" or (backend == "auto" and q.is_cuda and natten_can_run(q, k, v) and min(kernel) >= 2):
         if not has_natten():
             raise ConfigError("natten is required for backend='natten' (pip install 'dtx-core[natten]')")
         return _natten_na2d(q, k, v, kernel, scale)

@@ -9,8 +9,35 @@ import time
 from typing import Any, Callable
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak() -> float:
+    """Reset the kernel's peak-RSS mark to the current RSS where Linux allows it (``/proc/self/clear_refs``, value 5)
+    and return the current RSS in MiB, so that ``rss_peak_mb() - reset_rss_peak()`` is the peak growth from here
+    (without it, an import's transient peak would hide smaller later ones)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    current = _status_mb("VmRSS")
+    return current if current is not None else rss_peak_mb()
+
+
 def rss_peak_mb() -> float:
-    """The process's peak resident set so far in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set in MiB: VmHWM on Linux (resettable), else ``ru_maxrss``."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
