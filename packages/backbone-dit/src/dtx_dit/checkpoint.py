@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dtx.errors import CheckpointError
-from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, LoadOptions, create_model, load_state_dict_strict, model_entry,
+from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, LoadOptions, checkpoint_spec, create_model, load_state_dict_strict,
                         read_safe)
 from dtx.models import select_state as dtx_select_state
 
@@ -123,18 +123,7 @@ def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = L
         raise CheckpointError(f"{path}: no DiT weights found")
     args = _args_dict(obj)
     inferred_name, inferred = infer_config(state, args)
-    entry = model_entry(name or inferred_name)
-    arch = entry.name
-    if entry.meta.get("family") != "dit":
-        spec = dict(overrides)
-    else:
-        if arch == "DiT" and inferred_name != "DiT":
-            inferred = {**DIT_PRESETS[inferred_name], **inferred}
-        fixed = set(DIT_PRESETS.get(arch, {}))  # a named preset keeps its own depth, width, heads and patch
-        spec = {**{k: v for k, v in inferred.items() if k not in fixed}, **overrides}
-        if "input_size" not in spec:
-            raise CheckpointError(f"{path}: cannot infer the latent size (its pos_embed is not square); "
-                                  f"pass input_size=[height, width]")
+    arch, spec = checkpoint_spec(name, "dit", "DiT", inferred_name, inferred, DIT_PRESETS, overrides, path)
     model = create_model(arch, **spec)
     load_state_dict_strict(model, state, str(path))
     return model, {"weights": where, "source": str(path), "args": args}

@@ -22,7 +22,7 @@ from torch import nn
 
 from dtx.errors import CheckpointError
 from dtx.init_weights import InitReport
-from dtx.models import LoadOptions, create_model, load_state_dict_strict, model_entry
+from dtx.models import LoadOptions, checkpoint_spec, create_model, load_state_dict_strict
 from dtx.models import select_state as dtx_select_state
 
 from .model import LATTE_PRESETS, AxisBlock, LatteConfig
@@ -121,18 +121,7 @@ def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = L
     if state is None:
         raise CheckpointError(f"{path}: no Latte weights found")
     inferred_name, inferred = infer_config(state, overrides.get("num_heads"))
-    entry = model_entry(name or inferred_name)
-    arch = entry.name
-    if entry.meta.get("family") != "latte":
-        spec = dict(overrides)
-    else:
-        if arch == "Latte" and inferred_name != "Latte":
-            inferred = {**LATTE_PRESETS[inferred_name], **inferred}
-        fixed = set(LATTE_PRESETS.get(arch, {}))  # a named preset keeps its own depth, width, heads and patch
-        spec = {**{k: v for k, v in inferred.items() if k not in fixed}, **overrides}
-        if "input_size" not in spec:
-            raise CheckpointError(f"{path}: cannot infer the latent size (its pos_embed is not square); "
-                                  f"pass input_size=[height, width]")
+    arch, spec = checkpoint_spec(name, "latte", "Latte", inferred_name, inferred, LATTE_PRESETS, overrides, path)
     model = create_model(arch, **spec)
     load_state_dict_strict(model, state, str(path))
     return model, {"weights": where, "source": str(path)}

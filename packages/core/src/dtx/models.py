@@ -150,6 +150,28 @@ def select_state(obj: Any, fits: Callable[[dict[str, Any]], bool], wrappers: Seq
     return (state, "state_dict") if fits(state) else (None, "")
 
 
+def checkpoint_spec(name: str | None, family: str, base: str, inferred_name: str, inferred: dict[str, Any],
+                    presets: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Any],
+                    source: Path) -> tuple[str, dict[str, Any]]:
+    """(architecture, options) to build for a checkpoint whose options were ``inferred`` from its tensors.
+
+    ``name`` (the user's) wins over ``inferred_name``; a preset keeps its own fixed options (depth, width, heads,
+    patch), the bare ``base`` architecture takes the inferred preset's; ``overrides`` win over everything; a model
+    of another family gets the overrides alone. A latent size that could not be inferred is an error.
+    """
+    entry = model_entry(name or inferred_name)
+    if entry.meta.get("family") != family:
+        return entry.name, dict(overrides)
+    if entry.name == base and inferred_name != base:
+        inferred = {**presets[inferred_name], **inferred}
+    fixed = set(presets.get(entry.name, {}))
+    spec = {**{k: v for k, v in inferred.items() if k not in fixed}, **overrides}
+    if "input_size" not in spec:
+        raise CheckpointError(f"{source}: cannot infer the input size (its pos_embed is not square); "
+                              f"pass input_size=[height, width]")
+    return entry.name, spec
+
+
 def read_safe(path: Path, trust: bool = False) -> Any:
     """Read a checkpoint file without executing code: safetensors, or torch.load(weights_only=True)."""
     if path.suffix == ".safetensors":
