@@ -52,7 +52,7 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, apply_rotary,
-                        layer_norm, modulate, sincos_1d_torch, sincos_2d_torch, unpatchify)
+                        layer_norm, modulate, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
@@ -61,7 +61,6 @@ INJECTIONS: tuple[str, ...] = get_args(Injection)
 PATCH_EMBEDDINGS: tuple[str, ...] = get_args(PatchEmbedding)
 TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
 VARIANTS = (1, 2, 3, 4)
-ROPE_THETA = 10000.0
 
 
 @dataclass
@@ -423,12 +422,6 @@ class TubeletEmbed(nn.Module):
 
 
 _sincos_2d = functools.lru_cache(maxsize=16)(sincos_2d_torch)
-
-
-def rope_angles(head_dim: int, length: int, device: torch.device | None = None) -> torch.Tensor:
-    """[length, head_dim/2] rotary angles ``f * 10000^(-2k/head_dim)`` over frame indices f (pairs (k, k + hd/2))."""
-    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    return torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
 
 
 def interpolate_temp_embed(table: torch.Tensor, frames: int) -> torch.Tensor:

@@ -395,8 +395,11 @@ class ConditioningStage:
             raw.update(p)
         return raw, n
 
-    def guidance_steps(self, cfg_scale: float, steps: Sequence[GuidanceStep] = ()) -> list[GuidanceStep]:
-        """Explicit steps, or one classic-CFG step switching on every conditioner that has a null condition."""
+    def guidance_steps(self, cfg_scale: float, steps: Sequence[GuidanceStep] = (),
+                       scales: Mapping[str, float] | None = None) -> list[GuidanceStep]:
+        """Explicit ``steps``; else one term per entry of ``scales`` (registered conditioner name -> scale, e.g.
+        GenTron's ``motion``: 1.2) followed by a classic-CFG term at ``cfg_scale`` switching on every other
+        conditioner that has a null condition (none at ``cfg_scale`` 1)."""
         if steps:
             known = set(self.keys)
             for s in steps:
@@ -404,13 +407,21 @@ class ConditioningStage:
                 if bad:
                     raise ConfigError(f"guidance names conditioner {bad[0]!r}; this run has: {', '.join(self.keys)}")
             return list(steps)
+        first = []
+        for name, scale in (scales or {}).items():
+            keys = [m.key for m in self.members if m.name == name]
+            if not keys:
+                raise ConfigError(f"a guidance scale is set for conditioner {name!r}, which this run does not use "
+                                  f"(it has: {', '.join(m.name for m in self.members) or 'none'})")
+            first.append(GuidanceStep(keys=keys, scale=float(scale)))
         if cfg_scale == 1.0:
-            return []
-        keys = [m.key for m in self.members if m.conditioner.has_null]
+            return first
+        taken = {k for s in first for k in s.keys}
+        keys = [m.key for m in self.members if m.conditioner.has_null and m.key not in taken]
         if not keys:
             raise ConfigError("classifier-free guidance needs a conditioner with a null condition (a model trained "
                               "with condition dropout); use --cfg 1")
-        return [GuidanceStep(keys=keys, scale=float(cfg_scale))]
+        return first + [GuidanceStep(keys=keys, scale=float(cfg_scale))]
 
     def condition_sets(self, request: SampleRequest, raw: Fields, steps: Sequence[GuidanceStep],
                        device: torch.device, start: int = 0,

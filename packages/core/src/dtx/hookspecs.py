@@ -36,10 +36,11 @@ def dtx_register_models(register: Callable[..., Any]) -> None:
 def dtx_register_conditioners(register: Callable[..., Any]) -> None:
     """Register conditioners and text encoders.
 
-    ``register(name, factory, *, description="", default_for=("y",), sample_flags={"--flag": "help"})``:
-    ``factory(**options)`` returns a ``dtx.conditioning.Conditioner``. ``default_for`` names the batch keys (data
-    fields) this conditioner is used for when a recipe names none; ``sample_flags`` are the ``dtx sample`` flags it
-    reads, each with its help text.
+    ``register(name, factory, *, description="", default_for=("y",), sample_flags={"--flag": "help"},
+    sample_scales={"--motion-cfg": "help"})``: ``factory(**options)`` returns a ``dtx.conditioning.Conditioner``.
+    ``default_for`` names the batch keys (data fields) this conditioner is used for when a recipe names none;
+    ``sample_flags`` are the ``dtx sample`` flags it reads, each with its help text; ``sample_scales`` are
+    ``dtx sample`` options taking a guidance scale for this conditioner alone (a nested term before ``--cfg``'s).
     """
 
 

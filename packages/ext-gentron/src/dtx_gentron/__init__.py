@@ -1,4 +1,3 @@
-"""GenTron for dtx -- shell package: installable and discoverable, no models yet (see the roadmap)."""
+"""GenTron for dtx: text-to-image and text-to-video diffusion transformers with motion-free guidance."""
 
 __version__ = "0.1.0"
-IMPLEMENTED = False

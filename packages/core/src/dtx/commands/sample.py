@@ -42,6 +42,15 @@ def plugin_flags() -> dict[str, tuple[str, str]]:
     return flags
 
 
+def plugin_scales() -> dict[str, tuple[str, str]]:
+    """Guidance scales that registered conditioners declare: ``--flag`` -> (conditioner name, help)."""
+    scales: dict[str, tuple[str, str]] = {}
+    for name, entry in sorted(plugins.host().table("conditioner").items()):
+        for flag, help_text in dict(entry.meta.get("sample_scales") or {}).items():
+            scales.setdefault(flag, (name, help_text))
+    return scales
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="a run folder (newest checkpoint), a checkpoint folder, a dtx "
                                                     "model folder or a checkpoint file a plugin reads")
@@ -58,6 +67,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help="text for the unconditional guidance term instead of the empty prompt")
     for flag, (dest, help_text) in plugin_flags().items():
         p.add_argument(flag, dest=f"flag_{dest}", action="store_true", help=help_text)
+    for flag, (name, help_text) in plugin_scales().items():
+        p.add_argument(flag, dest=f"scale_{name.replace('-', '_')}", type=float, metavar="SCALE", help=help_text)
     p.add_argument("--set-flag", action="append", default=[], metavar="FIELD",
                    help="set a per-sample boolean condition field for every sample (repeatable)")
     p.add_argument("--n-per-class", type=int, default=8,
@@ -81,6 +92,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.cfg is not None and not math.isfinite(args.cfg):
         raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
+    for flag, (name, _) in plugin_scales().items():
+        value = getattr(args, f"scale_{name.replace('-', '_')}", None)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise ConfigError(f"--fps must be a positive number, got {args.fps}")
     if args.out and Path(args.out).suffix.lower() != ".png":
@@ -148,12 +163,17 @@ def run(args: argparse.Namespace) -> int:
     if not request.prompts and s.prompts:
         request.prompts = list(s.prompts)
     vae = _vae(args, setup, device)
+    scales = dict(s.guidance_scales)
+    for _, (name, _) in plugin_scales().items():
+        value = getattr(args, f"scale_{name.replace('-', '_')}", None)
+        if value is not None:
+            scales[name] = value
     default_out = _default_out(Path(args.source))
     samples = generate(setup, request, per_subject=args.n_per_class, sampler=args.sampler or s.sampler,
                        steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
                        guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
                        guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
-                       progress=args.progress, sampler_options=_sampler_options(args, s))
+                       progress=args.progress, sampler_options=_sampler_options(args, s), guidance_scales=scales)
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
     return 0

@@ -5,12 +5,12 @@ from .embeddings import FourierFeatures, LabelEmbedder, TimestepEmbedder, timest
 from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, geglu, modulate, rms_norm
 from .patch import PatchEmbed, unpatchify
 from .position import sincos_1d, sincos_1d_torch, sincos_2d, sincos_2d_torch
-from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos
+from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos, rope_angles
 from .transformer import Attention, CrossAttention, Mlp
 
 __all__ = [
     "AdaLNBlock", "AdaRMSNorm", "FinalLayer", "layer_norm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
     "Mlp", "PatchEmbed", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
-    "make_axial_pos", "modulate", "rms_norm", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
+    "make_axial_pos", "modulate", "rms_norm", "rope_angles", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
     "timestep_embedding", "unpatchify",
 ]

@@ -3,6 +3,8 @@ adaLN-modulated final layer, with DiT's official state-dict names (``adaLN_modul
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -19,6 +21,8 @@ class AdaLNBlock(nn.Module):
     """Transformer block conditioned through adaptive LayerNorm; ``gated`` adds adaLN-Zero's residual gates.
 
     The modulation vector is chunked as (shift, scale, gate) for attention, then for the MLP (gates only if gated).
+    ``between`` (a residual sub-layer ``x -> x'``, e.g. GenTron's cross- and temporal attention) runs between the
+    attention and the MLP, so families extend the block without copying it.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True) -> None:
@@ -30,13 +34,16 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                between: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = between(x) if between is not None else x
             return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = between(x) if between is not None else x
         return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 

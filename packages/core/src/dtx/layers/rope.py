@@ -1,4 +1,5 @@
-"""Axial rotary position embedding on 2D token grids (k-diffusion image_transformer_v2 convention)."""
+"""Rotary position embeddings: axial on 2D token grids (k-diffusion image_transformer_v2 convention) and 1D over a
+sequence index (Latte's and GenTron's temporal attention)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+
+ROPE_THETA = 10000.0
+
+
+def rope_angles(head_dim: int, length: int, device: torch.device | None = None) -> torch.Tensor:
+    """[length, head_dim/2] rotary angles ``i * 10000^(-2k/head_dim)`` over positions i (pairs (k, k + hd/2), as
+    ``apply_rotary`` rotates them)."""
+    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    return torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
 
 
 def _centers(start: float, stop: float, num: int, device: torch.device | None = None) -> torch.Tensor:

@@ -7,10 +7,12 @@ from torch import nn
 
 from ..attention import attention
 from ..errors import ConfigError
+from .rope import apply_rotary
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; qkv rows are [q; k; v] with heads contiguous, softmax scale d_head^-0.5."""
+    """Multi-head self-attention; qkv rows are [q; k; v] with heads contiguous, softmax scale d_head^-0.5; optional
+    rotary angles ``theta`` [N, d_head/2] (e.g. ``rope_angles``) rotate q and k."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
         super().__init__()
@@ -21,9 +23,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                theta: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if theta is not None:
+            q, k = apply_rotary(q, theta), apply_rotary(k, theta)
         x = attention(q, k, v, mask=mask)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 

@@ -87,8 +87,9 @@ class EMAConfig:
 class SampleConfig:
     """Sampling defaults for the periodic grids (``every`` steps, 0 = only at the end) and for ``dtx sample``.
 
-    ``cfg`` is classic guidance over every conditioner with a null condition; ``guidance`` lists nested terms
-    instead (each switches on more conditioners, e.g. motion then text), overriding ``cfg``.
+    ``cfg`` is classic guidance over every conditioner with a null condition; ``guidance_scales`` (registered
+    conditioner name -> scale, e.g. ``{motion: 1.2}``: GenTron's motion-free guidance) puts terms of their own
+    before it; ``guidance`` lists nested terms instead (each switches on more conditioners), overriding both.
     """
 
     every: int = 0
@@ -98,6 +99,7 @@ class SampleConfig:
     cfg: float = 1.0
     guide_channels: Optional[int] = None
     guidance: list[GuidanceStep] = field(default_factory=list)
+    guidance_scales: dict[str, float] = field(default_factory=dict)
     n_per_class: int = 4  # samples per subject (class or prompt); the total for unconditional models
     classes: list[int] = field(default_factory=list)  # empty: the first (up to) ten classes
     prompts: list[str] = field(default_factory=list)

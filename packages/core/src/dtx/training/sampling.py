@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,11 +54,13 @@ class SamplingSetup:
 def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, sampler: str, steps: int,
              cfg_scale: float = 1.0, guidance: Sequence[GuidanceStep] = (), seed: int = 0,
              guide_channels: int | None = None, batch_size: int = 256, vae: Any = None,
-             progress: bool = False, sampler_options: dict[str, Any] | None = None) -> Samples:
-    """``per_subject`` samples of each subject of ``request`` (all classes/prompts; or ``per_subject`` in all)."""
+             progress: bool = False, sampler_options: dict[str, Any] | None = None,
+             guidance_scales: Mapping[str, float] | None = None) -> Samples:
+    """``per_subject`` samples of each subject of ``request`` (all classes/prompts; or ``per_subject`` in all);
+    guidance: ``guidance`` terms, else ``guidance_scales`` terms then classic CFG at ``cfg_scale``."""
     model, stage = setup.model, setup.stage
     raw, n = stage.request_fields(request, per_subject)
-    plan = stage.guidance_steps(cfg_scale, guidance)
+    plan = stage.guidance_steps(cfg_scale, guidance, guidance_scales)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training

@@ -1,0 +1,399 @@
+"""GenTron (Chen et al., CVPR 2024): text-to-image and text-to-video diffusion transformers built from DiT's blocks.
+
+GenTron has no official code, so every choice the paper leaves open is made here and documented in the README:
+
+- **Blocks** are the core's DiT block (``dtx.layers.AdaLNBlock``: adaLN-Zero self-attention and MLP, DiT's state-dict
+  names) with sub-layers between the attention and the MLP:
+  - ``cross_attn``: PixArt-alpha's form (no norm, no gate, zero-initialised output projection) over the projected
+    text tokens, with the padding mask (conditioning "cross-attention", the paper's winner);
+  - T2V only, ``temp_norm`` + ``temp_attn`` = TempSelfAttn after the cross-attention: pre-LN self-attention over
+    the frames of each token position, ``(b f) n d -> (b n) f d``, with RoPE over the frame index (the paper is
+    silent on temporal positions; attention without them could not tell forward from backward motion) and its
+    output projection zero-initialised, so a T2V model built from a T2I model starts as the per-frame T2I model.
+- **Condition** c = t_emb + pooled_embedder(pooled text) drives adaLN (both designs); conditioning "adaln" has no
+  cross-attention (the paper's adaLN-Zero-with-text baseline).
+- **Text** ``context`` [B, L, context_dim] is projected once by ``y_proj`` (PixArt's caption MLP) to the model width;
+  with two encoders (CLIP + T5, ``context_dim_2``) even blocks attend to ``context`` and odd blocks to
+  ``context_2``. ``learned_null`` adds a learned null caption (``null_context``, PixArt's ``randn / sqrt(dim)`` init)
+  substituted where ``text_null`` is True; otherwise the null caption is the encoder's output for "".
+- **Motion-free mask** (``motion_free`` [B] bool): TempSelfAttn attends each frame to itself only, so its output is
+  the per-token map proj(W_v LN(x)) -- the layer is not skipped (spec section 6.1).
+
+Shapes: T2I ``x`` [B, C, H, W] (``GenTron``, ``channel_dim`` 1); T2V ``x`` [B, F, C, H, W] (``GenTronT2V``,
+``channel_dim`` 2), built when ``num_frames > 0``. Timesteps are DDPM indices in [0, 1000), as DiT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dtx.config import check
+from dtx.errors import ShapeError
+from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
+                        layer_norm, rope_angles, sincos_2d_torch, unpatchify)
+
+Conditioning = Literal["cross-attention", "adaln"]
+TemporalPos = Literal["rope", "none"]
+CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
+TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
+
+
+@dataclass
+class GenTronConfig:
+    """Architecture of one GenTron; the defaults are GenTron-XL/2 on 32x32x4 latents with the offline MiniLM text
+    encoder's width (384)."""
+
+    input_size: Any = 32  # latent side, or [height, width]
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # GenTron-XL/2: 4608 = 4 x 1152; G/2: 6656 = 4 x 1664
+    context_dim: int = 384  # width of the text tokens (MiniLM 384, CLIP-L 768, T5-XXL 4096)
+    context_dim_2: int = 0  # > 0: a second text sequence (CLIP + T5); odd blocks attend to it
+    text_length: int = 32  # tokens per caption (the encoder's max_length): the learned null's length
+    conditioning: Conditioning = "cross-attention"
+    learned_null: bool = False  # a learned null caption, substituted where ``text_null`` is True
+    num_frames: int = 0  # 0: text-to-image; > 0: text-to-video clips of this many frames (TempSelfAttn)
+    temporal_pos: TemporalPos = "rope"
+    learn_sigma: bool = True
+    grad_checkpointing: bool = False
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        size = self.input_size
+        if isinstance(size, int):
+            return size, size
+        h, w = size
+        return int(h), int(w)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.input_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.conditioning == "cross-attention"
+
+    def validate(self) -> "GenTronConfig":
+        size = self.input_size
+        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+                                       and all(isinstance(s, int) for s in size)),
+              "input_size", f"must be an int or [height, width], got {size!r}")
+        h, w = self.input_hw
+        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
+        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
+              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        for name in ("in_channels", "depth", "context_dim", "text_length"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.context_dim_2 >= 0, "context_dim_2", f"must be >= 0, got {self.context_dim_2}")
+        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check(self.hidden_size % 4 == 0, "hidden_size",
+              f"must be divisible by 4 for the 2D sin-cos position table, got {self.hidden_size}")
+        check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        check(self.conditioning in CONDITIONINGS, "conditioning",
+              f"{self.conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
+        check(self.num_frames >= 0, "num_frames", f"must be >= 0 (0 = text-to-image), got {self.num_frames}")
+        check(self.temporal_pos in TEMPORAL_POS, "temporal_pos",
+              f"{self.temporal_pos!r} is not one of {', '.join(TEMPORAL_POS)}")
+        check(self.temporal_pos != "rope" or (self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
+              f"rope rotates pairs of head dimensions, so the head size must be even, got "
+              f"{self.hidden_size // self.num_heads}")
+        return self
+
+
+#: The paper's two sizes (G/2: depth, width and MLP scaled together) and two small ones for CPU.
+GENTRON_PRESETS: dict[str, dict[str, int]] = {
+    "GenTron-S/2": {"depth": 12, "hidden_size": 384, "num_heads": 6, "patch_size": 2},
+    "GenTron-B/2": {"depth": 12, "hidden_size": 768, "num_heads": 12, "patch_size": 2},
+    "GenTron-XL/2": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 2},
+    "GenTron-G/2": {"depth": 48, "hidden_size": 1664, "num_heads": 16, "patch_size": 2},
+}
+
+
+# -- what one forward pass shares -------------------------------------------------------------------------------------
+
+@dataclass
+class Text:
+    """Projected text of one forward pass, per frame sequence: tokens [(B F), L, D] and key mask [(B F), L]."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class Frames:
+    """T2V layout: clips, frames, the rotary angles over frames and the motion-free attention mask."""
+
+    batch: int
+    frames: int
+    theta: torch.Tensor | None  # [F, head_dim / 2]
+    mask: torch.Tensor | None  # [(B n), 1, F, F] bool: identity for motion-free samples, all True otherwise
+
+
+# -- block -------------------------------------------------------------------------------------------------------------
+
+class GenTronBlock(AdaLNBlock):
+    """DiT's adaLN-Zero block (``norm1 attn norm2 mlp adaLN_modulation``) with ``cross_attn`` (cross-attention
+    conditioning) and, in T2V models, ``temp_norm`` + ``temp_attn`` (TempSelfAttn) between attention and MLP."""
+
+    def __init__(self, cfg: GenTronConfig, temporal: bool) -> None:
+        super().__init__(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, gated=True)
+        d = cfg.hidden_size
+        self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.cross_attention else None
+        self.temp_norm = layer_norm(d, affine=True) if temporal else None
+        self.temp_attn = Attention(d, cfg.num_heads, qkv_bias=True) if temporal else None
+
+    def _between(self, x: torch.Tensor, text: Text | None, frames: Frames | None) -> torch.Tensor:
+        if self.cross_attn is not None and text is not None:
+            x = x + self.cross_attn(x, text.tokens, text.mask)  # [(B F), N, D]; PixArt: no norm, no gate
+        if self.temp_attn is not None and frames is not None:
+            h = rearrange(x, "(b f) n d -> (b n) f d", b=frames.batch)  # [(B N), F, D]
+            h = self.temp_attn(self.temp_norm(h), mask=frames.mask, theta=frames.theta)  # [(B N), F, D]
+            x = x + rearrange(h, "(b n) f d -> (b f) n d", b=frames.batch)  # [(B F), N, D]
+        return x
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: Text | None = None,  # type: ignore[override]
+                frames: Frames | None = None) -> torch.Tensor:
+        return super().forward(x, c, between=lambda h: self._between(h, text, frames))
+
+
+_sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
+
+
+# -- model -------------------------------------------------------------------------------------------------------------
+
+class GenTron(nn.Module):
+    """Text-to-image GenTron: ``forward(x, t, context, context_mask, pooled)`` -> [B, out_channels, H, W]."""
+
+    channel_dim = 1
+    noise_input = "timestep"
+    num_timesteps = 1000
+    num_classes = 0
+
+    def __init__(self, config: GenTronConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = dataclasses.replace(config, **overrides) if config is not None else GenTronConfig(**overrides)
+        self.config = cfg.validate()
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.in_channels, self.out_channels, self.learn_sigma = cfg.in_channels, cfg.out_channels, cfg.learn_sigma
+        self.patch_size, self.grid_size = p, cfg.grid
+        self.context_dim = cfg.context_dim
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.pooled_embedder = Mlp(cfg.context_dim, d, act_layer=nn.SiLU, out_features=d)
+        self.y_proj = Mlp(cfg.context_dim, d, out_features=d) if cfg.cross_attention else None
+        self.y_proj_2 = (Mlp(cfg.context_dim_2, d, out_features=d)
+                         if cfg.cross_attention and cfg.context_dim_2 else None)
+        if cfg.learned_null:
+            self.null_context = nn.Parameter(torch.randn(cfg.text_length, cfg.context_dim) / cfg.context_dim ** 0.5)
+            self.null_context_2 = (nn.Parameter(torch.randn(cfg.text_length, cfg.context_dim_2)
+                                                / cfg.context_dim_2 ** 0.5) if cfg.context_dim_2 else None)
+        else:
+            self.null_context = self.null_context_2 = None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
+        self.blocks = nn.ModuleList([GenTronBlock(cfg, temporal=cfg.num_frames > 0) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, p, self.out_channels)
+        self.gradient_checkpointing = cfg.grad_checkpointing
+        self.initialize_weights()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, *self.config.input_hw)
+
+    def initialize_weights(self) -> None:
+        """DiT's init (xavier linears, zero biases, N(0, 0.02) t-MLP, zero adaLN and final linear) plus PixArt's
+        N(0, 0.02) caption MLP and zero cross-attention projection, and a zero TempSelfAttn projection: the output
+        is exactly 0 at init, and a T2V model equals its T2I model frame by frame."""
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d_torch(self.config.hidden_size, *self.grid_size))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for mlp in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.pooled_embedder.fc1,
+                    self.pooled_embedder.fc2):
+            nn.init.normal_(mlp.weight, std=0.02)
+        for proj in (self.y_proj, self.y_proj_2):
+            if proj is not None:
+                nn.init.normal_(proj.fc1.weight, std=0.02)
+                nn.init.normal_(proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            for sub in (block.cross_attn, block.temp_attn):
+                if sub is not None:
+                    nn.init.zeros_(sub.proj.weight)
+                    nn.init.zeros_(sub.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # -- inputs ------------------------------------------------------------------------------------------------------
+
+    def example_conditions(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Text inputs of the configured shapes (for ``dtx flops`` and the conformance checks)."""
+        cfg, n = self.config, self.config.text_length
+        out = {"context": torch.zeros(batch, n, cfg.context_dim, device=device),
+               "context_mask": torch.ones(batch, n, dtype=torch.bool, device=device),
+               "pooled": torch.zeros(batch, cfg.context_dim, device=device)}
+        if cfg.context_dim_2:
+            out["context_2"] = torch.zeros(batch, n, cfg.context_dim_2, device=device)
+            out["context_mask_2"] = torch.ones(batch, n, dtype=torch.bool, device=device)
+        return out
+
+    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+        if (grid_h, grid_w) == self.grid_size:
+            return self.pos_embed
+        return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=like.dtype)
+
+    def _timesteps(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            return t.expand(n)
+        if t.shape != (n,):
+            raise ShapeError(f"GenTron expects t of shape [{n}], got {list(t.shape)}")
+        return t
+
+    def _text(self, context: torch.Tensor | None, mask: torch.Tensor | None, null_param: torch.Tensor | None,
+              text_null: torch.Tensor | None, width: int, b: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked text tokens [B, L, width] and mask [B, L] (all True when none), the learned null substituted."""
+        if context is None:
+            raise ShapeError(f"GenTron needs text: {name} [B, L, {width}] (run a text conditioner)")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != width:
+            raise ShapeError(f"{name} must be [{b}, L, {width}], got {list(context.shape)}")
+        if mask is None:
+            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        if mask.shape != context.shape[:2]:
+            raise ShapeError(f"{name} mask must be {list(context.shape[:2])}, got {list(mask.shape)}")
+        mask = mask.bool()
+        if text_null is not None and null_param is not None:
+            if null_param.shape[0] != context.shape[1]:
+                raise ShapeError(f"{name} has {context.shape[1]} tokens but the learned null caption has "
+                                 f"{null_param.shape[0]} (text_length)")
+            drop = text_null.bool().view(b, 1, 1)
+            context = torch.where(drop, null_param.to(context.dtype)[None], context)
+            mask = mask | drop.view(b, 1)
+        return context, mask
+
+    def _condition(self, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                   pooled: torch.Tensor | None, text_null: torch.Tensor | None) -> torch.Tensor:
+        """c = t_emb + pooled_embedder(pooled text) [B, D]; without ``pooled``, the masked mean of the tokens."""
+        if pooled is None or (text_null is not None and self.null_context is not None):
+            weights = mask.to(context.dtype).unsqueeze(-1)  # [B, L, 1]
+            mean = (context * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, C_txt]
+            pooled = mean if pooled is None else torch.where(text_null.bool()[:, None], mean, pooled)
+        if pooled.shape != (t.shape[0], self.config.context_dim):
+            raise ShapeError(f"pooled must be [{t.shape[0]}, {self.config.context_dim}], got {list(pooled.shape)}")
+        return self.t_embedder(t) + self.pooled_embedder(pooled)  # [B, D]
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                text_null: torch.Tensor | None = None, context_2: torch.Tensor | None = None,
+                context_mask_2: torch.Tensor | None = None, motion_free: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W] (T2V: [B, F, C, H, W]); t: [B] timesteps; context [B, L, context_dim] with
+        context_mask [B, L] (True = token); pooled [B, context_dim]; text_null [B] (learned null caption);
+        context_2/context_mask_2 (second encoder); motion_free [B] (T2V)."""
+        video = self.channel_dim == 2
+        if x.ndim != 3 + self.channel_dim or x.shape[self.channel_dim] != self.in_channels:
+            shape = f"[B, F, {self.in_channels}, H, W] clips" if video else f"[B, {self.in_channels}, H, W] images"
+            raise ShapeError(f"{type(self).__name__} expects {shape}, got {list(x.shape)}")
+        if motion_free is not None and not video:
+            raise ShapeError("motion_free is a text-to-video input; this GenTron is text-to-image (num_frames 0)")
+        b = x.shape[0]
+        clips = rearrange(x, "b f c h w -> (b f) c h w") if video else x  # [(B F), C, H, W]
+        p = self.patch_size
+        grid_h, grid_w = clips.shape[-2] // p, clips.shape[-1] // p
+        h = self.x_embedder(clips)  # [(B F), N, D]
+        h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), N, D]
+
+        cfg = self.config
+        t = self._timesteps(t, b, x.device)
+        if context is None and pooled is not None and not cfg.cross_attention:
+            c = self.t_embedder(t) + self.pooled_embedder(pooled)  # [B, D]: adaLN-only needs the pooled text alone
+        else:
+            ctx, mask = self._text(context, context_mask, self.null_context, text_null, cfg.context_dim, b,
+                                   "context")
+            c = self._condition(t, ctx, mask, pooled, text_null)  # [B, D]
+        texts: list[Text | None] = [None, None]
+        if cfg.cross_attention:
+            texts[0] = Text(self.y_proj(ctx), mask)  # [B, L, D]
+            if cfg.context_dim_2:
+                ctx2, mask2 = self._text(context_2, context_mask_2, self.null_context_2, text_null,
+                                         cfg.context_dim_2, b, "context_2")
+                texts[1] = Text(self.y_proj_2(ctx2), mask2)  # [B, L2, D]
+        layout = None
+        if video:
+            f = x.shape[1]
+            c = repeat(c, "b d -> (b f) d", f=f)  # [(B F), D]
+            texts = [None if s is None else Text(repeat(s.tokens, "b l d -> (b f) l d", f=f),
+                                                 repeat(s.mask, "b l -> (b f) l", f=f)) for s in texts]
+            layout = frame_layout(cfg, b, f, grid_h * grid_w, motion_free, x.device)
+
+        for i, block in enumerate(self.blocks):
+            text = texts[i % 2] if texts[1] is not None else texts[0]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, text, layout, use_reentrant=False)  # [(B F), N, D]
+            else:
+                h = block(h, c, text, layout)  # [(B F), N, D]
+        h = self.final_layer(h, c)  # [(B F), N, p * p * out]
+        out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
+        return rearrange(out, "(b f) c h w -> b f c h w", b=b) if video else out  # [B, (F,) out, H, W]
+
+
+
+class GenTronT2V(GenTron):
+    """Text-to-video GenTron: TempSelfAttn in every block, ``forward(..., motion_free)`` on [B, F, C, H, W]."""
+
+    channel_dim = 2
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.config.num_frames, self.in_channels, *self.config.input_hw)
+
+
+def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: torch.Tensor | None,
+                 device: torch.device) -> Frames:
+    """Rotary angles over the F frames and, for motion-free samples, TempSelfAttn's identity mask."""
+    theta = rope_angles(cfg.hidden_size // cfg.num_heads, f, device) if cfg.temporal_pos == "rope" else None
+    mask = None
+    if motion_free is not None:
+        free = torch.as_tensor(motion_free, device=device).bool().reshape(-1)
+        if free.shape != (b,):
+            raise ShapeError(f"motion_free must be [{b}] booleans, got {list(free.shape)}")
+        if bool(free.any()):
+            eye = torch.eye(f, dtype=torch.bool, device=device)  # [F, F]
+            per_clip = eye | ~free.view(b, 1, 1)  # [B, F, F]: identity where motion-free, all True elsewhere
+            mask = repeat(per_clip, "b i j -> (b n) 1 i j", n=tokens)  # [(B N), 1, F, F]
+    return Frames(batch=b, frames=f, theta=theta, mask=mask)
+
+
+def build_gentron(config: GenTronConfig | None = None, **overrides: Any) -> GenTron:
+    """``GenTronT2V`` when ``num_frames > 0``, else the text-to-image ``GenTron``."""
+    cfg = dataclasses.replace(config, **overrides) if config is not None else GenTronConfig(**overrides)
+    return (GenTronT2V if cfg.num_frames > 0 else GenTron)(cfg)
