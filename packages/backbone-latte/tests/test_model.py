@@ -26,6 +26,8 @@ CASES = {
     "v2-tubelet-tokens": dict(variant=2, patch_embed="tubelet", injection="tokens"),
     "v3-tokens-rope": dict(variant=3, injection="tokens", temporal_pos="rope"),
     "v4-tokens-rope": dict(variant=4, injection="tokens", temporal_pos="rope"),
+    "spatial-rope": dict(spatial_pos="rope"), "v3-spatial-rope": dict(variant=3, spatial_pos="rope"),
+    "v4-spatial-rope": dict(variant=4, spatial_pos="rope", temporal_pos="rope"),
 }
 
 
@@ -176,7 +178,7 @@ def _disable(model: Latte, axis: str) -> Latte:
     return model
 
 
-ISOLATION = ["v1", "v2", "v3", "v4", "tokens", "rope", "v3-tokens-rope", "v4-tokens-rope"]
+ISOLATION = ["v1", "v2", "v3", "v4", "tokens", "rope", "v3-tokens-rope", "v4-tokens-rope", "v4-spatial-rope"]
 
 
 @pytest.mark.parametrize("case", ISOLATION)
@@ -273,6 +275,25 @@ def test_rope_makes_temporal_attention_order_aware():
     blind.temp_embed.data.zero_()  # no position signal: reversing the frames reverses the outputs
     assert flip_error(blind) < 1e-5
     assert flip_error(perturbed(tiny(temporal_pos="rope", variant=2, depth=2))) > 1e-3
+
+
+def test_spatial_rope_makes_spatial_attention_depend_on_relative_positions_only():
+    """With spatial_pos="rope" no table is added, and the logits between equal tokens depend on their offset."""
+    model = tiny(spatial_pos="rope")
+    theta = model._spatial_angles(4, 4, torch.device("cpu"))  # [H, 16, hd/2]
+    assert theta.shape == (2, 16, D // 8)  # a quarter of each head per axis (k-diffusion); the rest unrotated
+    from dtx.layers import apply_rotary
+
+    v = torch.randn(1, 2, 1, D // 2).expand(1, 2, 16, D // 2)  # the same content at every grid position
+    q = apply_rotary(v, theta)
+    logits = (q @ q.transpose(-1, -2))[0].view(2, 4, 4, 4, 4)  # [H, y_i, x_i, y_j, x_j]
+    torch.testing.assert_close(logits[:, 0, 0, 1, 2], logits[:, 2, 1, 3, 3])  # offset (1, 2) wherever it is
+    torch.testing.assert_close(logits[:, 1, 1, 1, 1], logits[:, 3, 2, 3, 2])  # offset (0, 0)
+    x, t, y = inputs(model)
+    base = perturbed(tiny())
+    rope = perturbed(tiny(spatial_pos="rope"))
+    with torch.no_grad():
+        assert not torch.allclose(base(x, t, y), rope(x, t, y))  # same weights, other positions
 
 
 def test_spatial_table_follows_the_input_size():

@@ -24,6 +24,9 @@ The paper's design space, each selected by one ``LatteConfig`` option:
   tokens of every attention sequence; plain pre-norm blocks with affine norms and a non-modulated final layer).
 - ``temporal_pos``: "absolute" (frozen 1D sin-cos ``temp_embed`` [1, frames, D], added once before the first
   temporal attention, the official one) or "rope" (rotary angles over the frame index inside temporal attention).
+- ``spatial_pos``: "absolute" (frozen 2D sin-cos ``pos_embed`` added to the patch tokens, the official one) or
+  "rope" (axial rotary angles over the patch grid inside spatial attention, HDiT's; attention then depends on
+  relative positions only, so a digit looks the same to it wherever it is, and other resolutions need no table).
 - ``use_image_num``: image-video joint training (``latte_img.py``): images appended after the clip's frames go through
   the spatial path only, never through temporal attention nor ``temp_embed``; each image has its own label.
 
@@ -51,12 +54,14 @@ from dtx.attention import attention
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, apply_rotary,
-                        layer_norm, modulate, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
+                        apply_rotary, layer_norm, make_axial_pos, modulate, rope_angles, sincos_1d_torch,
+                        sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
 TemporalPos = Literal["absolute", "rope"]
+SpatialPos = Literal["absolute", "rope"]
 INJECTIONS: tuple[str, ...] = get_args(Injection)
 PATCH_EMBEDDINGS: tuple[str, ...] = get_args(PatchEmbedding)
 TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
@@ -84,6 +89,7 @@ class LatteConfig:
     temporal_stride: int = 2  # s of "tubelet": num_frames / s token frames; unused by "uniform"
     injection: Injection = "adaln"
     temporal_pos: TemporalPos = "absolute"
+    spatial_pos: SpatialPos = "absolute"
     use_image_num: int = 0  # images appended to each clip (joint training); 0 = videos only
     grad_checkpointing: bool = False
 
@@ -151,6 +157,11 @@ class LatteConfig:
         check(self.temporal_pos != "rope" or (self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
               f"rope rotates pairs of head dimensions, so the head size must be even, got "
               f"{self.hidden_size // self.num_heads}")
+        check(self.spatial_pos in TEMPORAL_POS, "spatial_pos",
+              f"{self.spatial_pos!r} is not one of {', '.join(TEMPORAL_POS)}")
+        check(self.spatial_pos != "rope" or (self.hidden_size // self.num_heads) % 8 == 0, "num_heads",
+              f"axial rope gives a quarter of each head to each axis, so the head size must be divisible by 8, got "
+              f"{self.hidden_size // self.num_heads}")
         check(self.use_image_num >= 0, "use_image_num", f"must be >= 0, got {self.use_image_num}")
         check(self.use_image_num == 0 or self.patch_embed == "uniform", "use_image_num",
               "joint image-video training needs patch_embed 'uniform' (a tubelet spans several frames, an image one)")
@@ -181,6 +192,7 @@ class Layout:
     ctx_s: torch.Tensor | None  # condition tokens ("tokens" injection)  [(b F), n, D]
     ctx_t: torch.Tensor | None  # condition tokens ("tokens" injection)  [(b t), n, D]
     rope: torch.Tensor | None  # rotary angles over the frame index     [frames, head_dim / 2]
+    rope_s: torch.Tensor | None  # axial rotary angles over the grid    [heads, tokens, head_dim / 4]
     temp_embed: torch.Tensor | None  # absolute temporal table          [1, frames, D]
 
 
@@ -256,7 +268,7 @@ class AxisBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, lay: Layout, add_temp: bool = False) -> torch.Tensor:
         if self.axis == "spatial":
-            return self._block(x, lay.c_s, lay.ctx_s, None)  # [(B F), t, D]
+            return self._block(x, lay.c_s, lay.ctx_s, lay.rope_s)  # [(B F), t, D]
         video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
         if add_temp and lay.temp_embed is not None:
             video = video + lay.temp_embed  # [(B t), f, D]; once, before the first temporal attention
@@ -287,7 +299,8 @@ class FactorisedBlock(nn.Module):
         mod = _modulation(self.adaLN_modulation, lay.c_s, 6)
         mod_t = _modulation(self.adaLN_modulation_t, lay.c_t, 3)
         ctx_s = None if lay.ctx_s is None else self.norm1(lay.ctx_s)
-        x = _sublayer(x, self.norm1, lambda h: self_attention(self.attn_s, h, ctx_s), mod and mod[:3])  # [(B F), t, D]
+        x = _sublayer(x, self.norm1, lambda h: self_attention(self.attn_s, h, ctx_s, lay.rope_s),
+                      mod and mod[:3])  # [(B F), t, D]
         video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
         if add_temp and lay.temp_embed is not None:
             video = video + lay.temp_embed  # [(B t), f, D]
@@ -320,11 +333,13 @@ class SplitHeadBlock(nn.Module):
         attn, heads = self.split_attn, self.split_attn.num_heads
         half = heads // 2
         q, k, v = _heads(attn.qkv(h), heads)  # [(B F), H, t, hd] each
-        ks, vs = k[:, :half], v[:, :half]  # spatial heads [(B F), H/2, t, hd]
+        qs, ks, vs = q[:, :half], k[:, :half], v[:, :half]  # spatial heads [(B F), H/2, t, hd]
+        if lay.rope_s is not None:
+            qs, ks = apply_rotary(qs, lay.rope_s[:half]), apply_rotary(ks, lay.rope_s[:half])  # [(B F), H/2, t, hd]
         if lay.ctx_s is not None:
             _, kc, vc = _heads(attn.qkv(self.norm1(lay.ctx_s)), heads)  # [(B F), H, n, hd]
             ks, vs = torch.cat([ks, kc[:, :half]], 2), torch.cat([vs, vc[:, :half]], 2)  # [(B F), H/2, t + n, hd]
-        out_s = attention(q[:, :half], ks, vs)  # [(B F), H/2, t, hd]
+        out_s = attention(qs, ks, vs)  # [(B F), H/2, t, hd]
 
         def temporal(z: torch.Tensor) -> torch.Tensor:  # [(B F), H/2, t, hd] -> clip frames [(B t), H/2, f, hd]
             z = rearrange(z, "(b f) h t e -> b f h t e", b=lay.batch)[:, :lay.frames]  # [B, f, H/2, t, hd]
@@ -467,6 +482,7 @@ class Latte(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob) if cfg.num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
+        self.spatial_rope = AxialRoPE(d // cfg.num_heads, cfg.num_heads) if cfg.spatial_pos == "rope" else None
         if cfg.temporal_pos == "absolute":
             self.temp_embed = nn.Parameter(torch.zeros(1, cfg.token_frames, d), requires_grad=False)
         else:
@@ -542,6 +558,13 @@ class Latte(nn.Module):
             return self.pos_embed
         return _sincos_2d(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=self.pos_embed.dtype)
 
+    def _spatial_angles(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
+        """Axial rotary angles [heads, grid_h * grid_w, head_dim / 4] of the patch grid (None: absolute table)."""
+        if self.spatial_rope is None:
+            return None
+        pos = make_axial_pos(grid_h, grid_w, device=device).view(-1, 2)  # [t, 2] (y, x) in [-1, 1]
+        return self.spatial_rope.theta(pos).transpose(0, 1)  # [H, t, hd / 4]: hd / 8 angles for y, hd / 8 for x
+
     def temporal_table(self, frames: int) -> torch.Tensor | None:
         """``temp_embed`` for a clip of ``frames`` token frames: the stored table, or (another length) the table
         interpolated linearly over frame positions, with a warning once per length. None with rope."""
@@ -615,7 +638,8 @@ class Latte(nn.Module):
         p = self.patch_size
         grid_h, grid_w = x.shape[-2] // p, x.shape[-1] // p
         h = self._embed(x)  # [(B F), t, D]
-        h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), t, D]
+        if self.spatial_rope is None:
+            h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), t, D]
         frames = h.shape[0] // b - images  # token frames of the clip
         tokens = h.shape[1]
 
@@ -643,6 +667,7 @@ class Latte(nn.Module):
         lay = Layout(batch=b, frames=frames, images=images, tokens=tokens,
                      c_s=c_s, c_t=c_t, ctx_s=ctx_s, ctx_t=ctx_t,
                      rope=rope_angles(head_dim, frames, x.device) if self.config.temporal_pos == "rope" else None,
+                     rope_s=self._spatial_angles(grid_h, grid_w, x.device),
                      temp_embed=self.temporal_table(frames))
 
         for i, block in enumerate(self.blocks):
