@@ -92,7 +92,7 @@ def test_a_kernel_larger_than_the_map_is_clamped_with_one_warning_naming_the_lev
     model = tiny((attn("neighborhood", kernel_size=7), GLOBAL))
     x, sigma = batch(hw=(8, 8))  # level 0 runs on 4x4 tokens
     with pytest.warns(UserWarning, match=r"HDiT level 0 \(4x4 tokens\): neighborhood kernel 7 .* clamped to 4x4"):
-        out = model(x, sigma, torch.tensor([0, 1]))
+        model(x, sigma, torch.tensor([0, 1]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x, sigma, torch.tensor([0, 1]))  # once only

@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from dtx.cli import main
 from dtx.data import DataInfo, build_dataset, collate, data_info
-from dtx.data import vae as vae_mod
 from dtx.data.vae import decode, encode, info_after_vae, load_vae, vae_downsample, vae_factors
 from dtx.data.videos import VideoFolderDataset
 from dtx.errors import ConfigError, DataError, ShapeError

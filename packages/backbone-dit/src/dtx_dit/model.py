@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -20,14 +19,15 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                        TimestepEmbedder, layer_norm, sincos_2d_torch, unpatchify)
+                        PatchGridConfig, TimestepEmbedder, layer_norm, per_sample_timesteps, sincos_2d_torch,
+                        unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
 BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(PatchGridConfig):
     """Architecture of one DiT; the defaults are DiT-XL/2 for 256x256 images (32x32 latents, ImageNet classes)."""
 
     input_size: Any = 32  # latent side, or [height, width] for non-square latents
@@ -43,28 +43,8 @@ class DiTConfig:
     block: BlockType = "adaln-zero"
     grad_checkpointing: bool = False
 
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        size = self.input_size
-        if isinstance(size, int):
-            return size, size
-        h, w = size
-        return int(h), int(w)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.input_hw
-        return h // self.patch_size, w // self.patch_size
-
     def validate(self) -> "DiTConfig":
-        size = self.input_size
-        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-                                       and all(isinstance(s, int) for s in size)),
-              "input_size", f"must be an int or [height, width], got {size!r}")
-        h, w = self.input_hw
-        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
-        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
-              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        self.validate_grid()
         check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
         check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
@@ -216,14 +196,6 @@ class DiT(nn.Module):
             return self.pos_embed
         return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=self.pos_embed.dtype)
 
-    def _timesteps(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(t, device=device)
-        if t.ndim == 0:
-            return t.expand(n)
-        if t.shape != (n,):
-            raise ShapeError(f"DiT expects t of shape [{n}] (one timestep per sample), got {list(t.shape)}")
-        return t
-
     def _label_embedding(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
         if self.y_embedder is None:  # unconditional model: labels, if any, are ignored
             return None
@@ -245,7 +217,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x)
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         h = h + self._pos_embed(grid_h, grid_w, h)
-        t_emb = self.t_embedder(self._timesteps(t, n, x.device))
+        t_emb = self.t_embedder(per_sample_timesteps(t, n, x.device, "DiT"))
         y_emb = self._label_embedding(y, n, x.device)
         c = t_emb if y_emb is None else t_emb + y_emb
         cond_tokens = (t_emb,) if y_emb is None else (t_emb, y_emb)

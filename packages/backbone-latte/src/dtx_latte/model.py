@@ -54,9 +54,9 @@ from dtx.attention import attention
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
-                        apply_rotary, layer_norm, make_axial_pos, modulate, rope_angles, sincos_1d_torch,
-                        sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PatchGridConfig,
+                        TimestepEmbedder, apply_rotary, layer_norm, make_axial_pos, modulate, per_sample_timesteps,
+                        rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
@@ -69,7 +69,7 @@ VARIANTS = (1, 2, 3, 4)
 
 
 @dataclass
-class LatteConfig:
+class LatteConfig(PatchGridConfig):
     """Architecture of one Latte; the defaults are the official Latte-XL/2 (16 frames of 32x32x4 latents,
     unconditional, Variant 1, uniform patches, S-AdaLN, absolute temporal table)."""
 
@@ -94,19 +94,6 @@ class LatteConfig:
     grad_checkpointing: bool = False
 
     @property
-    def input_hw(self) -> tuple[int, int]:
-        size = self.input_size
-        if isinstance(size, int):
-            return size, size
-        h, w = size
-        return int(h), int(w)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.input_hw
-        return h // self.patch_size, w // self.patch_size
-
-    @property
     def stride(self) -> int:
         """Frames per token frame: s for tubelets, 1 for uniform patches."""
         return self.temporal_stride if self.patch_embed == "tubelet" else 1
@@ -121,14 +108,7 @@ class LatteConfig:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     def validate(self) -> "LatteConfig":
-        size = self.input_size
-        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-                                       and all(isinstance(s, int) for s in size)),
-              "input_size", f"must be an int or [height, width], got {size!r}")
-        h, w = self.input_hw
-        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
-        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
-              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        self.validate_grid()
         check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
         check(self.variant in VARIANTS, "variant", f"must be 1, 2, 3 or 4, got {self.variant!r}")
         check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
@@ -587,14 +567,6 @@ class Latte(nn.Module):
                              f"to a {self.num_frames}-frame clip; got {list(y_image.shape)} for x {list(x.shape)}")
         return images
 
-    def _timesteps(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(t, device=device)
-        if t.ndim == 0:
-            return t.expand(n)
-        if t.shape != (n,):
-            raise ShapeError(f"Latte expects t of shape [{n}] (one timestep per clip), got {list(t.shape)}")
-        return t
-
     def _labels(self, y: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         """Label embeddings [*shape, D] (None for unconditional models)."""
         if self.y_embedder is None:  # unconditional model: labels, if any, are ignored
@@ -643,7 +615,7 @@ class Latte(nn.Module):
         frames = h.shape[0] // b - images  # token frames of the clip
         tokens = h.shape[1]
 
-        t_emb = self.t_embedder(self._timesteps(t, b, x.device))  # [B, D]
+        t_emb = self.t_embedder(per_sample_timesteps(t, b, x.device, "Latte"))  # [B, D]
         y_emb = self._labels(y, (b,), x.device)  # [B, D] or None
         cond = t_emb if y_emb is None else t_emb + y_emb  # [B, D]: the clip's condition
         frame_t = repeat(t_emb, "b d -> b f d", f=frames + images)  # [B, F, D]

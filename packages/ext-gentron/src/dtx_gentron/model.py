@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -38,8 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
-                        layer_norm, rope_angles, sincos_2d_torch, unpatchify)
+from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
+                        TimestepEmbedder, layer_norm, per_sample_timesteps, rope_angles, sincos_2d_torch, unpatchify)
 
 Conditioning = Literal["cross-attention", "adaln"]
 TemporalPos = Literal["rope", "none"]
@@ -48,7 +47,7 @@ TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
 
 
 @dataclass
-class GenTronConfig:
+class GenTronConfig(PatchGridConfig):
     """Architecture of one GenTron; the defaults are GenTron-XL/2 on 32x32x4 latents with the offline MiniLM text
     encoder's width (384)."""
 
@@ -70,19 +69,6 @@ class GenTronConfig:
     grad_checkpointing: bool = False
 
     @property
-    def input_hw(self) -> tuple[int, int]:
-        size = self.input_size
-        if isinstance(size, int):
-            return size, size
-        h, w = size
-        return int(h), int(w)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.input_hw
-        return h // self.patch_size, w // self.patch_size
-
-    @property
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
@@ -91,14 +77,7 @@ class GenTronConfig:
         return self.conditioning == "cross-attention"
 
     def validate(self) -> "GenTronConfig":
-        size = self.input_size
-        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-                                       and all(isinstance(s, int) for s in size)),
-              "input_size", f"must be an int or [height, width], got {size!r}")
-        h, w = self.input_hw
-        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
-        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
-              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        self.validate_grid()
         for name in ("in_channels", "depth", "context_dim", "text_length"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         check(self.context_dim_2 >= 0, "context_dim_2", f"must be >= 0, got {self.context_dim_2}")
@@ -270,14 +249,6 @@ class GenTron(nn.Module):
             return self.pos_embed
         return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=like.dtype)
 
-    def _timesteps(self, t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(t, device=device)
-        if t.ndim == 0:
-            return t.expand(n)
-        if t.shape != (n,):
-            raise ShapeError(f"GenTron expects t of shape [{n}], got {list(t.shape)}")
-        return t
-
     def _text(self, context: torch.Tensor | None, mask: torch.Tensor | None, null_param: torch.Tensor | None,
               text_null: torch.Tensor | None, width: int, b: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked text tokens [B, L, width] and mask [B, L] (all True when none), the learned null substituted."""
@@ -333,7 +304,7 @@ class GenTron(nn.Module):
         h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), N, D]
 
         cfg = self.config
-        t = self._timesteps(t, b, x.device)
+        t = per_sample_timesteps(t, b, x.device, "GenTron")
         if context is None and pooled is not None and not cfg.cross_attention:
             c = self.t_embedder(t) + self.pooled_embedder(pooled)  # [B, D]: adaLN-only needs the pooled text alone
         else:

@@ -3,14 +3,14 @@
 from .adaln import AdaLNBlock, FinalLayer, layer_norm
 from .embeddings import FourierFeatures, LabelEmbedder, TimestepEmbedder, timestep_embedding
 from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, geglu, modulate, rms_norm
-from .patch import PatchEmbed, unpatchify
+from .patch import PatchEmbed, PatchGridConfig, per_sample_timesteps, unpatchify
 from .position import sincos_1d, sincos_1d_torch, sincos_2d, sincos_2d_torch
 from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos, rope_angles
 from .transformer import Attention, CrossAttention, Mlp
 
 __all__ = [
     "AdaLNBlock", "AdaRMSNorm", "FinalLayer", "layer_norm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
-    "Mlp", "PatchEmbed", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
+    "Mlp", "PatchEmbed", "PatchGridConfig", "per_sample_timesteps", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
     "make_axial_pos", "modulate", "rms_norm", "rope_angles", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
     "timestep_embedding", "unpatchify",
 ]

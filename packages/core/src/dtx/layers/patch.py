@@ -1,6 +1,10 @@
-"""Patch embedding and its inverse for image latents of any size divisible by the patch."""
+"""Patch embedding and its inverse for image latents of any size divisible by the patch, and the patch-grid part of
+every patchifying model's config."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,3 +56,47 @@ def unpatchify(x: torch.Tensor, patch_size: int | tuple[int, int], channels: int
     x = x.reshape(n, grid_h, grid_w, ph, pw, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, channels, grid_h * ph, grid_w * pw)
+
+
+class PatchGridConfig:
+    """Mixin of a model config dataclass with ``input_size`` (side or [height, width]) and ``patch_size``: the input
+    size as (H, W), the token grid, and the checks every patchifying model runs on them."""
+
+    input_size: Any
+    patch_size: int
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        size = self.input_size
+        if isinstance(size, int):
+            return size, size
+        h, w = size
+        return int(h), int(w)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.input_hw
+        return h // self.patch_size, w // self.patch_size
+
+    def validate_grid(self) -> None:
+        """``input_size`` an int or [H, W], ``patch_size`` >= 1 dividing it (ConfigError naming the key)."""
+        from ..config import check
+
+        size = self.input_size
+        check(isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+                                       and all(isinstance(s, int) for s in size)),
+              "input_size", f"must be an int or [height, width], got {size!r}")
+        h, w = self.input_hw
+        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
+        check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
+              "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+
+
+def per_sample_timesteps(t: torch.Tensor | float, n: int, device: torch.device, model: str = "model") -> torch.Tensor:
+    """``t`` as one timestep per sample [n]: a scalar is broadcast, anything but [n] is a ShapeError."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        return t.expand(n)
+    if t.shape != (n,):
+        raise ShapeError(f"{model} expects t of shape [{n}] (one timestep per sample), got {list(t.shape)}")
+    return t
