@@ -254,14 +254,19 @@ def test_sigterm_sets_flag_and_handlers_are_restored():
 
 
 def test_second_sigint_interrupts_immediately():
-    with pytest.raises(KeyboardInterrupt):
-        with StopOnSignal([signal.SIGINT]) as guard:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-            assert guard.stop_requested()
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler first: a process started in the background by a shell inherits SIGINT ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with StopOnSignal([signal.SIGINT]) as guard:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+                assert guard.stop_requested()
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_guard_outside_main_thread_installs_nothing():
