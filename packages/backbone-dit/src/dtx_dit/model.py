@@ -19,8 +19,8 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                        PatchGridConfig, TimestepEmbedder, layer_norm, per_sample_timesteps, sincos_2d_torch,
-                        unpatchify)
+                        PatchGridConfig, TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps,
+                        sincos_2d_torch, unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
 BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
@@ -165,18 +165,9 @@ class DiT(nn.Module):
 
         adaLN-Zero also zeroes every modulation linear, so each block starts as the identity and the output is 0.
         """
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
+        dit_base_init(self, self.x_embedder.proj)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_torch(self.config.hidden_size, *self.grid_size))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)

@@ -55,8 +55,8 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, apply_rotary, layer_norm, make_axial_pos, modulate, per_sample_timesteps,
-                        rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
+                        TimestepEmbedder, apply_rotary, dit_base_init, layer_norm, make_axial_pos, modulate,
+                        per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
@@ -498,21 +498,12 @@ class Latte(nn.Module):
         at every one of the s taps, zero bias): each token frame's decoded output is copied to its s frames. The output
         is still exactly 0 at init, and gradients reach the final linear (a zero upsampler would block them).
         """
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
         cfg = self.config
-        self.apply(basic_init)
+        dit_base_init(self, self.x_embedder.proj)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_torch(cfg.hidden_size, *self.grid_size))
             if self.temp_embed is not None:
                 self.temp_embed.copy_(sincos_1d_torch(cfg.hidden_size, cfg.token_frames))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)

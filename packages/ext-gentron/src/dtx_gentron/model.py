@@ -38,7 +38,8 @@ from torch.utils.checkpoint import checkpoint
 from dtx.config import check
 from dtx.errors import ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, layer_norm, per_sample_timesteps, rope_angles, sincos_2d_torch, unpatchify)
+                        TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps, rope_angles, sincos_2d_torch,
+                        unpatchify)
 
 Conditioning = Literal["cross-attention", "adaln"]
 TemporalPos = Literal["rope", "none"]
@@ -200,18 +201,9 @@ class GenTron(nn.Module):
         """DiT's init (xavier linears, zero biases, N(0, 0.02) t-MLP, zero adaLN and final linear) plus PixArt's
         N(0, 0.02) caption MLP and zero cross-attention projection, and a zero TempSelfAttn projection: the output
         is exactly 0 at init, and a T2V model equals its T2I model frame by frame."""
-        def basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
+        dit_base_init(self, self.x_embedder.proj)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_torch(self.config.hidden_size, *self.grid_size))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
         for mlp in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.pooled_embedder.fc1,
                     self.pooled_embedder.fc2):
             nn.init.normal_(mlp.weight, std=0.02)

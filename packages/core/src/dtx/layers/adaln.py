@@ -64,3 +64,19 @@ class FinalLayer(nn.Module):
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
             x = modulate(x, shift, scale)
         return self.linear(x)
+
+
+def dit_base_init(model: nn.Module, patch_proj: nn.Module) -> None:
+    """DiT's base initialisation of a whole model: xavier-uniform linears with zero biases (in ``model.apply``'s
+    order, so seeds give DiT's weights), then the patch projection xavier-uniform on its (D, -1) view, zero bias.
+    Families add their own special cases (N(0, 0.02) tables, zeroed adaLN and output layers) after it."""
+    def linear(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(linear)
+    w = patch_proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(patch_proj.bias)
