@@ -478,3 +478,29 @@ def test_three_term_guidance_and_a_plugin_declared_flag(toys, capsys):
     with torch.no_grad():
         e0, e1, e2 = (den(x, torch.ones(1), **kw) for kw in kws)
     torch.testing.assert_close(out, e0 + 1.2 * (e1 - e0) + 7.5 * (e2 - e1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_plugin_declared_guidance_scale_puts_its_term_before_cfg(toys):
+    """``sample_scales`` (GenTron's ``--motion-cfg``): the conditioner's own term first, then CFG over the rest."""
+    from dtx.commands.sample import configure, plugin_scales
+    from dtx.errors import ConfigError
+
+    plugins.host().entries["conditioner"]["motion"] = plugins.Entry(
+        "conditioner", "motion", MotionFlag, "toys", {"sample_scales": {"--motion-cfg": "motion guidance scale"}})
+    assert plugin_scales() == {"--motion-cfg": ("motion", "motion guidance scale")}
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args(["run", "--motion-cfg", "1.3"]).scale_motion == 1.3
+
+    model = FlagTextModel()
+    info = DataInfo(channels=C, height=H, width=W, fields=("text", "motion_free"))
+    cfg = ConditioningConfig(conditioners={"caption": ConditionerConfig(name="toy-text", options={"seed": 3}),
+                                           "motion": ConditionerConfig(name="motion")})
+    stage = ConditioningStage.build(cfg, model, info)
+    steps = stage.guidance_steps(7.5, scales={"motion": 1.2})
+    assert [(s.keys, s.scale) for s in steps] == [(["motion"], 1.2), (["caption"], 7.5)]
+    assert [(s.keys, s.scale) for s in stage.guidance_steps(1.0, scales={"motion": 1.2})] == [(["motion"], 1.2)]
+    with pytest.raises(ConfigError, match="'colour'"):
+        stage.guidance_steps(7.5, scales={"colour": 2.0})
