@@ -12,23 +12,13 @@ from torch import nn
 from dtx.conditioning import SampleRequest
 from dtx.data.info import DataInfo
 from dtx.errors import ConfigError, DataError
-from dtx_gentron.text import TextConditioner, save_tiny_text_encoder
+from dtx_gentron.text import TextConditioner
 
 CPU = torch.device("cpu")
 WIDTHS = {"clip": 16, "t5": 12, "bert": 8}
 TOWERS = {"clip": "CLIPTextModel", "t5": "T5EncoderModel", "bert": "BertModel"}
 INFO = DataInfo(channels=1, height=8, width=8, fields=("text",))
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {kind: str(save_tiny_text_encoder(root / kind, kind, hidden_size=w)) for kind, w in WIDTHS.items()}
 
 
 def n_tokens(cond: TextConditioner, text: str) -> int:

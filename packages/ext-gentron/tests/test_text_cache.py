@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from dtx.conditioning import ConditioningStage, Member, SampleRequest
 from dtx.data import collate
 from dtx.errors import ConfigError, DataError
-from dtx_gentron.text import TextConditioner, save_tiny_text_encoder
+from dtx_gentron.text import TextConditioner
 from dtx_gentron.text_cache import (METADATA, PrecomputedTextConditioner, TextEmbeddingShards,
                                     extract_text_embeddings)
 
@@ -32,17 +32,6 @@ class Captioned(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"x": self.x[i], "text": CAPTIONS[i], "y": i % 3}
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {kind: str(save_tiny_text_encoder(root / kind, kind, hidden_size=w))
-            for kind, w in (("bert", 8), ("clip", 16), ("t5", 12))}
 
 
 @pytest.fixture(scope="module")
