@@ -16,7 +16,6 @@ tokenizer adds special tokens), which ``encode`` turns into ``text_null``. Promp
 
 from __future__ import annotations
 
-import bisect
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,11 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
 from dtx.conditioning import Conditioner, Fields, SampleRequest
 from dtx.data.info import DataInfo, data_info
-from dtx.data.latents import SHARD_GLOB, shard_name
+from dtx.data.latents import SHARD_GLOB, ShardedRows, shard_name
 from dtx.errors import ConfigError, DataError
 from dtx.io import atomic_write, atomic_write_text
 
@@ -137,7 +135,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-class TextEmbeddingShards(Dataset):
+class TextEmbeddingShards(ShardedRows):
     """``{"x", "text_context" [L, D], "text_mask" [L], "text_pooled" [D] (+ ``_2``), "y" when stored}`` from a
     folder written by ``extract_text_embeddings``; embeddings come back as float32. ``info`` names those fields."""
 
@@ -148,33 +146,18 @@ class TextEmbeddingShards(Dataset):
         missing = [p.name for p in self.shards if not p.is_file()]
         if missing:
             raise DataError(f"text-embedding folder {self.root} lacks shard {missing[0]}")
-        self.offsets = [0]
+        sizes = []
         for p in self.shards:
             with safe_open(str(p), framework="pt") as f:
-                self.offsets.append(self.offsets[-1] + f.get_slice("x").get_shape()[0])
+                sizes.append(f.get_slice("x").get_shape()[0])
+        self._set_sizes(sizes)
         if self.offsets[-1] != int(self.metadata["count"]):
             raise DataError(f"text-embedding folder {self.root} holds {self.offsets[-1]} items, its metadata says "
                             f"{self.metadata['count']}")
         self.info = DataInfo.from_dict(self.metadata["info"])
-        self._handles: dict[int, Any] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = {}  # open safetensors handles do not cross process boundaries
-        return state
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        shard = bisect.bisect_right(self.offsets, i) - 1
-        j = i - self.offsets[shard]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
-        f = self._handles[shard]
+        f, j = self._row(i)
         item = {"x": f.get_slice("x")[j:j + 1][0]}
         for key in f.keys():
             if key in RAW:

@@ -56,7 +56,39 @@ def read_shard_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
-class LatentFolderDataset(Dataset):
+class ShardedRows(Dataset):
+    """Rows spread over safetensors shards, read lazily through one memory-mapped ``safe_open`` handle per shard:
+    the indexing, length and pickling shared by every shard-backed dataset (latents here, text embeddings in
+    dtx-ext-gentron). Subclasses set ``shards`` and call ``_set_sizes``; ``_row(i)`` gives a handle and a row."""
+
+    shards: list[Path]
+
+    def _set_sizes(self, sizes: list[int]) -> None:
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + int(n))
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open safetensors handles do not cross process boundaries
+        return state
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _row(self, i: int) -> tuple[Any, int]:
+        """The open shard holding row ``i`` (negative counts from the end) and the row's index in it."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
+        return self._handles[shard], i - self.offsets[shard]
+
+
+class LatentFolderDataset(ShardedRows):
     """``{"x": scaled latent [C, h, w] (or [F, C, h, w] for clips), "y": class}`` from a folder of latent shards.
 
     ``image_size`` and ``channels`` describe ``x`` (the latent grid), ``frames`` its clip length (None for
@@ -88,9 +120,7 @@ class LatentFolderDataset(Dataset):
                 raise DataError(f"latent shard {path} has shape {s[1:]}, others {shape}")
             shape = s[1:]
             sizes.append(s[0])
-        self.offsets = [0]
-        for n in sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self._set_sizes(sizes)
         frames = self.metadata.get("frames")
         if len(shape) != (3 if frames is None else 4) or (frames is not None and shape[0] != frames):
             kind = "images: [n, C, h, w]" if frames is None else f"{frames}-frame clips: [n, {frames}, C, h, w]"
@@ -106,7 +136,6 @@ class LatentFolderDataset(Dataset):
         self.classes = list(self.metadata.get("classes") or [])
         self.num_classes = len(self.classes)
         self.flip = flip and all(flips)
-        self._handles: dict[int, Any] = {}
 
     @property
     def info(self) -> DataInfo:
@@ -116,26 +145,8 @@ class LatentFolderDataset(Dataset):
                         vae_downsample=max(1, self.pixel_size // self.height),
                         fields=("y",) if self.num_classes else ())
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = {}  # open safetensors handles do not cross process boundaries
-        return state
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def _handle(self, shard: int) -> Any:
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
-        return self._handles[shard]
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        shard = bisect.bisect_right(self.offsets, i) - 1
-        j = i - self.offsets[shard]
-        f = self._handle(shard)
+        f, j = self._row(i)
         key = "latents_flipped" if self.flip and torch.rand(()) < 0.5 else "latents"
         item = {"x": f.get_slice(key)[j:j + 1][0].float()}
         if self.num_classes:
