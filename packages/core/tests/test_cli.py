@@ -52,9 +52,11 @@ def test_plugins_json(capsys, dist_plugins):
     code, out, _ = run_cli(capsys, "plugins", "--json")
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
-    assert set(rows["good"]) == {"name", "dist", "version", "module", "registers", "error", "conflicts"}
+    assert set(rows["good"]) == {"name", "dist", "version", "module", "registers", "error", "hint", "warnings",
+                                 "hook_api", "conflicts"}
     assert rows["good"] == {"name": "good", "dist": "dtx-good-test", "version": "0.3", "module": "dtx_good_test_mod",
-                            "registers": {"model": ["good-linear"]}, "error": None, "conflicts": []}
+                            "registers": {"model": ["good-linear"]}, "error": None, "hint": None, "warnings": [],
+                            "hook_api": None, "conflicts": []}
     assert rows["broken"]["error"].startswith("RuntimeError: boom at import") and rows["broken"]["registers"] == {}
     assert rows["core"]["dist"] == "dtx-core" and rows["core"]["registers"]["command"][:2] == ["plugins", "models"]
 

@@ -305,3 +305,170 @@ def test_hook_errors_are_flattened_to_one_line(fresh_host):
     plugins.register_plugin(module, name="multiline")
     assert re.fullmatch(r"in dtx_register_models: ValueError: first line second line \(test_plugins\.py:\d+\)",
                         records()["multiline"].error)
+
+
+# -- hook API versions, fix hints, broken plugins next to working ones --------------------------------------------
+
+
+def _versioned(api: object, hooks: str = "models") -> str:
+    """Source of a plugin module declaring ``DTX_HOOK_API = api`` that registers one model (or one objective)."""
+    declaration = f"DTX_HOOK_API = {api!r}\n" if api is not None else ""
+    if hooks == "models":
+        body = ("@dtx.hookimpl\ndef dtx_register_models(register):\n"
+                "    register('{ep}-net', lambda: torch.nn.Linear(2, 2), family='{ep}')\n")
+    else:
+        body = "@dtx.hookimpl\ndef dtx_register_objectives(register):\n    register('{ep}-objective', print)\n"
+    return "import torch\nimport dtx\n" + declaration + body
+
+
+def _install_sources(root, sources: dict[str, str]) -> None:
+    """Like ``_install_dists`` but the sources may use ``{ep}`` for the entry-point name."""
+    _install_dists(root, {ep: src.replace("{ep}", ep) for ep, src in sources.items()})
+
+
+@pytest.fixture
+def versioned_plugins(tmp_path, monkeypatch, fresh_host):
+    sources = {"newmajor": _versioned("2.0"), "oldmajor": _versioned("0.9"), "floatapi": _versioned(1.1),
+               "newminor": _versioned("1.9"), "declares10": _versioned("1.0", hooks="objectives"),
+               "undeclared": _versioned(None, hooks="objectives"), "current": _versioned("1.1")}
+    _install_sources(tmp_path, sources)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    yield records()
+    for ep in sources:
+        sys.modules.pop(f"dtx_{ep}_conflict", None)
+
+
+def test_another_major_hook_api_is_reported_and_not_loaded(versioned_plugins):
+    recs = versioned_plugins
+    new, old = recs["newmajor"], recs["oldmajor"]
+    assert new.error.startswith("written for hook API 2.0, but this dtx-core") and "has hook API 1.1" in new.error
+    assert "upgrade dtx-core (pip install -U dtx-core)" in new.hint and "DTX_DISABLE_PLUGINS=newmajor" in new.hint
+    assert "upgrade dtx-newmajor-conflict" not in new.hint
+    assert old.error.startswith("written for hook API 0.9") and "pip install -U dtx-oldmajor-conflict" in old.hint
+    for rec in (new, old):
+        assert rec.registers == {} and plugins.host().pm.get_plugin(rec.name) is None
+    assert "newmajor-net" not in dtx.list_models()
+    assert tuple(dtx.create_model("current-net").weight.shape) == (2, 2)  # the rest loads
+    assert recs["current"].hook_api == "1.1" and recs["current"].error is None and recs["current"].warnings == []
+
+
+def test_a_malformed_declaration_names_the_attribute(versioned_plugins):
+    rec = versioned_plugins["floatapi"]
+    assert rec.error == "DTX_HOOK_API must be a string 'MAJOR.MINOR' such as '1.1', got 1.1"
+    assert rec.hint == "write DTX_HOOK_API = '1.1' in dtx_floatapi_conflict" and rec.registers == {}
+
+
+def test_newer_minor_and_hooks_newer_than_declared_load_with_a_warning(versioned_plugins):
+    recs = versioned_plugins
+    assert recs["newminor"].error is None and recs["newminor"].registers == {"model": ["newminor-net"]}
+    assert recs["newminor"].warnings == ["written for hook API 1.9, newer than this dtx's 1.1: hooks added since are "
+                                         "not called; upgrade dtx-core (pip install -U dtx-core)"]
+    assert recs["declares10"].warnings == ["implements dtx_register_objectives, added in hook API 1.1, but declares "
+                                           "1.0: write DTX_HOOK_API = '1.1' in dtx_declares10_conflict"]
+    assert "declares 1.0 (no DTX_HOOK_API)" in recs["undeclared"].warnings[0]
+    assert plugins.get("objective", "declares10-objective").plugin == "declares10"  # still works
+    assert recs["core"].hook_api == "1.1" and recs["core"].warnings == [] and recs["core"].error is None
+
+
+def test_run_time_plugin_of_another_major_is_refused(fresh_host):
+    module = types.ModuleType("future_plugin")
+    module.DTX_HOOK_API = "3.0"
+    with pytest.raises(PluginError, match=r"plugin 'future' cannot be registered: written for hook API 3\.0.*"
+                                          r"upgrade dtx-core"):
+        plugins.register_plugin(module, name="future")
+    assert "future" not in records()
+
+
+def test_every_broken_plugin_gets_a_fix(dist_plugins, tmp_path):
+    recs = records()
+    assert "pip install --force-reinstall dtx-broken-test" in recs["broken"].hint
+    assert "DTX_DISABLE_PLUGINS=broken skips it" in recs["broken"].hint
+    assert "a bug in dtx-hookfail-test: report it to its authors" in recs["hookfail"].hint
+    assert recs["good"].hint is None
+
+
+def test_a_missing_dependency_and_sys_exit_at_import(tmp_path, monkeypatch, fresh_host):
+    _install_sources(tmp_path, {"needsdep": "import dtx_no_such_dependency_xyz\n",
+                                "exits": "import sys\nsys.exit(3)\n", "current": _versioned("1.1")})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        plugins.reset()
+        recs = records()
+        assert recs["needsdep"].error.startswith("ModuleNotFoundError: No module named 'dtx_no_such_dependency_xyz'")
+        assert recs["needsdep"].hint.startswith("dtx-needsdep-conflict imports 'dtx_no_such_dependency_xyz', which "
+                                                "is not installed: install it (pip install dtx_no_such_dependency_xyz)")
+        assert recs["exits"].error.startswith("SystemExit: 3")  # a plugin calling sys.exit() does not end dtx
+        assert recs["current"].error is None and "current-net" in dtx.list_models()
+    finally:
+        for ep in ("needsdep", "exits", "current"):
+            sys.modules.pop(f"dtx_{ep}_conflict", None)
+
+
+def test_misspelled_hook_hint_names_the_module(fresh_host):
+    module = types.ModuleType("typo_plugin2")
+
+    @dtx.hookimpl
+    def dtx_register_sampler(register):
+        pass
+
+    module.dtx_register_sampler = dtx_register_sampler
+    plugins.register_plugin(module, name="typo2")
+    rec = records()["typo2"]
+    assert rec.error == "unknown hook dtx_register_sampler (did you mean dtx_register_samplers?)"
+    assert rec.hint.startswith("rename the function in typo_plugin2 to a dtx hook")
+
+
+_BROKEN_SET = {
+    "importfail": "raise ImportError('cannot import name X from y')\n",
+    "hookraise": "import dtx\n\n@dtx.hookimpl\ndef dtx_register_models(register):\n    raise RuntimeError('oops')\n",
+    "misspelt": "import dtx\n\n@dtx.hookimpl\ndef dtx_register_modles(register):\n    pass\n",
+    "future": _versioned("2.0"),
+    "dupa": _SAME_NAME.format(n=2, ep="dupa"),
+    "dupb": _SAME_NAME.format(n=3, ep="dupb"),
+    "fine": _versioned("1.1"),
+}
+
+
+def test_dtx_keeps_working_next_to_broken_installed_plugins(tmp_path):
+    """``dtx plugins`` / ``dtx models`` / ``dtx flops`` as a user runs them, with seven installed plugins: an import
+    error, an exception in a hook, a misspelled hook, a newer major hook API, two registering one name, one fine."""
+    import json
+    import os
+    import subprocess
+
+    _install_dists(tmp_path, {ep: src.replace("{ep}", ep) for ep, src in _BROKEN_SET.items()})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DTX_")}
+    env.update(PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+    dtx_bin = str(__import__("pathlib").Path(sys.executable).with_name("dtx"))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dtx_bin, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    listing = run("plugins")
+    assert listing.returncode == 0, listing.stderr
+    out = listing.stdout
+    for ep, fragment in (("importfail", "ImportError: cannot import name X from y"),
+                         ("hookraise", "in dtx_register_models: RuntimeError: oops"),
+                         ("misspelt", "unknown hook dtx_register_modles (did you mean dtx_register_models?)"),
+                         ("future", "written for hook API 2.0")):
+        block = out[out.index(f"\n{ep}  (dtx-{ep}-conflict 1.0)"):]
+        assert block.splitlines()[2].startswith(f"  ERROR: {fragment}"), block[:400]
+        fix = block.splitlines()[3]
+        assert fix.startswith("    fix: ") and (ep == "misspelt" or f"DTX_DISABLE_PLUGINS={ep} skips it" in fix), fix
+    conflicts = out[out.index("\nconflicts:") + 1:].splitlines()
+    assert conflicts[1:3] == ["  model 'same-net': dupa, dupb",
+                              "    model 'same-net' is registered by several plugins: dupa, dupb; listings show "
+                              "dupa's, the bare name is refused: 'dupa:same-net' or 'dupb:same-net' picks one, or "
+                              "DTX_DISABLE_PLUGINS=dupb removes one (see `dtx plugins`)"]
+    assert run("plugins", "--check").returncode == 1
+    models = {row["name"]: row for row in json.loads(run("models", "--json").stdout)}
+    assert models["fine-net"]["params"] == 6 and models["same-net"]["plugin"] == "dupa"
+    if "DiT-S/8" in models:  # an installed backbone keeps working next to them
+        flops = run("flops", "DiT-S/8", "--input-size", "8", "--json")
+        assert flops.returncode == 0 and json.loads(flops.stdout)["method"] == "analytic", flops.stderr
+    refused = run("flops", "same-net")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("dtx: error: model 'same-net' is registered by several plugins: dupa, dupb")
+    env["DTX_DISABLE_PLUGINS"] = "importfail,hookraise,misspelt,future,dupb"
+    assert run("plugins", "--check").returncode == 0

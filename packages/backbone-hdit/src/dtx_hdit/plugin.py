@@ -10,6 +10,8 @@ from typing import Any, Callable
 from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
 
+DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspecs)
+
 RECIPES = Path(__file__).parent / "recipes"
 
 

@@ -1,12 +1,47 @@
 """Latte (Ma et al., 2024) for dtx: the video diffusion transformer in its four variants, its presets, official
-checkpoint loading, initialisation from a DiT and cost counting."""
+checkpoint loading, initialisation from a DiT and cost counting.
 
-from .checkpoint import infer_config, init_from_dit
-from .flops import LatteCost, latte_cost, latte_counter
-from .model import (LATTE_PRESETS, AxisBlockSpec, FactorisedBlockSpec, Latte, LatteConfig, SplitHeadBlockSpec,
-                    block_layout)
+The names below are imported on first use (PEP 562), so importing the package -- as ``dtx plugins`` does
+through its plugin module -- loads no model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LATTE_PRESETS", "AxisBlockSpec", "FactorisedBlockSpec", "Latte", "LatteConfig", "LatteCost",
-           "SplitHeadBlockSpec", "block_layout", "infer_config", "init_from_dit", "latte_cost", "latte_counter"]
+#: public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "infer_config": (".checkpoint", "infer_config"),
+    "init_from_dit": (".checkpoint", "init_from_dit"),
+    "LatteCost": (".flops", "LatteCost"),
+    "latte_cost": (".flops", "latte_cost"),
+    "latte_counter": (".flops", "latte_counter"),
+    "LATTE_PRESETS": (".model", "LATTE_PRESETS"),
+    "AxisBlockSpec": (".model", "AxisBlockSpec"),
+    "FactorisedBlockSpec": (".model", "FactorisedBlockSpec"),
+    "Latte": (".model", "Latte"),
+    "LatteConfig": (".model", "LatteConfig"),
+    "SplitHeadBlockSpec": (".model", "SplitHeadBlockSpec"),
+    "block_layout": (".model", "block_layout"),
+}
+
+__all__ = ["AxisBlockSpec", "FactorisedBlockSpec", "LATTE_PRESETS", "Latte", "LatteConfig", "LatteCost",
+    "SplitHeadBlockSpec", "block_layout", "infer_config", "init_from_dit", "latte_cost", "latte_counter"]
+
+if TYPE_CHECKING:
+    from .checkpoint import infer_config, init_from_dit
+    from .flops import LatteCost, latte_cost, latte_counter
+    from .model import (LATTE_PRESETS, AxisBlockSpec, FactorisedBlockSpec, Latte, LatteConfig, SplitHeadBlockSpec,
+                        block_layout)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value

@@ -7,15 +7,18 @@ from typing import Any, Callable
 
 from .hookspecs import hookimpl
 
+DTX_HOOK_API = "1.1"  # the hook API these registrations are written for (dtx.hookspecs)
+
 
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
-    from .commands import convert, flops, sample, train
+    from .commands import convert, flops, plugins, sample, train
     from .data import extract
     from .evaluation import report
 
-    register("plugins", cli.configure_plugins, run=cli.run_plugins, help="list installed plugins and what they register")
+    register("plugins", plugins.configure, run=plugins.run,
+             help="list installed plugins, their hook API, what they register, and what is wrong with them")
     register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
     register("train", train.configure, run=train.run,
              help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")

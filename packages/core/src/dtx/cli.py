@@ -1,5 +1,5 @@
 """The ``dtx`` command line. Subcommands come from plugins (``dtx_register_commands``); core provides
-``plugins`` and ``models``. User errors print one line and exit 2."""
+``models`` here and ``plugins`` in ``dtx.commands.plugins``. User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,37 +11,6 @@ from typing import Sequence
 
 from . import plugins
 from .errors import DtxError, PluginError, one_line
-
-
-def configure_plugins(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def run_plugins(args: argparse.Namespace) -> int:
-    host = plugins.host()
-    records = list(host)
-    conflicts = [{"kind": kind, "name": name, "plugins": plugs} for (kind, name), plugs in host.conflicts.items()]
-    if args.json:
-        print(json.dumps([{"name": r.name, "dist": r.dist, "version": r.version, "module": r.module,
-                           "registers": r.registers, "error": r.error,
-                           "conflicts": [c for c in conflicts if r.name in c["plugins"]]} for r in records],
-                         indent=2))
-        return 0
-    for r in records:
-        print(f"{r.name}  ({' '.join(filter(None, (r.dist or r.module, r.version)))})")
-        if r.error:
-            print(f"  ERROR: {r.error}")
-        for kind, names in sorted(r.registers.items()):
-            shown = ", ".join(names[:12]) + (f", ... (+{len(names) - 12})" if len(names) > 12 else "")
-            print(f"  {plugins.plural(kind)}: {shown}")
-    if conflicts:
-        print("conflicts:")
-        for c in conflicts:
-            print(f"  {c['kind'].replace('_', ' ')} {c['name']!r}: {', '.join(c['plugins'])}")
-        example = conflicts[0]
-        print(f"  (names registered more than once must be picked as plugin:name, e.g. "
-              f"{example['plugins'][-1]}:{example['name']}; DTX_DISABLE_PLUGINS=<plugin> removes a plugin)")
-    return 0
 
 
 def configure_models(p: argparse.ArgumentParser) -> None:

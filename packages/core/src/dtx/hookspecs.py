@@ -2,8 +2,13 @@
 
 Every hook is a registration callback in the style of simonw/llm: the host passes a ``register`` function and the
 plugin calls it once per thing it contributes, so a hook implementation may ignore arguments added in later
-versions. Bump ``HOOK_API_VERSION``'s minor number when hooks are added and its major number when a hook changes
-incompatibly.
+versions. Bump ``HOOK_API_VERSION``'s minor number when hooks are added (and record the new hook in ``HOOK_ADDED``)
+and its major number when a hook changes incompatibly.
+
+Versioning: a plugin module declares the hook API it was written for in one attribute, ``DTX_HOOK_API = "1.1"``
+(``PLUGIN_API_ATTRIBUTE``; none declared means "1.0"). ``dtx.plugins`` does not load a plugin of another major
+version; it loads, with a warning, one written for a newer minor version or one implementing a hook that its declared
+version lacks (``HOOK_ADDED``). ``dtx plugins`` reports both with the plugin's name and a fix.
 
 A name registered twice in one kind (by two plugins, or twice by one) is not an override: the first registration
 in plugin load order is kept, the clash is reported by ``dtx plugins``, and the bare name must then be picked as
@@ -17,6 +22,22 @@ from typing import Any, Callable
 import pluggy
 
 HOOK_API_VERSION = "1.1"  # 1.1: added dtx_register_objectives; no hook changed
+
+#: the plugin module attribute that states the hook API a plugin was written for, e.g. ``DTX_HOOK_API = "1.1"``
+PLUGIN_API_ATTRIBUTE = "DTX_HOOK_API"
+
+#: the hook API version (major, minor) that introduced each hook; hooks not listed are in 1.0
+HOOK_ADDED: dict[str, tuple[int, int]] = {"dtx_register_objectives": (1, 1)}
+
+
+def parse_api_version(value: object) -> tuple[int, int]:
+    """``"1.1"`` -> (1, 1); a ValueError naming the expected form for anything else (a float 1.1 included, which
+    cannot say 1.10)."""
+    parts = value.split(".") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{PLUGIN_API_ATTRIBUTE} must be a string 'MAJOR.MINOR' such as {HOOK_API_VERSION!r}, "
+                         f"got {value!r}")
+    return int(parts[0]), int(parts[1])
 
 hookspec = pluggy.HookspecMarker("dtx")
 hookimpl = pluggy.HookimplMarker("dtx")

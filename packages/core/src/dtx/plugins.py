@@ -9,6 +9,10 @@ a name registered twice in one kind is never silently replaced: the first regist
 listings and the CLI show), the clash is recorded in ``PluginHost.conflicts`` and reported by ``dtx plugins``, and
 looking the bare name up raises a ``PluginError`` naming the plugins. ``get(kind, "plugin:name")`` picks one
 plugin's registration of any name.
+
+A broken plugin never breaks dtx: an import error, an exception inside a hook, a misspelled hook or a plugin
+written for another hook API (``DTX_HOOK_API``, see ``dtx.hookspecs``) is recorded on the plugin's
+``PluginRecord`` with a fix (``hint``), the other plugins load, and ``dtx plugins`` shows it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ class PluginRecord:
     version: str | None = None
     error: str | None = None
     registers: dict[str, list[str]] = field(default_factory=dict)
+    hook_api: str | None = None  # the plugin's DTX_HOOK_API (None: not declared, 1.0 assumed)
+    warnings: list[str] = field(default_factory=list)  # loaded, but something to fix (hook API declaration)
+    hint: str | None = None  # how to fix ``error``
+
+    @property
+    def label(self) -> str:
+        """What to reinstall or upgrade: the distribution when known, else the module."""
+        return self.dist or self.module
+
+    def add_error(self, error: str, hint: str | None = None) -> None:
+        """Record one more problem (several hooks may fail); the first hint given is kept."""
+        self.error = error if self.error is None else f"{self.error}; {error}"
+        self.hint = self.hint or hint
+
+    def skip_hint(self) -> str:
+        return f"DTX_DISABLE_PLUGINS={self.name} skips it"
 
 
 def _split_env(var: str) -> set[str] | None:
@@ -79,6 +99,41 @@ def plural(kind: str) -> str:
     """Readable plural of a registry kind: "loss" -> "losses", "checkpoint_format" -> "checkpoint formats"."""
     word = kind.replace("_", " ")
     return word + ("es" if word.endswith("s") else "s")
+
+
+def _import_hint(exc: BaseException, rec: PluginRecord) -> str:
+    """How to fix a plugin that fails to import: a missing dependency is named, anything else is the plugin's."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing and missing.split(".")[0] != rec.module.split(".")[0]:
+        return (f"{rec.label} imports {missing!r}, which is not installed: install it (pip install "
+                f"{missing.split('.')[0]}) or a release of {rec.label} that declares it; {rec.skip_hint()}")
+    return (f"{rec.label} cannot be imported: reinstall it (pip install --force-reinstall {rec.label}) or report "
+            f"the error to its authors; {rec.skip_hint()}")
+
+
+def check_hook_api(module: Any, rec: PluginRecord) -> str | None:
+    """Read the plugin's ``DTX_HOOK_API`` into ``rec.hook_api``; return an error (with ``rec.hint`` set) when the
+    plugin must not be loaded: a malformed declaration or another major version than this dtx's."""
+    declared = getattr(module, hookspecs.PLUGIN_API_ATTRIBUTE, None)
+    if declared is None:
+        return None
+    ours = hookspecs.parse_api_version(hookspecs.HOOK_API_VERSION)
+    try:
+        theirs = hookspecs.parse_api_version(declared)
+    except ValueError as exc:
+        rec.hint = f"write {hookspecs.PLUGIN_API_ATTRIBUTE} = {hookspecs.HOOK_API_VERSION!r} in {rec.module}"
+        return str(exc)
+    rec.hook_api = declared
+    if theirs[0] == ours[0]:
+        return None
+    core = f"this dtx-core ({_version('dtx-core') or 'unknown version'}) has hook API {hookspecs.HOOK_API_VERSION}"
+    if theirs[0] > ours[0]:
+        rec.hint = (f"upgrade dtx-core (pip install -U dtx-core) or install a release of {rec.label} written for "
+                    f"hook API {ours[0]}.x; {rec.skip_hint()}")
+    else:
+        rec.hint = (f"upgrade {rec.label} (pip install -U {rec.label}) to a release written for hook API "
+                    f"{ours[0]}.x; {rec.skip_hint()}")
+    return f"written for hook API {declared}, but {core}; not loaded"
 
 
 def _short_error(exc: BaseException) -> str:
@@ -124,11 +179,11 @@ class PluginHost:
                                    dist.version if dist else None)
                 self.records[ep.name] = rec
                 try:
-                    self._register(ep.load(), ep.name)
-                except Exception as exc:  # a broken plugin must not take the others down
-                    rec.error = _short_error(exc)
-                else:
-                    rec.error = self._unknown_hooks(ep.name)
+                    module = ep.load()
+                except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down
+                    rec.add_error(_short_error(exc), _import_hint(exc, rec))
+                    continue
+                self._add(module, rec)
             if BUILTIN not in self.records:  # dtx-core is importable but its entry point is not installed
                 self.records = {BUILTIN: PluginRecord(
                     BUILTIN, "dtx.builtin", "dtx-core", _version("dtx-core"),
@@ -140,21 +195,62 @@ class PluginHost:
                 self._collect(kind)
             return self
 
+    def _add(self, module: Any, rec: PluginRecord) -> None:
+        """Register an installed plugin's module unless its hook API rules it out; record what to fix."""
+        error = check_hook_api(module, rec)
+        if error is not None:
+            rec.add_error(error)
+            return
+        try:
+            self._register(module, rec.name)
+        except Exception as exc:  # pluggy's validation: hook arguments the spec does not have
+            rec.add_error(_short_error(exc), f"fix the hook signatures in {rec.module} (see dtx.hookspecs); "
+                                             f"{rec.skip_hint()}")
+            return
+        self._check_hooks(rec)
+
+    def _check_hooks(self, rec: PluginRecord) -> None:
+        """Unknown (misspelled) hooks become the record's error, hooks newer than its declared API and a newer
+        minor API than ours its warnings."""
+        unknown = self._unknown_hooks(rec.name)
+        if unknown:
+            rec.add_error(unknown, f"rename the function in {rec.module} to a dtx hook (listed in dtx.hookspecs "
+                                   f"and docs/plugins.md); its other hooks are loaded")
+        ours = hookspecs.parse_api_version(hookspecs.HOOK_API_VERSION)
+        declared = hookspecs.parse_api_version(rec.hook_api) if rec.hook_api else (1, 0)
+        attr = hookspecs.PLUGIN_API_ATTRIBUTE
+        if declared > ours:
+            rec.warnings.append(f"written for hook API {rec.hook_api}, newer than this dtx's "
+                                f"{hookspecs.HOOK_API_VERSION}: hooks added since are not called; upgrade dtx-core "
+                                f"(pip install -U dtx-core)")
+        callers = self.pm.get_hookcallers(self.pm.get_plugin(rec.name)) or []
+        for hook in sorted(c.name for c in callers if c.has_spec()):
+            added = hookspecs.HOOK_ADDED.get(hook, (1, 0))
+            if added > declared:
+                version = f"{added[0]}.{added[1]}"
+                rec.warnings.append(f"implements {hook}, added in hook API {version}, but declares "
+                                    f"{rec.hook_api or '1.0 (no ' + attr + ')'}: write {attr} = {version!r} in "
+                                    f"{rec.module}")
+
     def register_plugin(self, module: Any, name: str) -> None:
         """Register a plugin object at run time (tests, notebooks) and add what it contributes.
 
         Run-time plugins come after every installed plugin: a name they share with one is a conflict, not an
-        override."""
+        override. A plugin written for another major hook API is refused (``PluginError``)."""
         with self._lock:
             self.load()
             if name in self.records or self.pm.get_plugin(name) is not None:
                 raise PluginError(f"a plugin named {name!r} is already registered")
+            rec = PluginRecord(name, getattr(module, "__name__", repr(module)))
+            error = check_hook_api(module, rec)
+            if error is not None:
+                raise PluginError(f"plugin {name!r} cannot be registered: {error} ({rec.hint})")
             try:
                 self._register(module, name)
             except Exception as exc:  # pluggy's validation: hook arguments the spec does not have
                 raise PluginError(f"plugin {name!r} cannot be registered: {_short_error(exc)}") from exc
-            self.records[name] = PluginRecord(name, getattr(module, "__name__", repr(module)),
-                                              error=self._unknown_hooks(name))
+            self.records[name] = rec
+            self._check_hooks(rec)
             for kind in KINDS:
                 self._collect(kind, only=name)
 
@@ -212,8 +308,9 @@ class PluginHost:
                 impl.function(**{a: register for a in impl.argnames})
             except Exception as exc:
                 if rec is not None:
-                    error = f"in {KINDS[kind]}: {_short_error(exc)}"
-                    rec.error = error if rec.error is None else f"{rec.error}; {error}"
+                    rec.add_error(f"in {KINDS[kind]}: {_short_error(exc)}",
+                                  f"a bug in {rec.label}: report it to its authors (what the hook registered "
+                                  f"before failing is kept); {rec.skip_hint()}")
         self._index(kind)
 
     def _index(self, kind: str) -> None:
@@ -250,7 +347,7 @@ class PluginHost:
         key = name if name in table else {k.lower(): k for k in table}.get(name.lower())
         if key is not None:
             if (kind, key) in self.conflicts:
-                raise PluginError(self._conflict_message(kind, key))
+                raise PluginError(self.conflict_message(kind, key))
             return table[key]
         plugin, sep, bare = name.partition(":")
         if sep and plugin in self.records:
@@ -278,7 +375,8 @@ class PluginHost:
         raise UnknownNameError(f"plugin {plugin!r} registers no {kind.replace('_', ' ')} {name!r}{hint} "
                                f"(its {plural(kind)}: {', '.join(sorted(own)) or 'none'})")
 
-    def _conflict_message(self, kind: str, name: str) -> str:
+    def conflict_message(self, kind: str, name: str) -> str:
+        """One line on a name registered more than once: every plugin, what a bare name does, how to choose."""
         plugs = self.conflicts[(kind, name)]
         distinct = list(dict.fromkeys(plugs))
         what = f"{kind.replace('_', ' ')} {name!r}"
@@ -287,8 +385,9 @@ class PluginHost:
                     f"{distinct[0] + ':' + name!r} picks its first registration")
         picks = " or ".join(repr(f"{p}:{name}") for p in distinct)
         removable = [p for p in distinct if p != BUILTIN]
-        return (f"{what} is registered by several plugins: {', '.join(distinct)}; {picks} picks one, or "
-                f"DTX_DISABLE_PLUGINS={removable[-1]} removes one (see `dtx plugins`)")
+        return (f"{what} is registered by several plugins: {', '.join(distinct)}; listings show {distinct[0]}'s, "
+                f"the bare name is refused: {picks} picks one, or DTX_DISABLE_PLUGINS={removable[-1]} removes one "
+                f"(see `dtx plugins`)")
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.table(kind))

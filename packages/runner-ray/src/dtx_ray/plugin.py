@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from dtx.hookspecs import hookimpl
 
+DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspecs)
+
 
 @hookimpl
 def dtx_register_runners(register: Callable[..., Any]) -> None:

@@ -1,5 +1,13 @@
-"""Test helpers for dtx and its plugins (the start of the conformance kit): isolate the process-wide plugin host,
-build a tiny random VAE on disk (the real ``from_pretrained`` path, no download)."""
+"""Test helpers for dtx and its plugins: the conformance kit, plugin-host isolation and a tiny VAE.
+
+- ``ModelConformance`` and ``ModelCase`` (``dtx.testing.conformance``): the checks every backbone plugin runs in its
+  own tests by subclassing one class (see docs/plugins.md);
+- ``fresh_plugin_host``: isolate the process-wide plugin host;
+- ``save_tiny_vae``: a tiny random VAE on disk (the real ``from_pretrained`` path, no download).
+
+The pytest plugin ``dtx.testing.pytest_plugin`` (entry point ``pytest11``) adds the ``--dtx-compile`` option and
+the ``dtx_plugin_host`` fixture. The kit is imported on first use, so importing this module needs no pytest.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import plugins
+from .. import plugins
 
 PLUGIN_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS")
+_KIT = ("ModelCase", "ModelConformance", "HEAVY_MODULES")
+
+__all__ = ["PLUGIN_ENV", "fresh_plugin_host", "save_tiny_vae", *_KIT]
+
+
+def __getattr__(name: str) -> Any:
+    """The conformance kit, imported when first named (it needs pytest)."""
+    if name in _KIT:
+        from . import conformance
+
+        return getattr(conformance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
