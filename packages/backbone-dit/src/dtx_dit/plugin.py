@@ -1,6 +1,6 @@
-"""dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format and the
-recipes shipped in ``dtx_dit/recipes``. ``dtx flops`` (core) counts DiTs with the
-closed form registered with each model (``flops=dit_counter``)."""
+"""dtx plugin entry point of dtx-backbone-dit: the DiT models and presets, the official checkpoint format, the
+diffusers DiT folder format (read and export) and the recipes shipped in ``dtx_dit/recipes``. ``dtx flops`` (core)
+counts DiTs with the closed form registered with each model (``flops=dit_counter``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
+
+DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspecs)
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -42,6 +44,12 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="facebookresearch/DiT .pt: released state dicts and train.py checkpoints (EMA weights)")
+    from . import diffusers_format
+
+    register(diffusers_format.FORMAT, diffusers_format.detect, load=diffusers_format.load,
+             export=diffusers_format.export,
+             description="diffusers DiTTransformer2DModel folders and DiTPipeline folders (read and "
+                         "`dtx convert --to diffusers`)")
 
 
 @hookimpl

@@ -16,6 +16,8 @@ from typing import Any, Callable
 from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
 
+DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspecs)
+
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -50,6 +52,12 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="Vchitect/Latte .pt: released checkpoints and train.py {model, ema} files (EMA weights)")
+    from . import diffusers_format
+
+    register(diffusers_format.FORMAT, diffusers_format.detect, load=diffusers_format.load,
+             export=diffusers_format.export,
+             description="`dtx convert --to diffusers` of these Latte models: refused with the reason (diffusers' "
+                         "Latte is Latte-1's layout, dtx-ext-gentron's PixArt with num_frames)")
 
 
 @hookimpl

@@ -250,11 +250,23 @@ def load_model_with_info(source: str | os.PathLike, name: str | None = None, opt
     elif is_run_folder(path):
         model, info = _load_run(path, options)
     elif path.is_dir():
-        raise CheckpointError(f"{path} is neither a run folder (with checkpoints/), a checkpoint folder (with "
-                              f"manifest.json) nor a dtx model folder ({DTX_WEIGHTS} + {DTX_CONFIG})")
+        model, info = _load_folder(path, name, options, **overrides)
     else:
         model, info = _load_file(path, name, options, **overrides)
     return model.eval(), info
+
+
+def _load_folder(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:
+    """A folder a registered format understands (``detect(path, None)``), e.g. a diffusers model or pipeline."""
+    formats = plugins.host().table("checkpoint_format")
+    for entry in formats.values():
+        if entry.obj(path, None):
+            load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
+            model, info = load(path, None, name, options, **overrides)
+            return model, {"format": entry.name, **info}
+    raise CheckpointError(f"{path} is neither a run folder (with checkpoints/), a checkpoint folder (with "
+                          f"manifest.json), a dtx model folder ({DTX_WEIGHTS} + {DTX_CONFIG}) nor a folder an "
+                          f"installed format reads (formats known: {', '.join(sorted(formats)) or 'none'})")
 
 
 def _load_file(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:

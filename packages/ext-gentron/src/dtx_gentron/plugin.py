@@ -2,7 +2,10 @@
 
 Models: ``GenTron`` (every option settable; defaults GenTron-XL/2) and the presets ``GenTron-{S,B,XL,G}/2``, family
 "gentron"; ``num_frames > 0`` builds the text-to-video model. Building a model never loads a text encoder: encoders
-are conditioners. Conditioners: ``text`` (a ``transformers`` text encoder; default for the data field ``text``),
+are conditioners. ``PixArt`` (PixArt-alpha's adaLN-single text DiT; ``num_frames > 0``: Latte-1's text-to-video
+model) with presets ``PixArt-XL/2`` and ``Latte-1``, family "pixart", loads from and exports to diffusers'
+``PixArtTransformer2DModel`` / ``LatteTransformer3DModel`` folders (checkpoint format ``diffusers-pixart``).
+Conditioners: ``text`` (a ``transformers`` text encoder; default for the data field ``text``),
 ``text-embeddings`` (pre-extracted encodings), ``motion`` (the motion-free mask; ``--motion-free``,
 ``--motion-cfg``). Datasets: ``captioned-digits``, ``captioned-moving-digits``, ``text-embeddings`` (shards). Command: ``compbench-digits``.
 Recipes: ``dtx_gentron/recipes/*.yaml``.
@@ -15,6 +18,8 @@ from typing import Any, Callable
 
 from dtx.config import register_recipe_folder
 from dtx.hookspecs import hookimpl
+
+DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspecs)
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -39,6 +44,32 @@ def dtx_register_models(register: Callable[..., Any]) -> None:
         register(name, _factory(preset), family="gentron", config=GenTronConfig,
                  description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads; "
                              f"conditioning cross-attention|adaln, num_frames > 0 for text-to-video")
+    from .pixart import PIXART_PRESETS, PixArtConfig, build_pixart
+
+    def pixart(preset: dict[str, Any]) -> Callable[..., Any]:
+        def build(**overrides: Any) -> Any:
+            return build_pixart(PixArtConfig(**{**preset, **overrides}))
+
+        build.config_class = PixArtConfig  # type: ignore[attr-defined]
+        return build
+
+    register("PixArt", pixart({}), family="pixart", config=PixArtConfig,
+             description="PixArt-alpha adaLN-single text DiT (diffusers' PixArt/Latte layout); num_frames > 0: "
+                         "Latte-1 text-to-video")
+    for name, preset in PIXART_PRESETS.items():
+        register(name, pixart(preset), family="pixart", config=PixArtConfig,
+                 description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads"
+                             + (f", {preset['num_frames']} frames, temporal blocks" if "num_frames" in preset else ""))
+
+
+@hookimpl
+def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
+    from . import diffusers_format
+
+    register(diffusers_format.FORMAT, diffusers_format.detect, load=diffusers_format.load,
+             export=diffusers_format.export,
+             description="diffusers PixArtTransformer2DModel and LatteTransformer3DModel folders (read and "
+                         "`dtx convert --to diffusers`; GenTron refused with the reason)")
 
 
 @hookimpl

@@ -1,10 +1,15 @@
 """``dtx convert SOURCE OUT``: any loadable checkpoint (a training run, a dtx folder, a file a registered format reads)
 written as a dtx model folder, ``model.safetensors`` + ``config.yaml``, without pickle. A run's data facts, objective,
-conditioning and sampling defaults go into ``config.yaml`` too, so ``dtx sample OUT`` samples as the run would."""
+conditioning and sampling defaults go into ``config.yaml`` too, so ``dtx sample OUT`` samples as the run would.
+
+``--to diffusers`` writes a folder diffusers' ``from_pretrained`` reads instead (a pipeline folder when the run has a
+VAE), through the checkpoint format that registered an ``export`` for the model's family; the numerical differences
+between dtx and diffusers that the format reports are printed."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..config import parse_dotlist
@@ -21,7 +26,10 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a training run, a dtx folder or any file a plugin understands (e.g. a DiT .pt)")
-    p.add_argument("output", help="folder to write model.safetensors + config.yaml into")
+    p.add_argument("output", help="folder to write model.safetensors + config.yaml into (--to diffusers: a new or "
+                                  "empty folder for the diffusers model or pipeline)")
+    p.add_argument("--to", choices=("dtx", "diffusers"), default="dtx",
+                   help="dtx: a dtx model folder (default); diffusers: a folder diffusers' from_pretrained reads")
     p.add_argument("--name", help="architecture or preset to load into (default: read or inferred from the file)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[], help="model options, e.g. num_classes=10")
     p.add_argument("--raw-weights", action="store_true",
@@ -44,8 +52,33 @@ def run(args: argparse.Namespace) -> int:
 
     options = LoadOptions(weights="raw" if args.raw_weights else "ema", trust=args.trust_checkpoint)
     model, info = load_model_with_info(args.source, args.name, options, **_overrides(args.set))
+    for note in info.get("notes") or []:
+        print(f"note: {note}")
+    if args.to == "diffusers":
+        return _to_diffusers(model, info, Path(args.output))
     out = save_model(model, args.output, extra=sampling_facts(info))
     print(f"wrote {out}/ ({(model_spec(model) or {}).get('name', '?')}, {len(model.state_dict())} tensors, "
           f"{count_parameters(model):,} parameters; read as {info.get('format', '?')}"
           f"{', ' + info['weights'] + ' weights' if 'weights' in info else ''})")
     return 0
+
+
+def _to_diffusers(model: Any, info: dict[str, Any], out: Path) -> int:
+    """Hand ``model`` to the registered format that exports its family to diffusers; print what it notes."""
+    from .. import plugins
+    from ..diffusers_interop import check_output_folder
+    from ..errors import ConfigError
+    from ..models import model_spec
+
+    check_output_folder(out)
+    facts = sampling_facts(info)
+    for entry in plugins.host().table("checkpoint_format").values():
+        export = entry.meta.get("export")
+        notes = export(model, facts, out) if export is not None else None
+        if notes is not None:
+            print(f"wrote {out}/ (diffusers, via {entry.name})")
+            for note in notes:
+                print(f"note: {note}")
+            return 0
+    name = (model_spec(model) or {}).get("name", type(model).__name__)
+    raise ConfigError(f"no installed plugin exports {name} ({type(model).__name__}) to diffusers")
