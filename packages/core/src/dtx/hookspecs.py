@@ -109,9 +109,11 @@ def dtx_register_recipes(register: Callable[..., Any]) -> None:
 def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
     """Register checkpoint readers for ``dtx.load_model``.
 
-    ``register(name, detect, load, *, description="")``: ``detect(path, obj)`` says whether the reader understands
-    a file (``obj`` is the safely loaded content, or None for directories); ``load(path, obj, name, **overrides)``
-    returns ``(model, info_dict)``.
+    ``register(name, detect, load, *, export=None, description="")``: ``detect(path, obj)`` says whether the reader
+    understands a file (``obj`` is the safely loaded content, or None for directories); ``load(path, obj, name,
+    options, **overrides)`` returns ``(model, info_dict)``. Optional ``export(model, facts, out)`` writes ``model``
+    in the format's layout for ``dtx convert --to diffusers`` and returns the notes to print, or None when the model
+    is not its family's (``facts``: the run's sampling facts).
     """
 
 
