@@ -30,6 +30,24 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, UnknownNameError, one_line
 
+
+def lazy_exports(package: str, exports: dict[str, tuple[str, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for a plugin package: ``exports`` maps public name -> (module relative to
+    ``package``, attribute); each is imported on first use and cached, so importing the package (as plugin
+    discovery does) loads no model code."""
+    import importlib
+    import sys
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, attr = exports[name]
+        value = getattr(importlib.import_module(module, package), attr)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
 GROUP = "dtx"
 BUILTIN = "core"
 
