@@ -5,7 +5,8 @@ shards listed in ``diffusion_pytorch_model.safetensors.index.json``; a *pipeline
 one subfolder per component (``transformer/``, ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``).
 Families (dtx_dit, dtx_gentron) own their key maps and architecture rules; this module owns the folders, the
 mapping between dtx's Gaussian objective and diffusers' scheduler configs (both ways), and what a pipeline folder
-tells ``dtx sample`` (its VAE, its scheduler). Nothing here imports diffusers except to stamp its version.
+tells ``dtx sample`` (its VAE, its scheduler's betas and sampler; text encoders are the families' to wire into their
+conditioners). Nothing here imports diffusers except to stamp its version.
 """
 
 from __future__ import annotations

