@@ -184,7 +184,8 @@ def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = L
     load_state_dict_strict(model, state, str(source.model_dir))
     c, (h, w) = model.in_channels, model.config.input_hw
     info = dfi.latent_facts(source, c, (h, w), num_classes=model.num_classes, fields=("y",))
-    config = dfi.sampling_config(source, info, sample={"sampler": "ddim", "steps": 50, "cfg": 4.0})
+    config = dfi.sampling_config(source, info, sample={"sampler": "ddim", "steps": 50, "cfg": 4.0,
+                                                                 **dfi.scheduler_sampling(source)})
     notes = [T_EMBEDDING_NOTE.replace("so diffusers'", "dtx keeps 128, so diffusers'")]
     if float(source.config.get("norm_eps", 1e-5)) != 1e-6:
         notes.append(f"this folder's norm_eps {source.config.get('norm_eps', 1e-5)} is not used: dtx keeps DiT's "
