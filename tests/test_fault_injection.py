@@ -1,4 +1,5 @@
-"""Fault injection: kill `dtx train` at random steps and resume, corrupt checkpoints, feed malformed inputs.
+"""Fault injection: kill `dtx train` at random steps and resume, corrupt checkpoints, feed malformed inputs, start a
+second writer on a running run, poison an update.
 
 A tiny class-conditional DiT on 8x8 digits trains in subprocesses (one thread each, so runs are bitwise
 reproducible). The counts of kills survived, corruptions detected and malformed inputs rejected are printed at the end.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -50,14 +52,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISAB
        "CUDA_VISIBLE_DEVICES": ""}
 STARTUP_TIMEOUT = 240  # seconds for one `dtx train` process on a loaded 2-core machine
 
-COUNTS = {"kills": 0, "preemptions": 0, "corruptions": 0, "rejected": 0}
+COUNTS = {"kills": 0, "preemptions": 0, "corruptions": 0, "rejected": 0, "concurrent": 0, "poisoned": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _print_counts(request):
     yield
     line = (f"fault-injection: kills survived={COUNTS['kills']}, preemptions survived={COUNTS['preemptions']}, "
-            f"corruptions detected={COUNTS['corruptions']}, malformed inputs rejected={COUNTS['rejected']}")
+            f"corruptions detected={COUNTS['corruptions']}, malformed inputs rejected={COUNTS['rejected']}, "
+            f"concurrent writers refused={COUNTS['concurrent']}, poisoned updates caught={COUNTS['poisoned']}")
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print(f"\n{line}")
@@ -243,6 +246,23 @@ def _fuzz_cases(d: Path, run: Path) -> list[tuple[str, list[str], str]]:
     (d / "garbage.npz").write_bytes(b"garbage")
     np.savez(d / "float.npz", arr_0=np.zeros((2, 8, 8, 1), np.float32), labels=np.zeros(2, np.int64))
     (d / "a-file").write_text("x")
+    three = d / "three-classes"
+    for c in range(3):
+        (three / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 60 * c + i, np.uint8)).save(three / str(c) / f"{i}.png")
+    shards = {}
+    for name, tensors, meta in [("no-latents", {"labels": torch.zeros(2, dtype=torch.int64)}, {"scale_factor": "0.18"}),
+                                ("no-scale", {"latents": torch.zeros(2, 4, 2, 2)}, {}),
+                                ("bad-labels", {"latents": torch.zeros(2, 4, 2, 2), "labels": torch.tensor([0, 5])},
+                                 {"scale_factor": "0.18", "classes": '["a", "b"]'})]:
+        (d / name).mkdir()
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(d / name / "shard_00000.safetensors"),
+                  metadata={"format": "dtx-latents/1", "image_size": "16", **meta})
+        shards[name] = d / name
+    _npz_bomb(d / "bomb.npz")
     train, out = ["train"], ["--out", str(run), "--runner", "local"]
     return [
         ("config-missing", train + [str(d / "nope.yaml")] + out, "config file not found"),
@@ -309,7 +329,46 @@ def _fuzz_cases(d: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("eval-no-arr", ["eval", str(d / "no-arr.npz")], "arr_0"),
         ("eval-not-npz", ["eval", str(d / "garbage.npz")], "garbage.npz"),
         ("eval-float-images", ["eval", str(d / "float.npz")], "uint8"),
+        # issue 15: every value validated before anything is written, naming the key or file
+        ("lr-inf", train + [cfg(TINY), "optim.lr=inf"] + out, "optim.lr"),
+        ("lr-overflows-float32", train + [cfg(TINY), "optim.lr=1e39"] + out, "optim.lr"),
+        ("sample-cfg-nan", train + [edit("every: 0", "every: 0, cfg: .nan")] + out, "sample.cfg"),
+        ("betas-over-1", train + [cfg(TINY), "optim.betas=[1.5,0.9]"] + out, "optim.betas"),
+        ("eps-negative", train + [cfg(TINY), "optim.eps=-1"] + out, "optim.eps"),
+        ("weight-decay-negative", train + [cfg(TINY), "optim.weight_decay=-0.5"] + out, "optim.weight_decay"),
+        ("warmup-negative", train + [cfg(TINY), "optim.warmup_steps=-3"] + out, "optim.warmup_steps"),
+        ("p-std-negative", train + [cfg(TINY), "objective.p_std=-1.2"] + out, "objective.p_std"),
+        ("sigma-data-zero", train + [cfg(TINY), "objective.sigma_data=0"] + out, "objective.sigma_data"),
+        ("num-workers-negative", train + [cfg(TINY), "data.num_workers=-1"] + out, "data.num_workers"),
+        ("seed-huge", train + [cfg(TINY), "--seed", str(10**24)] + out, "seed"),
+        ("sample-classes-range", train + [edit("classes: [0, 1]", "classes: [0, 99]")] + out, "sample.classes"),
+        ("sample-n-zero-config", train + [edit("n_per_class: 1", "n_per_class: 0")] + out, "sample.n_per_class"),
+        ("sample-guide-channels", train + [edit("every: 0", "every: 0, guide_channels: 3")] + out,
+         "sample.guide_channels"),
+        ("labels-vs-num-classes", train + [data(f"name: image-folder\n  options: {{root: {three}, image_size: 8, "
+                                                f"channels: 1}}"), "model.options.num_classes=2"] + out,
+         "model.options.num_classes"),
+        ("env-interpolation", train + [edit("lr: 1.0e-3", "lr: '${oc.env:DTX_TEST_LR,0.001}'")] + out, "optim.lr"),
+        ("latents-missing-tensor", train + [data(f"name: latent-folder\n  options: {{root: {shards['no-latents']}}}")]
+         + out, "'latents'"),
+        ("latents-missing-scale", train + [data(f"name: latent-folder\n  options: {{root: {shards['no-scale']}}}")]
+         + out, "scale_factor"),
+        ("latents-label-range", train + [data(f"name: latent-folder\n  options: {{root: {shards['bad-labels']}}}")]
+         + out, "label 5"),
+        ("eval-npz-bomb", ["eval", str(d / "bomb.npz")], "bomb.npz"),
     ]
+
+
+def _npz_bomb(path: Path) -> None:
+    """An .npz of a few hundred bytes whose array header declares 64 TiB of float64."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (1 << 20, 1 << 20, 8)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("arr_0.npy", header.getvalue())
 
 
 class _Payload:
@@ -330,7 +389,7 @@ def test_malformed_inputs_are_rejected_without_touching_outputs(workdir, referen
     run = workdir / "fuzz-run"
     shutil.copytree(reference, run)
     cases = _fuzz_cases(workdir, run)
-    assert len(cases) >= 30
+    assert len(cases) >= 70
     failures = []
     capsys.readouterr()
     for name, argv, fragment in cases:
@@ -410,7 +469,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(workdir, 
     before = _digest(run / "checkpoints")
     capsys.readouterr()
     rc = cli.main(["train", str(workdir / "tiny.yaml"), "--out", str(run), "--runner", "local",
-                   "--max-steps", str(MAX_STEPS + 4), "optim.lr=1e38", "max_nonfinite=2"])
+                   "--max-steps", str(MAX_STEPS + 4), "optim.lr=3e37", "max_nonfinite=2"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("dtx: error:")]
     assert rc == 2 and len(lines) == 1, lines
@@ -420,3 +479,119 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(workdir, 
     assert {k: v for k, v in after.items() if k in before} == before
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["streak"] for e in events if e.get("event") == "nonfinite"] == [1, 2]
+
+
+# -- issue 15: one writer per run folder, poisoned updates, unreadable state ------------------------------------------
+
+def test_a_second_writer_is_refused_at_once_and_a_killed_holder_never_blocks(workdir):
+    """While one `dtx train` runs, a second into the same --out exits 2 naming the first one's PID and touches
+    nothing (no checkpoint deleted, no line added to metrics.jsonl); after the first is SIGKILLed its lock is gone
+    and the next run resumes."""
+    run = workdir / "locked"
+    log = workdir / "locked-first.log"
+    with open(log, "w") as err:
+        first = subprocess.Popen(_train_cmd(workdir / "tiny.yaml", run, "--max-steps", "100000"), env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _wait(first, log, "the first checkpoint", lambda: len(_complete_checkpoints(run)) >= 1)
+        before = _losses(run)
+        started = time.monotonic()
+        second = subprocess.run(_train_cmd(workdir / "tiny.yaml", run), env=ENV, capture_output=True, text=True,
+                                timeout=STARTUP_TIMEOUT)
+        elapsed = time.monotonic() - started
+        errors = [line for line in second.stderr.splitlines() if line.startswith("dtx: error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
+        assert f"pid {first.pid}" in errors[0] and str(run) in errors[0], errors[0]
+        # the first run's metrics only ever grow by its own consecutive steps
+        after = _losses(run)
+        assert after[:len(before)] == before and [s for s, _ in after] == list(range(1, len(after) + 1))
+        assert first.poll() is None, "the first run must keep running"
+        COUNTS["concurrent"] += 1
+        print(f"second writer refused after {elapsed:.1f}s")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    resumed_from = _complete_checkpoints(run)[-1]
+    third = subprocess.run(_train_cmd(workdir / "tiny.yaml", run, "--max-steps", str(resumed_from + 1)), env=ENV,
+                           capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert _resumed_at(third.stderr) == resumed_from
+
+
+def test_a_poisoned_update_is_caught_and_never_saved(workdir, reference, capsys, monkeypatch):
+    """An update that leaves non-finite weights although its loss was finite (injected: the third optimizer step of
+    the resumed run writes a NaN into one weight, as an overflowing update or a hardware fault would). The run stops
+    at that step with exit 2, before the checkpoint that step would have written, names the last good checkpoint,
+    and every checkpoint left holds finite tensors and still samples."""
+    from dtx import cli
+
+    run = workdir / "poisoned"
+    shutil.copytree(reference, run)
+    before = _digest(run / "checkpoints")
+    original, updates = torch.optim.AdamW.step, []
+
+    def poisoned_step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == CKPT_EVERY:  # the update of step MAX_STEPS + 3, which ends with a checkpoint
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    capsys.readouterr()
+    rc = cli.main(["train", str(workdir / "tiny.yaml"), "--out", str(run), "--runner", "local",
+                   "--max-steps", str(MAX_STEPS + 6)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dtx: error:")]
+    assert rc == 2 and len(lines) == 1, err[-2000:]
+    poisoned = MAX_STEPS + CKPT_EVERY
+    assert f"update of step {poisoned} made weights non-finite" in lines[0], lines[0]
+    assert f"last good checkpoint: {run / 'checkpoints' / f'step_{MAX_STEPS:08d}'}" in lines[0], lines[0]
+    assert _digest(run / "checkpoints") == before  # no checkpoint of step 27 (nor any other) was written
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        for name in ("model.safetensors", "ema.safetensors"):
+            assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / name)).values()), ckpt
+    rc = cli.main(["sample", str(run), "--steps", "2", "--n-per-class", "1", "--out", str(workdir / "p.png")])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    images = np.load(workdir / "p.npz")["arr_0"]
+    assert images.std() > 0, "samples of the last good checkpoint must not be blank"
+    COUNTS["poisoned"] += 1
+
+
+@pytest.mark.parametrize("damage", ["state-json", "pickle-bomb"])
+def test_unreadable_newest_state_falls_back_to_the_previous_checkpoint(workdir, reference, capsys, damage):
+    """The newest checkpoint's state is unreadable (garbage JSON) or a plain-data bomb in an old-format state.pt,
+    with the manifest's hashes updated to match: resume and `dtx sample` skip it with a warning and use the
+    previous intact one, quickly."""
+    from dtx import cli
+
+    run = workdir / f"unreadable-{damage}"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    if damage == "state-json":
+        (newest / "state.json").write_text('{"step": [1, 2')
+    else:
+        bomb = [0]
+        for _ in range(60):
+            bomb = [bomb, bomb]
+        (newest / "state.json").unlink()
+        del manifest["files"]["state.json"]
+        torch.save({"step": MAX_STEPS, "config": {"bomb": bomb}}, newest / "state.pt")
+        manifest["version"] = 1
+        manifest["files"]["state.pt"] = {}
+    for name in manifest["files"]:
+        data = (newest / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=f"skipping damaged checkpoint .*step_{MAX_STEPS:08d}"):
+        rc = cli.main(["sample", str(run), "--steps", "2", "--n-per-class", "1",
+                       "--out", str(workdir / f"u-{damage}.png")])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 21
+    assert time.monotonic() - started < 60
+    COUNTS["corruptions"] += 1

@@ -1,6 +1,7 @@
-"""Ray job submission against a real loopback cluster: ``ray start --head``, then ``ray job submit --working-dir DIR
--- <env>/bin/dtx train config.yaml --runner ray`` and ``dtx train --address http://...``; both must succeed and leave a
-complete run folder. The cluster is started and stopped by the test itself."""
+"""Ray job submission against a real loopback cluster with token authentication on (``RAY_AUTH_MODE=token``, the
+token in a file named by ``RAY_AUTH_TOKEN_PATH``): ``ray start --head``, then ``ray job submit --working-dir DIR --
+<env>/bin/dtx train config.yaml --runner ray`` and ``dtx train --address http://...``; both must succeed and leave a
+complete run folder, and a client without the token is refused. The cluster is started and stopped by the test."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,9 +51,29 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-            "RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+TOKEN_DIR = Path(tempfile.mkdtemp(prefix="dtxray-token-"))
+TOKEN_FILE = TOKEN_DIR / "auth_token"  # never ~/.ray/auth_token: the test must not touch the user's token
+
+
+def _token() -> Path:
+    if not TOKEN_FILE.is_file():
+        import secrets
+
+        TOKEN_FILE.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+        TOKEN_FILE.chmod(0o600)
+    return TOKEN_FILE
+
+
+def _env(with_token: bool = True) -> dict[str, str]:
+    """Token authentication on; the cluster and every client read the token from RAY_AUTH_TOKEN_PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                "RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    if with_token:
+        env["RAY_AUTH_TOKEN_PATH"] = str(_token())
+    else:
+        env["HOME"] = str(TOKEN_DIR / "no-home")  # no ~/.ray/auth_token either
+    return env
 
 
 def _kill_cluster(temp_dir: str) -> None:
@@ -100,6 +122,9 @@ def cluster():
                 with urllib.request.urlopen(f"{address}/api/version", timeout=5) as reply:
                     if reply.status == 200:
                         break
+            except urllib.error.HTTPError as exc:  # up, and asking for the token
+                if exc.code in (401, 403):
+                    break
             except OSError:
                 pass
             assert time.time() < deadline, "the Ray dashboard did not come up"
@@ -110,6 +135,7 @@ def cluster():
         if os.environ.get("CI"):  # a CI machine runs nothing else: also stop any Ray left behind, as Ray advises
             subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(TOKEN_DIR, ignore_errors=True)
 
 
 def _assert_complete_run(out: Path, steps: int) -> None:
@@ -121,9 +147,14 @@ def _assert_complete_run(out: Path, steps: int) -> None:
     assert list((out / "ray").glob("*/step_00000004"))  # Ray Train's copy of the last reported checkpoint
 
 
-def test_ray_job_submit_runs_dtx_train(cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_a_client_without_the_token_is_refused(cluster):
+    listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster], env=_env(with_token=False),
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode != 0, listed.stdout[-2000:]
+    assert "auth" in (listed.stdout + listed.stderr).lower(), listed.stderr[-2000:]
 
+
+def test_ray_job_submit_runs_dtx_train(cluster, tmp_path):
     workdir = tmp_path / "job"
     workdir.mkdir()
     (workdir / "config.yaml").write_text(CONFIG)
@@ -134,8 +165,11 @@ def test_ray_job_submit_runs_dtx_train(cluster, tmp_path):
            str(BIN / "dtx"), "train", "config.yaml", "--runner", "ray", "--out", str(out), "--workers", "1",
            "--gpus-per-worker", "0"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    status = JobSubmissionClient(cluster).get_job_status(submission_id)
-    assert status == JobStatus.SUCCEEDED, done.stdout[-4000:] + done.stderr[-4000:]
+    # asked by a client process of its own: Ray reads the auth settings once per process, at import
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster, submission_id], env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "succeeded" in status.stdout.lower(), \
+        done.stdout[-4000:] + done.stderr[-4000:] + status.stdout[-2000:] + status.stderr[-2000:]
     _assert_complete_run(out, 4)
 
 

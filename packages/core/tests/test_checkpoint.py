@@ -71,15 +71,20 @@ def test_layout_manifest_and_pointer(tmp_path):
     path = CheckpointManager(tmp_path).save(7, state)
     manifest = json.loads((path / "manifest.json").read_text())
     on_disk = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
-    assert sorted(manifest["files"]) == on_disk == ["ema.safetensors", "model.safetensors", "state.pt"]
+    assert sorted(manifest["files"]) == on_disk == ["ema.safetensors", "model.safetensors", "state.json",
+                                                    "state.safetensors"]
+    assert manifest["version"] == 2
     for name, meta in manifest["files"].items():
         data = (path / name).read_bytes()
         assert meta["size"] == len(data)
         assert meta["sha256"] == hashlib.sha256(data).hexdigest()
-    # tensors readable by plain safetensors, the rest by a weights_only torch.load
+    # tensors readable by plain safetensors, the rest is JSON: no pickle anywhere
     assert torch.equal(load_file(str(path / "model.safetensors"))["0.weight"], state["model"]["0.weight"])
-    rest = torch.load(path / "state.pt", weights_only=True)
+    rest = json.loads((path / "state.json").read_text())
     assert rest["step"] == 7 and rest["config"]["model"]["depth"] == 2
+    inner = load_file(str(path / "state.safetensors"))  # optimizer moments, RNG states, loose tensors
+    assert len(inner) == 4 * 3 + 1 + 1 + (1 if "cuda" in state["rng"] else 0)  # 4 params x (step, m, v), RNG, counts
+    assert not any(b"\x80\x02" in (path / f).read_bytes()[:2] for f in on_disk)  # no pickle protocol header
     assert (tmp_path / "latest").read_text().strip() == "step_00000007"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -120,7 +125,7 @@ def test_damaged_newest_is_reported_and_skipped(tmp_path, damage):
     elif damage == "truncate":
         os.truncate(target, target.stat().st_size // 2)
     elif damage == "delete-file":
-        (newest / "state.pt").unlink()
+        (newest / "state.json").unlink()
     elif damage == "no-manifest":
         (newest / "manifest.json").unlink()
     else:
@@ -143,7 +148,7 @@ def test_no_checkpoint_and_all_damaged(tmp_path):
         mgr.load()
     mgr = CheckpointManager(tmp_path / "bad")
     p = mgr.save(1, {"step": 1})
-    _flip_byte(p / "state.pt", 10)
+    _flip_byte(p / "state.json", 3)
     with pytest.warns(RuntimeWarning):
         assert mgr.latest() is None
 
@@ -156,7 +161,9 @@ def test_failed_save_leaves_previous_state_untouched(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         mgr.save(2, {"model": {"w": torch.zeros(3)}, "step": 2})
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -326,3 +333,145 @@ def test_dtx_folder_with_bad_config_is_a_clear_error(tmp_path, config_text, frag
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(DtxError, match=fragment):
         load_model(tmp_path)
+
+
+# -- format 2: no pickle; every check skips to the previous intact checkpoint ------------------------------------------
+
+def _rehash(path: Path, manifest_edit=None) -> None:
+    """Recompute the manifest's sizes and hashes after a deliberate edit (so only the tested check can fail)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in manifest["files"]:
+        if (path / name).is_file():
+            data = (path / name).read_bytes()
+            manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if manifest_edit is not None:
+        manifest_edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _two_checkpoints(tmp_path: Path) -> tuple[CheckpointManager, Path]:
+    mgr = CheckpointManager(tmp_path / "ckpts", keep_last=3)
+    for step in (10, 20):
+        mgr.save(step, {"model": {"w": torch.full((4,), float(step))}, "step": step})
+    return mgr, tmp_path / "ckpts" / "step_00000020"
+
+
+def _legacy_v1(folder: Path, rest: dict, weights: dict[str, torch.Tensor]) -> Path:
+    """A checkpoint as dtx wrote it before format 2: safetensors weights, the rest in a weights-only state.pt."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    torch.save(rest, folder / "state.pt")
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": hashlib.sha256((folder / n).read_bytes()).hexdigest()}
+             for n in ("model.safetensors", "state.pt")}
+    manifest = {"format": "dtx-checkpoint", "version": 1, "step": rest["step"], "order": ["model", *rest],
+                "tensors": {"model": {"file": "model.safetensors", "keys": list(weights)}}, "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    rest = {"step": 5, "rng": {"torch": torch.get_rng_state()}, "config": {"betas": (0.9, 0.99)}}
+    path = _legacy_v1(tmp_path / "step_00000005", rest, {"w": torch.arange(3.0)})
+    state = load_checkpoint(path)
+    assert list(state) == ["model", "step", "rng", "config"] and state["step"] == 5
+    assert torch.equal(state["model"]["w"], torch.arange(3.0)) and state["config"]["betas"] == (0.9, 0.99)
+
+
+def test_a_plain_data_bomb_in_state_pt_is_refused_quickly_and_skipped(tmp_path):
+    """Shared nested lists: a few hundred bytes on disk, 2**60 values when walked. Refused within the value budget,
+    and the previous checkpoint is used instead."""
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": {"w": torch.ones(2)}, "step": 1})
+    bomb = [0]
+    for _ in range(60):
+        bomb = [bomb, bomb]
+    path = _legacy_v1(tmp_path / "step_00000002", {"step": 2, "bomb": bomb}, {"w": torch.ones(2)})
+    assert (path / "state.pt").stat().st_size < 4096
+    started = time.monotonic()
+    assert "bomb" in verify(path)
+    with pytest.warns(RuntimeWarning, match="step_00000002"):
+        assert mgr.load()["step"] == 1
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("case", ["state-json-garbage", "state-json-nan-constant", "state-tensors-missing-name",
+                                  "unlisted-weights", "outside-folder", "missing-order-key", "nonfinite-weights",
+                                  "future-version"])
+def test_every_failed_check_falls_back_to_the_previous_checkpoint(tmp_path, case):
+    """Hashes are recomputed after each edit, so the checksum cannot be what catches it."""
+    mgr, newest = _two_checkpoints(tmp_path)
+    if case == "state-json-garbage":
+        (newest / "state.json").write_text("{\"step\": [[[")
+        _rehash(newest)
+    elif case == "state-json-nan-constant":
+        (newest / "state.json").write_text('{"step": NaN}')
+        _rehash(newest)
+    elif case == "state-tensors-missing-name":
+        (newest / "state.json").write_text('{"step": {"__dtx__": "tensor", "name": "t99"}}')
+        _rehash(newest)
+    elif case == "unlisted-weights":
+        _rehash(newest, lambda m: m["files"].pop("model.safetensors"))
+    elif case == "outside-folder":
+        (tmp_path / "foreign.safetensors").write_bytes((newest / "model.safetensors").read_bytes())
+        _rehash(newest, lambda m: (m["files"].update({"../foreign.safetensors": m["files"]["model.safetensors"]}),
+                                   m["tensors"]["model"].update(file="../foreign.safetensors")))
+    elif case == "missing-order-key":
+        _rehash(newest, lambda m: m["order"].append("optimizer"))
+    elif case == "nonfinite-weights":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])}, str(newest / "model.safetensors"))
+        _rehash(newest)
+    else:
+        _rehash(newest, lambda m: m.update(version=99))
+    reason = verify(newest)
+    expected = {"state-json-garbage": "state.json is unreadable", "state-json-nan-constant": "state.json is unreadable",
+                "state-tensors-missing-name": "malformed 'tensor' entry", "unlisted-weights": "not listed",
+                "outside-folder": "not a file of the checkpoint folder", "missing-order-key": "'optimizer'",
+                "nonfinite-weights": "non-finite values in model.w", "future-version": "version 99"}[case]
+    assert reason is not None and expected in reason, reason
+    with pytest.warns(RuntimeWarning, match="skipping damaged checkpoint"):
+        assert mgr.load()["step"] == 10
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(newest)
+
+
+def test_non_finite_tensors_are_never_saved(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    for bad in ({"model": {"w": torch.tensor([float("inf")])}}, {"opt": {"state": {0: torch.tensor(float("nan"))}}}):
+        with pytest.raises(CheckpointError, match="non-finite"):
+            mgr.save(1, {**bad, "step": 1})
+    assert mgr.list() == []
+    mgr.save(1, {"step": 1, "lr": float("inf")})  # a non-finite Python number is data, not a poisoned tensor
+    assert mgr.load()["lr"] == float("inf")
+
+
+def test_disk_full_is_named_with_folder_and_size(tmp_path, monkeypatch):
+    """Before writing, a save that cannot fit fails naming the folder and the megabytes needed; a write that fails
+    while the device is full (here: safetensors failing with the free space at 0) is reported the same way, and the
+    previous checkpoint is untouched."""
+    import dtx.io
+    import safetensors.torch
+    from dtx.errors import DiskFullError
+
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": {"w": torch.zeros(3)}, "step": 1})
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    big = {"model": {"w": torch.zeros(1 << 20)}, "step": 2}  # 4 MiB of float32
+    monkeypatch.setattr(dtx.io, "free_bytes", lambda folder: 1 << 20)
+    with pytest.raises(DiskFullError, match=rf"no space left on device \(needed 4\.\d MB in {tmp_path}"):
+        mgr.save(2, big)
+
+    free = iter([1 << 40, 0, 0])  # enough at the check, none once the write has failed
+    monkeypatch.setattr(dtx.io, "free_bytes", lambda folder: next(free))
+
+    def enospc(*args, **kwargs):
+        raise RuntimeError("enforce fail: unexpected pos")  # what a full disk looks like from inside a writer
+
+    monkeypatch.setattr(safetensors.torch, "save_file", enospc)
+    with pytest.raises(DiskFullError, match="no space left on device") as info:
+        mgr.save(2, big)
+    assert isinstance(info.value, DtxError) and info.value.exit_code == 2
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-# Before anything imports Ray: no auth token on loopback, fast end-of-run health checks, no memory monitor.
+# Before anything imports Ray. Token auth off is an explicit loopback-only choice: these tests start Ray instances
+# bound to 127.0.0.1 inside the test process (tests/test_ray_job_submission.py runs a cluster with auth on).
+# Also: fast end-of-run health checks, no memory monitor.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")

@@ -1,9 +1,13 @@
 """Atomic, verifiable training checkpoints and RNG state capture.
 
-A checkpoint is a folder ``root/step_{step:08d}/`` holding tensor state dicts as safetensors, everything else in one
-file that ``torch.load(weights_only=True)`` reads, and ``manifest.json`` with each file's size and sha256. It is
-written to a temporary folder, fsynced and renamed into place before the ``latest`` pointer moves, so a process killed
-at any moment leaves either the old or the new checkpoint complete; damaged ones are detected and skipped.
+A checkpoint is a folder ``root/step_{step:08d}/`` holding tensor state dicts as safetensors, everything else as
+``state.json`` (structure and plain values) plus ``state.safetensors`` (the tensors inside it, e.g. optimizer moments
+and RNG states), and ``manifest.json`` with each file's size and sha256. Nothing in it is pickled. It is written to a
+temporary folder, fsynced and renamed into place before the ``latest`` pointer moves, so a process killed at any
+moment leaves either the old or the new checkpoint complete. A checkpoint that fails any check (manifest, sizes,
+hashes, headers, readable state, finite tensors) is skipped with a warning for the previous intact one. Checkpoints of
+format version 1 (the rest in a weights-only ``state.pt``) still load, with limits on the size and structure of what
+they unpickle.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -31,12 +36,18 @@ from .io import atomic_write_text, fsync_dir, fsync_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-EXTRA_FILE = "state.pt"
+LEGACY_STATE = "state.pt"  # format 1: the non-tensor-dict state, pickled (weights-only)
+STATE_JSON = "state.json"  # format 2: the structure and plain values of the rest
+STATE_TENSORS = "state.safetensors"  # format 2: the tensors inside the rest
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
-_PLAIN_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.Size, torch.dtype, torch.device)
+_MAX_STATE_JSON = 256 << 20  # bytes of state.json
+_MAX_NODES = 2_000_000  # containers and values visited while decoding the rest (shared references count each time)
+_MAX_DEPTH = 64
+_TAG = "__dtx__"  # marks JSON objects that encode a tuple, a tensor, a non-finite float or a non-string-keyed dict
 
 
 # -- RNG state -------------------------------------------------------------------------------------------------------
@@ -91,18 +102,101 @@ def _is_tensor_dict(value: Any) -> bool:
             and all(isinstance(v, torch.Tensor) for v in value.values()))
 
 
-def _check_weights_only(value: Any, where: str) -> None:
-    """Reject values that ``torch.load(weights_only=True)`` would refuse, naming where they sit."""
+class _Damaged(Exception):
+    """A checkpoint check failed; the message is the short reason shown when it is skipped."""
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str, depth: int = 0) -> Any:
+    """JSON form of plain data; each tensor is moved into ``tensors`` and replaced by a reference to its name."""
+    if depth > _MAX_DEPTH:
+        raise CheckpointError(f"cannot checkpoint {where}: nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value
+        return {_TAG: "tensor", "name": name}
+    if value is None or type(value) in (str, bool, int):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else {_TAG: "float", "value": repr(value)}
+    if type(value) in (list, tuple, torch.Size):
+        items = [_encode(v, tensors, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return items if type(value) is list else {_TAG: "tuple", "items": items}
+    if type(value) in (dict, OrderedDict):
+        if all(type(k) is str for k in value) and _TAG not in value:
+            return {k: _encode(v, tensors, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
+        return {_TAG: "dict", "items": [[_encode(k, tensors, f"{where} key {k!r}", depth + 1),
+                                         _encode(v, tensors, f"{where}[{k!r}]", depth + 1)]
+                                        for k, v in value.items()]}
+    raise CheckpointError(f"cannot checkpoint {where}: {type(value).__name__} is not plain data "
+                          f"(use dicts, lists, tuples, numbers, strings and tensors)")
+
+
+class _Budget:
+    """Counts the values visited while decoding untrusted state, so a small file cannot expand into a huge one."""
+
+    def __init__(self, limit: int = _MAX_NODES) -> None:
+        self.left = limit
+
+    def visit(self, depth: int) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Damaged(f"state holds more than {_MAX_NODES} values (a decompression bomb?)")
+        if depth > _MAX_DEPTH:
+            raise _Damaged(f"state is nested more than {_MAX_DEPTH} levels deep")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], budget: _Budget, depth: int = 0) -> Any:
+    """Inverse of :func:`_encode` for a parsed ``state.json``; anything unexpected is damage."""
+    budget.visit(depth)
+    if value is None or type(value) in (str, bool, int, float):
+        return value
+    if type(value) is list:
+        return [_decode(v, tensors, budget, depth + 1) for v in value]
+    if type(value) is not dict:
+        raise _Damaged(f"state.json holds a {type(value).__name__}")
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: _decode(v, tensors, budget, depth + 1) for k, v in value.items()}
+    if tag == "tensor" and value.get("name") in tensors:
+        return tensors[value["name"]]
+    if tag == "float" and value.get("value") in ("nan", "inf", "-inf"):
+        return float(value["value"])
+    if tag == "tuple" and type(value.get("items")) is list:
+        return tuple(_decode(v, tensors, budget, depth + 1) for v in value["items"])
+    if tag == "dict" and type(value.get("items")) is list and all(type(i) is list and len(i) == 2
+                                                                    for i in value["items"]):
+        out = {}
+        for k, v in value["items"]:
+            key = _decode(k, tensors, budget, depth + 1)
+            if not isinstance(key, (str, int, float, bool, tuple, type(None))):
+                raise _Damaged("state.json has a dict key that is not a plain value")
+            out[key] = _decode(v, tensors, budget, depth + 1)
+        return out
+    raise _Damaged(f"state.json has a malformed {tag!r} entry")
+
+
+def _check_plain(value: Any, budget: _Budget, depth: int = 0) -> None:
+    """Walk an unpickled (format 1) state within the budget: only plain containers, values and tensors."""
+    budget.visit(depth)
     if type(value) in (dict, OrderedDict):
         for k, v in value.items():
-            _check_weights_only(k, f"{where} key {k!r}")
-            _check_weights_only(v, f"{where}[{k!r}]")
-    elif type(value) in (list, tuple, set):
-        for i, v in enumerate(value):
-            _check_weights_only(v, f"{where}[{i}]")
-    elif type(value) not in _PLAIN_LEAVES and not isinstance(value, torch.Tensor):
-        raise CheckpointError(f"cannot checkpoint {where}: {type(value).__name__} is not plain data "
-                              f"(use dicts, lists, numbers, strings and tensors)")
+            _check_plain(k, budget, depth + 1)
+            _check_plain(v, budget, depth + 1)
+    elif type(value) in (list, tuple, set, torch.Size):
+        for v in value:
+            _check_plain(v, budget, depth + 1)
+    elif not isinstance(value, (str, bytes, int, float, complex, type(None), torch.dtype, torch.device,
+                                torch.Tensor)):
+        raise _Damaged(f"state.pt holds a {type(value).__name__}")
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity (one reduction per tensor)."""
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point() or t.is_complex()}
+    if not floats:
+        return []
+    flags = torch.stack([torch.isfinite(t).all() for t in floats.values()]).cpu()
+    return [k for k, ok in zip(floats, flags.tolist()) if not ok]
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,27 +221,151 @@ def step_of(path: Path) -> int:
     return int(m.group(1))
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint folder is complete and intact, else a short reason."""
-    path = Path(path)
+def _safe_name(name: Any) -> bool:
+    """A plain file name inside the checkpoint folder: no separators, no parent or hidden entries."""
+    return (isinstance(name, str) and name == Path(name).name and "/" not in name and "\\" not in name
+            and not name.startswith(".") and name != MANIFEST)
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest after every structural check and the size and sha256 of every listed file."""
     try:
+        if (path / MANIFEST).stat().st_size > _MAX_STATE_JSON:
+            raise _Damaged("manifest.json is too large")
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        return "no manifest.json (incomplete write)"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest.json ({type(exc).__name__})"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+        raise _Damaged("no manifest.json (incomplete write)") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _Damaged(f"unreadable manifest.json ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "dtx-checkpoint":
+        raise _Damaged("manifest.json is not a dtx checkpoint manifest")
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        raise _Damaged(f"unsupported checkpoint format version {version!r} (this dtx reads {READABLE_VERSIONS})")
+    files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        return "manifest.json lists no files"
+        raise _Damaged("manifest.json lists no files")
+    for name, meta in files.items():
+        if not _safe_name(name):
+            raise _Damaged(f"manifest.json names {name!r}, which is not a file of the checkpoint folder")
+        if not isinstance(meta, dict) or type(meta.get("size")) is not int or not isinstance(meta.get("sha256"), str):
+            raise _Damaged(f"manifest.json has no size and sha256 for {name}")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise _Damaged(f"{unlisted[0]} is not listed in manifest.json")
+    entries, order = manifest.get("tensors"), manifest.get("order")
+    if not isinstance(entries, dict) or not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        raise _Damaged("manifest.json has no tensor table or key order")
+    for key, entry in entries.items():
+        if not (isinstance(entry, dict) and entry.get("file") in files and str(entry["file"]).endswith(".safetensors")
+                and isinstance(entry.get("keys"), list) and all(isinstance(k, str) for k in entry["keys"])):
+            raise _Damaged(f"manifest.json has a malformed tensor entry {key!r}")
+    needed = [LEGACY_STATE] if version == 1 else [STATE_JSON]
+    for name in needed:
+        if name not in files:
+            raise _Damaged(f"manifest.json does not list {name}")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
-            return f"missing file {name}"
+            raise _Damaged(f"missing file {name}")
         size = f.stat().st_size
-        if size != meta.get("size"):
-            return f"{name} has {size} bytes, manifest says {meta.get('size')} (truncated?)"
-        if _sha256(f) != meta.get("sha256"):
-            return f"{name} sha256 mismatch (corrupted)"
+        if size != meta["size"]:
+            raise _Damaged(f"{name} has {size} bytes, manifest says {meta['size']} (truncated?)")
+        if _sha256(f) != meta["sha256"]:
+            raise _Damaged(f"{name} sha256 mismatch (corrupted)")
+    return manifest
+
+
+def _load_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file after its header is checked against the file (``keys``: exactly these)."""
+    from safetensors.torch import load_file
+
+    from .errors import DataError
+    from .io import safetensors_header
+
+    try:
+        header = safetensors_header(path)
+    except DataError as exc:
+        raise _Damaged(f"{path.name}: {exc}".replace(f"{path}: ", "")) from None
+    present = set(header) - {"__metadata__"}
+    if keys is not None:
+        missing = [k for k in keys if k not in present]
+        if missing:
+            raise _Damaged(f"{path.name} lacks {missing[0]!r}, which manifest.json names")
+    try:
+        loaded = load_file(str(path))
+    except Exception as exc:  # safetensors reports every malformed file with its own error type
+        raise _Damaged(f"{path.name} is unreadable ({type(exc).__name__})") from None
+    return loaded if keys is None else {k: loaded[k] for k in keys}
+
+
+def _read_rest(path: Path, manifest: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
+    """The non-tensor-dict part of the state: ``state.json`` + ``state.safetensors`` (format 2) or a weights-only
+    ``state.pt`` (format 1), decoded within size, depth and value-count limits."""
+    budget = _Budget()
+    if manifest["version"] == 1:
+        try:
+            rest = torch.load(path / LEGACY_STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch reports unreadable pickles with many error types
+            raise _Damaged(f"{LEGACY_STATE} is unreadable ({type(exc).__name__})") from None
+        _check_plain(rest, budget)
+    else:
+        if (path / STATE_JSON).stat().st_size > _MAX_STATE_JSON:
+            raise _Damaged(f"{STATE_JSON} is larger than {_MAX_STATE_JSON} bytes")
+        # own copies: optimizer state must not stay views into the file's mapping
+        tensors = {k: v.clone() for k, v in _load_safetensors(path / STATE_TENSORS).items()} \
+            if STATE_TENSORS in files else {}
+        try:
+            skeleton = json.loads((path / STATE_JSON).read_text(),
+                                  parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise _Damaged(f"{STATE_JSON} is unreadable ({type(exc).__name__})") from None
+        rest = _decode(skeleton, tensors, budget)
+    if not isinstance(rest, dict) or not all(isinstance(k, str) for k in rest):
+        raise _Damaged("the checkpoint state is not a mapping with string keys")
+    return rest
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """Every check of one checkpoint folder, then its state (keys in saved order); raises ``_Damaged``."""
+    manifest = _manifest(path)
+    files = manifest["files"]
+    rest = _read_rest(path, manifest, files)
+    tensors = {key: _load_safetensors(path / entry["file"], entry["keys"])
+               for key, entry in manifest["tensors"].items()}
+    merged = {**rest, **tensors}
+    missing = [k for k in manifest["order"] if k not in merged]
+    if missing:
+        raise _Damaged(f"manifest.json names state key {missing[0]!r}, which the checkpoint does not hold")
+    state = {k: merged[k] for k in manifest["order"]}
+    for key, value in state.items():
+        found = nonfinite_names(_all_tensors(value, key))
+        if found:
+            raise _Damaged(f"non-finite values in {', '.join(found[:3])}")
+    return state
+
+
+def _all_tensors(value: Any, where: str, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor inside a (decoded) state value, by its path."""
+    out = {} if out is None else out
+    if isinstance(value, torch.Tensor):
+        out[where] = value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _all_tensors(v, f"{where}.{k}", out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _all_tensors(v, f"{where}[{i}]", out)
+    return out
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint folder passes every check (manifest, files, hashes, headers, readable state, finite
+    tensors), else a short reason."""
+    try:
+        _read(Path(path))
+    except _Damaged as exc:
+        return str(exc)
     return None
 
 
@@ -178,25 +396,40 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint step must be a non-negative int, got {step!r}")
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise CheckpointError("checkpoint state must be a dict with string keys")
-        tensors = {k: v for k, v in state.items() if _is_tensor_dict(v)}
-        rest = {k: v for k, v in state.items() if k not in tensors}
-        _check_weights_only(rest, "state")
+        tensors = {k: _cpu_tensors(v) for k, v in state.items() if _is_tensor_dict(v)}
+        rest_tensors: dict[str, torch.Tensor] = {}
+        skeleton = _encode({k: v for k, v in state.items() if k not in tensors}, rest_tensors, "state")
+        rest_tensors = _cpu_tensors(rest_tensors) if rest_tensors else {}
+        for key, value in [*tensors.items(), ("state", rest_tensors)]:
+            bad = nonfinite_names(value)
+            if bad:
+                raise CheckpointError(f"refusing to save step {step}: non-finite values in {key} "
+                                      f"({', '.join(bad[:3])})")
+        state_text = json.dumps(skeleton, allow_nan=False)
+        needed = (sum(t.numel() * t.element_size() for sd in [*tensors.values(), rest_tensors] for t in sd.values())
+                  + len(state_text) + 64 * 1024 * (len(tensors) + 2))
+
+        from .io import check_free_space, disk_full_error, free_bytes
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
+        check_free_space(self.root, needed)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
+            from safetensors.torch import save_file
+
             entries: dict[str, Any] = {}
             for key, sd in tensors.items():
-                from safetensors.torch import save_file
-
                 fname = f"{key}.safetensors"
-                save_file(_cpu_tensors(sd), str(tmp / fname), metadata={"format": "dtx-checkpoint"})
+                save_file(sd, str(tmp / fname), metadata={"format": "dtx-checkpoint"})
                 entries[key] = {"file": fname, "keys": list(sd)}
-            torch.save(rest, tmp / EXTRA_FILE)
-            files = sorted({e["file"] for e in entries.values()} | {EXTRA_FILE})
+            files = sorted({e["file"] for e in entries.values()} | {STATE_JSON})
+            (tmp / STATE_JSON).write_text(state_text)
+            if rest_tensors:
+                save_file(rest_tensors, str(tmp / STATE_TENSORS), metadata={"format": "dtx-checkpoint"})
+                files = sorted(set(files) | {STATE_TENSORS})
             for fname in files:
                 fsync_file(tmp / fname)
             manifest = {"format": "dtx-checkpoint", "version": FORMAT_VERSION, "step": step,
@@ -215,8 +448,11 @@ class CheckpointManager:
             else:
                 os.replace(tmp, final)
             fsync_dir(self.root)
-        except BaseException:
+        except BaseException as exc:
+            full = isinstance(exc, Exception) and free_bytes(self.root) < needed
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:  # safetensors and the OS report a full disk in different ways; the free space tells
+                raise disk_full_error(self.root, needed) from exc
             raise
         atomic_write_text(self.root / LATEST, final.name + "\n")
         self._prune(step)
@@ -253,52 +489,47 @@ class CheckpointManager:
         found = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
         return sorted(found, key=step_of)
 
-    def _verified_newest_first(self) -> Iterator[Path]:
+    def _readable_newest_first(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """(folder, state) of each checkpoint that passes every check, newest first; the others are reported."""
         for p in reversed(self.list()):
-            reason = verify(p)
-            if reason is None:
-                yield p
+            try:
+                yield p, _read(p)
                 continue
+            except _Damaged as exc:
+                reason = str(exc)
             self.skipped.append((p, reason))
             message = f"skipping damaged checkpoint {p}: {reason}"
             log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def latest(self) -> Path | None:
-        """Newest checkpoint whose manifest verifies; damaged ones are reported (warning + log) and skipped."""
-        return next(self._verified_newest_first(), None)
+        """Newest checkpoint that passes every check; damaged ones are reported (warning + log) and skipped."""
+        return next((p for p, _ in self._readable_newest_first()), None)
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """(folder, state) of :meth:`latest`, read once."""
+        return next(self._readable_newest_first(), None)
 
     def load(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """The state saved in ``path`` (default: :meth:`latest`), tensors on CPU, keys in their saved order."""
         if path is None:
-            found = self.latest()
+            found = self.load_latest()
             if found is None:
                 raise CheckpointError(f"no complete checkpoint under {self.root}")
-            path = found
+            return found[1]
         return load_checkpoint(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Verify and read one checkpoint folder written by :class:`CheckpointManager` (no code is unpickled)."""
-    from safetensors.torch import load_file
-
+    """Verify and read one checkpoint folder written by :class:`CheckpointManager` (nothing is unpickled from
+    format 2; format 1's ``state.pt`` is read weights-only within limits)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
-    reason = verify(path)
-    if reason is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
-    manifest = json.loads((path / MANIFEST).read_text())
     try:
-        rest = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=True)
-        tensors = {}
-        for key, entry in manifest["tensors"].items():
-            loaded = load_file(str(path / entry["file"]))
-            tensors[key] = {k: loaded[k] for k in entry["keys"]}
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from exc
-    merged = {**rest, **tensors}
-    return {k: merged[k] for k in manifest["order"]}
+        return _read(path)
+    except _Damaged as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
 
 
 # -- run folders -------------------------------------------------------------------------------------------------------
@@ -330,8 +561,13 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 def load_training_state(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(checkpoint folder, state) of a run folder's newest valid checkpoint, checked to be a dtx training state."""
-    ckpt = resolve_checkpoint(source)
-    state = load_checkpoint(ckpt)
+    path = Path(source)
+    found = CheckpointManager(path / RUN_CHECKPOINTS).load_latest() if (path / RUN_CHECKPOINTS).is_dir() else None
+    if found is not None:
+        ckpt, state = found
+    else:
+        ckpt = resolve_checkpoint(source)
+        state = load_checkpoint(ckpt)
     missing = [k for k in ("model", "model_spec", "config", "data_info") if k not in state]
     if missing:
         raise CheckpointError(f"{ckpt} is not a dtx training checkpoint (missing {', '.join(missing)})")

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import plugins
 from .errors import DtxError, PluginError, one_line
@@ -82,7 +83,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LineTracker:
+    """Wraps stderr to know whether the last thing written (a progress bar redrawn with ``\\r``, a forwarded log)
+    left the cursor mid-line, so that an error line can start on a line of its own."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _error(stderr: _LineTracker, message: str) -> None:
+    """Print ``dtx: error: message`` as one line that starts a line."""
+    stderr.write(("" if stderr.at_line_start else "\n") + f"dtx: error: {message}\n")
+    stderr.flush()
+
+
+def _is_device_oom(exc: BaseException) -> bool:
+    """An accelerator allocation failure, by type (torch raises ``torch.OutOfMemoryError``), never by message."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(oom, type) and isinstance(exc, oom)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input (``DtxError``, a full disk) prints one ``dtx: error:`` line and returns 2; any
+    other exception is an internal failure: one line naming its type, return 1 (``DTX_DEBUG=1`` re-raises it)."""
+    original = sys.stderr
+    stderr = _LineTracker(original)
+    sys.stderr = stderr  # type: ignore[assignment]
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -93,24 +130,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version, or a command that exits itself
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except DtxError as exc:
-        print(f"dtx: error: {one_line(exc)}", file=sys.stderr)
+        _error(stderr, one_line(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("dtx: interrupted", file=sys.stderr)
+        stderr.write(("" if stderr.at_line_start else "\n") + "dtx: interrupted\n")
         return 130
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            _error(stderr, f"no space left on device writing {exc.filename or 'a file'}")
+            return 2
+        if os.environ.get("DTX_DEBUG"):
+            raise
+        _error(stderr, f"{type(exc).__name__}: {one_line(exc)} (set DTX_DEBUG=1 for the traceback)")
+        return 1
     except MemoryError:
-        print("dtx: error: out of memory; reduce the batch size or model size", file=sys.stderr)
+        _error(stderr, "out of host memory (MemoryError); reduce the batch size or model size")
         return 1
     except Exception as exc:
         if os.environ.get("DTX_DEBUG"):
             raise
-        if "out of memory" in str(exc).lower():
-            print("dtx: error: out of memory (try a smaller batch size, activation checkpointing, "
-                  "or bf16 autocast)", file=sys.stderr)
+        if _is_device_oom(exc):
+            _error(stderr, f"out of GPU memory ({one_line(exc)[:200]}); try a smaller batch size, activation "
+                           f"checkpointing or bf16 autocast")
             return 1
-        print(f"dtx: error: {type(exc).__name__}: {one_line(exc)} (set DTX_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        _error(stderr, f"{type(exc).__name__}: {one_line(exc)} (set DTX_DEBUG=1 for the traceback)")
         return 1
+    finally:
+        if sys.stderr is stderr:
+            sys.stderr = original
 
 
 if __name__ == "__main__":

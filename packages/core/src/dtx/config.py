@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -86,6 +87,26 @@ def _yaml_problem(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+
+
+def _reject_env(src: Any, where: str = "") -> None:
+    """Environment interpolation (``${oc.env:VAR}``) is off: its value would be written into config.yaml and every
+    checkpoint. Raise a ConfigError naming the first key that uses it."""
+    if isinstance(src, DictConfig):
+        src = OmegaConf.to_container(src, resolve=False)
+    if isinstance(src, dict):
+        for k, v in src.items():
+            _reject_env(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(src, (list, tuple)):
+        for i, v in enumerate(src):
+            _reject_env(v, f"{where}[{i}]")
+    elif isinstance(src, str) and _ENV_INTERPOLATION.search(src):
+        raise ConfigError(f"config key {where!r} reads an environment variable ({src}); environment interpolation "
+                          f"is off so that no variable's value is written into config.yaml or checkpoints: pass the "
+                          f"value as an override instead (e.g. {where}=\"$VAR\" in the shell)")
+
+
 def structured(schema: type[T] | T) -> DictConfig:
     return OmegaConf.structured(schema)
 
@@ -101,6 +122,7 @@ def merge(schema: type[T] | T, *sources: Any) -> DictConfig:
                 src = read_yaml(src)
             elif isinstance(src, (list, tuple)):
                 src = parse_dotlist(src)
+            _reject_env(src)
             base = OmegaConf.merge(base, src)
         OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -156,6 +178,32 @@ def check(cond: bool, key: str, message: str) -> None:
     """Raise a ConfigError naming ``key`` unless ``cond``; for range checks in ``validate()`` methods."""
     if not cond:
         raise ConfigError(f"bad value for config key {key!r}: {message}")
+
+
+def _mentions_float(tp: Any) -> bool:
+    return tp is float or any(_mentions_float(a) for a in typing.get_args(tp))
+
+
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """Raise a ConfigError naming the first float-typed field (also inside lists, dicts and nested dataclasses)
+    that holds NaN or an infinity; free-form ``Any`` options are left to their owners."""
+    import math
+
+    def visit(value: Any, key: str, typed: bool) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            hints = _hints(type(value))
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name), f"{key}.{f.name}" if key else f.name, _mentions_float(hints.get(f.name)))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]", typed)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, f"{key}.{k}", typed)
+        elif typed and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"bad value for config key {key!r}: must be a finite number, got {value}")
+
+    visit(obj, prefix, False)
 
 
 def register_recipe_folder(register: Any, folder: str | os.PathLike) -> None:

@@ -43,3 +43,11 @@ class TrainingError(DtxError, RuntimeError):
 def one_line(exc: BaseException) -> str:
     """An exception's message flattened to one line (the CLI prints every user error as one ``dtx: error:`` line)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+class DiskFullError(DtxError, OSError):
+    """A write did not fit on its device; the message names the folder and the space needed."""
+
+
+class RunLockedError(DtxError, RuntimeError):
+    """Another process is writing to the same run folder; the message names its PID."""

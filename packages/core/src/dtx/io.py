@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .errors import DiskFullError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -58,3 +61,134 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+# -- limits on untrusted files ------------------------------------------------------------------------------------------
+
+MAX_ARRAY_BYTES = 1 << 40  # 1 TiB: no single array dtx reads may declare more, whatever the file size
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own header limit
+MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels (8192 x 8192): larger images are refused from their header, before decoding
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``folder`` (its nearest existing ancestor)."""
+    import shutil
+
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full_error(folder: str | os.PathLike, needed: int) -> "DiskFullError":
+    """The one error for a write that does not fit: names the folder, the bytes needed and the bytes free."""
+    from .errors import DiskFullError
+
+    mb = 1 << 20
+    return DiskFullError(f"no space left on device (needed {needed / mb:.1f} MB in {folder}, "
+                         f"{free_bytes(folder) / mb:.1f} MB free)")
+
+
+def check_free_space(folder: str | os.PathLike, needed: int) -> None:
+    """Raise ``DiskFullError`` before writing ``needed`` bytes into ``folder`` when they cannot fit."""
+    if free_bytes(folder) < needed:
+        raise disk_full_error(folder, needed)
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed header of a safetensors file, checked without reading any tensor: its length fits the file and
+    ``MAX_HEADER_BYTES``; every tensor has a known dtype, a non-negative shape whose byte size equals its offsets,
+    lies inside the file and is at most ``MAX_ARRAY_BYTES``. Raises ``DataError`` naming the file."""
+    import json
+    import struct
+
+    from .errors import DataError
+
+    path = Path(path)
+    itemsize = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DataError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise DataError(f"{path}: safetensors header of {n} bytes does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except DataError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: safetensors header is not a mapping")
+    data = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise DataError(f"{path}: safetensors metadata must map names to strings")
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+            count = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise ValueError(d)
+                count *= d
+            nbytes = count * itemsize[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: tensor {name!r} has a malformed safetensors entry") from None
+        if nbytes > MAX_ARRAY_BYTES or not (isinstance(begin, int) and isinstance(end, int)
+                                           and 0 <= begin <= end <= data and end - begin == nbytes):
+            raise DataError(f"{path}: tensor {name!r} declares {nbytes} bytes that its file does not hold")
+    return header
+
+
+def npz_members(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{name: (shape, dtype)}`` of every array in an ``.npz``, read from the member headers only: each array's
+    declared size must fit its member's stored size and ``MAX_ARRAY_BYTES``, so ``np.load`` of the archive
+    allocates no more than the file holds (compressed members: no more than their declared uncompressed size).
+    Raises ``DataError`` naming the file and array; a file that is no zip archive raises the reader's own error
+    (``zipfile.BadZipFile``, ``OSError``, ``ValueError``) for the caller to word."""
+    import zipfile
+
+    import numpy as np
+
+    from .errors import DataError
+
+    path = Path(path)
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            name = member.filename[:-4]
+            if member.file_size > MAX_ARRAY_BYTES:
+                raise DataError(f"{path}: array {name!r} is {member.file_size} bytes, over the "
+                                f"{MAX_ARRAY_BYTES} byte limit")
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f, max_header_size=10000)
+                start = f.tell()
+            if dtype.hasobject:
+                raise DataError(f"{path}: array {name!r} holds Python objects; only plain arrays are read")
+            count = 1
+            for d in shape:
+                count *= int(d)
+            nbytes = count * dtype.itemsize
+            if nbytes > member.file_size - start or nbytes > MAX_ARRAY_BYTES:
+                raise DataError(f"{path}: array {name!r} declares shape {tuple(shape)} ({nbytes} bytes) but "
+                                f"its file holds {member.file_size - start} bytes")
+            out[name] = (tuple(int(d) for d in shape), dtype)
+    return out
+
+
+def check_image_size(image: Any, path: str | os.PathLike) -> None:
+    """Refuse an opened (not yet decoded) PIL image larger than ``MAX_IMAGE_PIXELS``, naming the file."""
+    from .errors import DataError
+
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS} pixel limit")

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..io import check_image_size
 from .info import DataInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -62,6 +63,7 @@ def scan_image_folder(root: Path, unconditional: bool = False) -> tuple[list[Pat
 def _readable(path: Path, verify: str) -> bool:
     try:
         with Image.open(path) as im:
+            check_image_size(im, path)
             if verify == "full":
                 im.load()
             else:
@@ -129,6 +131,7 @@ class ImageFolderDataset(Dataset):
     def load(self, path: Path) -> torch.Tensor:
         """Decode, crop and normalise one image to ``[C, S, S]`` in [-1, 1] (no flip)."""
         with Image.open(path) as im:
+            check_image_size(im, path)
             arr = center_crop_arr(im.convert(MODES[self.channels]), self.image_size)
         x = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(self.image_size, self.image_size, -1)
         return x.permute(2, 0, 1) / 127.5 - 1.0

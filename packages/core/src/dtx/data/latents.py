@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..io import atomic_write
+from ..io import atomic_write, safetensors_header
 from .info import DataInfo
 
 FORMAT = "dtx-latents/1"
@@ -38,21 +39,30 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=meta))
 
 
+REQUIRED_METADATA = ("scale_factor", "image_size")
+
+
 def read_shard_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of one shard with JSON values decoded; ``DataError`` if it is not a dtx latent shard."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as exc:
-        raise DataError(f"unreadable latent shard {path}: {exc}") from exc
+    """The metadata of one shard with JSON values decoded; ``DataError`` if it is not a dtx latent shard. The
+    header is checked against the file first (``dtx.io.safetensors_header``), so no declared size is trusted."""
+    raw = safetensors_header(path).get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise DataError(f"{path} is not a dtx latent shard (format {raw.get('format')!r}, expected {FORMAT!r})")
     out: dict[str, Any] = {}
     for k, v in raw.items():
         try:
             out[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             out[k] = v
+    missing = [k for k in REQUIRED_METADATA if k not in out]
+    if missing:
+        raise DataError(f"latent shard {path} has no {missing[0]!r} metadata; rewrite it with `dtx extract-latents`")
+    for key in ("scale_factor", "shift_factor"):
+        if key in out and not (isinstance(out[key], (int, float)) and math.isfinite(out[key])
+                               and (key != "scale_factor" or out[key] > 0)):
+            raise DataError(f"latent shard {path}: {key} metadata must be a finite number, got {out[key]!r}")
+    if not isinstance(out["image_size"], int) or out["image_size"] < 1:
+        raise DataError(f"latent shard {path}: image_size metadata must be a positive integer")
     return out
 
 
@@ -113,9 +123,15 @@ class LatentFolderDataset(ShardedRows):
                 if meta.get(key) != self.metadata.get(key):
                     raise DataError(f"latent shards in {self.root} disagree on {key}: {path.name} has "
                                     f"{meta.get(key)!r}, {self.shards[0].name} has {self.metadata.get(key)!r}")
-            with safe_open(str(path), framework="pt") as f:
-                s = f.get_slice("latents").get_shape()
-                flips.append("latents_flipped" in f.keys())
+            header = safetensors_header(path)
+            for key in ("latents", *(("labels",) if self.metadata.get("classes") else ())):
+                if key not in header:
+                    raise DataError(f"latent shard {path} has no {key!r} tensor")
+            s = list(header["latents"]["shape"])
+            if "labels" in header and header["labels"]["shape"] != s[:1]:
+                raise DataError(f"latent shard {path}: labels have shape {header['labels']['shape']}, "
+                                f"latents {s}")
+            flips.append("latents_flipped" in header and header["latents_flipped"]["shape"] == s)
             if shape is not None and s[1:] != shape:
                 raise DataError(f"latent shard {path} has shape {s[1:]}, others {shape}")
             shape = s[1:]
@@ -136,6 +152,21 @@ class LatentFolderDataset(ShardedRows):
         self.classes = list(self.metadata.get("classes") or [])
         self.num_classes = len(self.classes)
         self.flip = flip and all(flips)
+        if self.num_classes:
+            self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Every stored label must name one of the shards' classes (a label past them would train as another
+        class, or as the model's null class)."""
+        for path in self.shards:
+            with safe_open(str(path), framework="pt") as f:
+                labels = f.get_tensor("labels")
+            if labels.is_floating_point() or labels.ndim != 1:
+                raise DataError(f"latent shard {path}: labels must be integers [n], got {labels.dtype} "
+                                f"{list(labels.shape)}")
+            if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
+                raise DataError(f"latent shard {path} has label {int(labels.max())} (or {int(labels.min())}), "
+                                f"outside its {self.num_classes} classes 0..{self.num_classes - 1}")
 
     @property
     def info(self) -> DataInfo:

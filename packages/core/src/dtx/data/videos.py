@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..io import check_image_size
 from .images import IMAGE_EXTENSIONS, MODES, center_crop_arr
 from .info import DataInfo
 
@@ -146,6 +147,7 @@ class VideoFolderDataset(Dataset):
             out = []
             for path in files[:self.span:self.frame_interval]:
                 with Image.open(path) as im:
+                    check_image_size(im, path)
                     im.load()
                     out.append(im)
             return out

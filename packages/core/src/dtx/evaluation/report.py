@@ -44,9 +44,14 @@ def find_samples(path: str | Path) -> Path:
 def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images ``[N, C, H, W]`` (or videos ``[N, F, C, H, W]`` from NFHWC) and the requested labels (None if the
     archive has none) from an ``.npz``."""
+    from ..io import npz_members
+
     try:
+        npz_members(path)  # declared array sizes checked against the file before np.load allocates them
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
+    except DataError:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"cannot read sample archive {path}: {exc}") from exc
     if "arr_0" not in arrays:

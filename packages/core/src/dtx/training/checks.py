@@ -1,0 +1,53 @@
+"""Rules between the config, the data and the model, checked when the run is built and before anything is written:
+labels against ``num_classes`` and the null class, and every sampling setting of the periodic and final grids
+(classes, prompts, guidance, ``guide_channels``), so no error waits until after training has written checkpoints."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..conditioning import ConditioningStage, SampleRequest
+from ..data.info import DataInfo
+from ..errors import ConfigError
+from .config import TrainConfig
+
+
+def check_labels(info: DataInfo, model: nn.Module) -> None:
+    """Every data label must be a class of the model and never its null (unconditional) class."""
+    if not info.num_classes:
+        return
+    classes = getattr(model, "num_classes", None)
+    null = getattr(model, "null_class", None)
+    if classes is not None and 0 < int(classes) < info.num_classes:
+        raise ConfigError(f"bad value for config key 'model.options.num_classes': the data has {info.num_classes} "
+                          f"classes (labels 0..{info.num_classes - 1}) but the model has {int(classes)}"
+                          + (f"; label {int(null)} would train as the null class" if null is not None else ""))
+    if null is not None and 0 <= int(null) < info.num_classes:
+        raise ConfigError(f"bad value for config key 'model.options.num_classes': the model's null class {int(null)} "
+                          f"is also a data label (the data has {info.num_classes} classes)")
+
+
+def check_sampling(cfg: TrainConfig, stage: ConditioningStage, info: DataInfo) -> None:
+    """Dry-run the sampling request and guidance plan of ``cfg.sample`` (what the grids will use), naming the key."""
+    s = cfg.sample
+    key = "sample.classes" if s.classes else "sample.prompts" if s.prompts else "sample"
+    try:
+        stage.request_fields(SampleRequest(classes=list(s.classes), prompts=list(s.prompts),
+                                           negative_prompt=s.negative_prompt), s.n_per_class)
+    except ConfigError as exc:
+        raise ConfigError(f"bad value for config key {key!r}: {exc}") from None
+    key = "sample.guidance" if s.guidance else "sample.guidance_scales" if s.guidance_scales else "sample.cfg"
+    try:
+        stage.guidance_steps(s.cfg, s.guidance, s.guidance_scales)
+    except ConfigError as exc:
+        raise ConfigError(f"bad value for config key {key!r}: {exc}") from None
+    channels = info.channels
+    if s.guide_channels is not None and s.guide_channels > channels:
+        raise ConfigError(f"bad value for config key 'sample.guide_channels': {s.guide_channels} is more than the "
+                          f"{channels} channels the model samples")
+
+
+def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: ConditioningStage) -> None:
+    """All cross-field rules of a run (see the module docstring)."""
+    check_labels(info, model)
+    check_sampling(cfg, stage, info)

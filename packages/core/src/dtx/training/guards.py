@@ -1,0 +1,35 @@
+"""The non-finite update guard: after every optimizer and EMA update, the trained parameters and the EMA
+parameters must be finite. A finite loss can still produce an update that overflows (an absurd learning rate, a
+huge gradient with clipping off); such weights must never be saved, so the run stops at that step, naming the last
+checkpoint, which :class:`~dtx.checkpoint.CheckpointManager` guarantees is finite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of floating-point parameters holding NaN or inf: one max-abs reduction per tensor, one host sync."""
+    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return []
+    norms = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
+    flags = torch.isfinite(torch.stack([n.float() for n in norms])).cpu().tolist()
+    return [n for (n, _), ok in zip(named, flags) if not ok]
+
+
+def check_update(step: int, model: nn.Module, ema: nn.Module, last_checkpoint: Path | None) -> None:
+    """Raise ``TrainingError`` when the update of ``step`` (1-based) left non-finite parameters or EMA values."""
+    bad = {"parameters": nonfinite_parameters(model), "EMA": nonfinite_parameters(ema)}
+    if not any(bad.values()):
+        return
+    where = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                      for what, names in bad.items() if names)
+    keep = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written before it"
+    raise TrainingError(f"the update of step {step} made weights non-finite although its loss was finite ({where}); "
+                        f"stopped before saving them; {keep} (lower optim.lr or set optim.grad_clip)")
