@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
 from ..conditioning import ConditioningConfig, GuidanceStep
-from ..config import check, load_config
+from ..config import check, check_finite, load_config
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # AdamW's scalars (step size, decay factor) are applied in float32
 
 
 @dataclass
@@ -126,6 +129,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on CUDA only
     tf32: bool = True
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # with activation_checkpointing: recompute every k-th transformer block (1: all)
+    compile: Optional[bool] = None  # torch.compile the model (eager fallback); null: on CUDA only
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 3
@@ -133,14 +138,28 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
 
     def validate(self) -> None:
+        """Types come from the schema; here: every float finite, ranges, and rules between fields. Rules that need
+        the data or the model (labels vs ``num_classes``, ``sample.classes``) are in ``training.checks``."""
+        check_finite(self)
+        check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
         check(self.max_steps >= 1, "max_steps", "must be >= 1")
         check(self.max_minutes >= 0, "max_minutes", "must be >= 0")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         check(self.data.batch_size % self.grad_accum == 0, "data.batch_size",
               f"{self.data.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        check(self.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.data.num_workers}")
         check(self.optim.lr > 0, "optim.lr", "must be > 0")
         check(len(self.optim.betas) == 2, "optim.betas", "needs two values")
+        check(all(0.0 <= b < 1.0 for b in self.optim.betas), "optim.betas",
+              f"both must be in [0, 1), got {list(self.optim.betas)}")
+        check(self.optim.lr <= FLOAT32_MAX * (1 - self.optim.betas[0]), "optim.lr",
+              f"{self.optim.lr:g} / (1 - betas[0]) overflows float32 in AdamW's first update")
+        check(0 < self.optim.eps <= FLOAT32_MAX, "optim.eps", f"must be in (0, {FLOAT32_MAX:.4g}], got {self.optim.eps}")
+        check(self.optim.lr * self.optim.weight_decay <= FLOAT32_MAX, "optim.weight_decay",
+              "lr x weight_decay overflows float32")
+        check(self.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
+        check(self.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.optim.warmup_steps}")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
         check(0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)")
         check(0.0 <= self.ema.max_decay < 1.0, "ema.max_decay", "must be in [0, 1)")
@@ -150,12 +169,24 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.milestone_every >= 0, "milestone_every", "must be >= 0 (0 keeps no milestones)")
         check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (1: every block)")
         check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
         check(self.sample.every >= 0, "sample.every", "must be >= 0")
         check(self.sample.n_per_class >= 1, "sample.n_per_class", "must be >= 1")
         check(self.sample.fps > 0, "sample.fps", "must be > 0")
-        check(self.objective.sigma_min > 0 and self.objective.sigma_max > self.objective.sigma_min,
-              "objective.sigma_max", "needs 0 < sigma_min < sigma_max")
+        check(self.sample.guide_channels is None or self.sample.guide_channels >= 1, "sample.guide_channels",
+              f"must be >= 1 (or null for all channels), got {self.sample.guide_channels}")
+        check(all(c >= 0 for c in self.sample.classes), "sample.classes",
+              f"class ids must be >= 0, got {list(self.sample.classes)}")
+        o = self.objective
+        check(o.diffusion_steps >= 1, "objective.diffusion_steps", "must be >= 1")
+        check(o.sigma_min > 0 and o.sigma_max > o.sigma_min, "objective.sigma_max", "needs 0 < sigma_min < sigma_max")
+        check(o.sigma_data > 0, "objective.sigma_data", f"must be > 0, got {o.sigma_data}")
+        check(o.p_std > 0, "objective.p_std", f"must be > 0, got {o.p_std}")
+        check(o.rho > 0, "objective.rho", f"must be > 0, got {o.rho}")
+        check(o.noise_d_low >= 1, "objective.noise_d_low", "must be >= 1")
+        check(o.image_d is None or o.image_d >= 1, "objective.image_d", "must be >= 1 (or null)")
+        check(o.noise_d_high is None or o.noise_d_high >= 1, "objective.noise_d_high", "must be >= 1 (or null)")
 
 
 def load_train_config(*sources: Any) -> TrainConfig:

@@ -26,10 +26,14 @@ from ..models import create_model, load_state_dict_strict, model_spec
 from ..diffusion.sampler_api import option_names
 from ..options import check_names
 from ..preemption import stop_on_signals
+from .checks import check_run
 from .config import TrainConfig, config_dict
+from .compile import compile_model
 from .context import RunContext
 from .data_stream import DataPosition, DataStream
 from .ema import EMA
+from .guards import check_update
+from .lock import RunLock
 from .metrics import MetricsLog, plot_loss
 from .model_setup import build_run_data, enable_activation_checkpointing, model_overrides
 from .objectives import Objective, build_objective, sampler_entry
@@ -90,13 +94,14 @@ class Trainer:
         self.stage = ConditioningStage.build(cfg.conditioning, model, self.info).to(self.device)
         self.ema = EMA(model, cfg.ema)
         if cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
+            enable_activation_checkpointing(model, cfg.checkpoint_every)
         self.raw = model.to(self.device)
         self.ema.model.to(self.device)
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
         sampler = sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training
         check_names(f"sample.sampler_options: sampler {cfg.sample.sampler!r}", option_names(sampler),
                     cfg.sample.sampler_options)
+        check_run(cfg, self.info, model, self.stage)  # labels vs classes, sampling settings: before any write
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
                                        milestone_every=cfg.milestone_every or None)
@@ -104,7 +109,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume is not None:
             self._restore(resume)
-        self.model = ctx.prepare_model(self.raw)
+        self.model, eager = compile_model(ctx.prepare_model(self.raw), cfg.compile, self.device)
+        if eager is not None and cfg.compile and ctx.is_main:
+            log.warning("model not compiled: %s", eager)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
 
     def _micro_batch(self) -> int:
@@ -201,6 +208,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.ema.update(self.raw)
+            check_update(self.step + 1, self.raw, self.ema.model, self.last_checkpoint)
         self.optimizer.zero_grad(set_to_none=True)
         return float(mean_loss), float(norm), finite
 
@@ -293,4 +301,5 @@ class Trainer:
 
 def train(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     """Run (or resume) one worker's training; returns a summary (final step, loss, time, checkpoint, samples)."""
-    return Trainer(cfg, ctx).run()
+    with RunLock(ctx.out_dir, enabled=ctx.is_main):  # one writer per run folder, for the whole run
+        return Trainer(cfg, ctx).run()
