@@ -8,6 +8,7 @@ per configuration with medians and dtx/reference ratios (< 1 means dtx is faster
 CPU time (``cpu_``), which is steadier when other jobs share the machine.
 
     python packages/backbone-dit/benchmarks/bench_dit.py [--models DiT-S/2 DiT-B/4] [--batch 8] [--repeats 7]
+    python packages/backbone-dit/benchmarks/bench_dit.py --models DiT-S/2 --compile   # + dtx under torch.compile
 """
 
 from __future__ import annotations
@@ -154,14 +155,14 @@ def _train_step(model: nn.Module, x, t, y) -> None:
     model(x, t, y).square().mean().backward()
 
 
-def _time(fn, *args) -> tuple[float, float]:
-    """(wall ms, process CPU ms): on a shared machine the CPU time is the steadier of the two."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn(*args)
-    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+def bench(name: str, batch: int, repeats: int, size: int = 32, compiled: bool = False, eager: bool = True,
+          precision: str = "fp32") -> dict:
+    """One JSON row: dtx (eager, and compiled when asked) against the reference, timed interleaved round by round
+    (``dtx.benchmarking.interleaved``); ratios are medians of per-round ratios (< 1: dtx is faster). With
+    ``precision="bf16"`` dtx runs under CPU bf16 autocast while the reference stays fp32 (as the official code)."""
+    from dtx.benchmarking import interleaved, round_ratio
+    from dtx.training.compile import compile_model
 
-
-def bench(name: str, batch: int, repeats: int, size: int = 32) -> dict:
     torch.manual_seed(0)
     ours = dtx.create_model(name, input_size=size, num_classes=1000)
     cfg = ours.config
@@ -177,26 +178,42 @@ def bench(name: str, batch: int, repeats: int, size: int = 32) -> dict:
     ours.eval(), ref.eval()
     with torch.no_grad():
         diff = (ours(x, t, y) - ref(x, t, y)).abs().max().item()
-    models = {"dtx": ours, "ref": ref}
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {(m, k): [] for m in models for k in ("fwd", "fwdbwd")}
-    for step in ("fwd", "fwdbwd"):  # warm-up
-        for model in models.values():
-            (_forward if step == "fwd" else _train_step)(model, x, t, y)
-    for r in range(repeats):
-        order = list(models) if r % 2 == 0 else list(reversed(models))  # alternate who runs first
-        for m in order:
-            times[(m, "fwd")].append(_time(_forward, models[m], x, t, y))
-        for m in order:
-            times[(m, "fwdbwd")].append(_time(_train_step, models[m], x, t, y))
-    row = {"bench": "dit-cpu", "model": name, "batch": batch, "latent": [4, size, size],
+    models = {"dtx": ours, "ref": ref} if eager else {"ref": ref}
+    row = {"bench": "dit-cpu", "model": name, "batch": batch, "latent": [4, size, size], "dtx_precision": precision,
            "threads": torch.get_num_threads(), "repeats": repeats, "max_abs_diff": diff}
-    for clock, i in (("", 0), ("cpu_", 1)):
-        for k in ("fwd", "fwdbwd"):
-            ours_t, ref_t = [v[i] for v in times[("dtx", k)]], [v[i] for v in times[("ref", k)]]
-            row[f"dtx_{k}_{clock}ms"] = round(statistics.median(ours_t), 1)
+    if compiled:
+        twin = dtx.create_model(name, input_size=size, num_classes=1000)
+        twin.load_state_dict(ours.state_dict())
+        runner, reason = compile_model(twin, "on", "cpu")
+        if reason is None:
+            models["dtxc"] = runner
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                _forward(runner, x, t, y), _train_step(runner, x, t, y)  # compiles both graphs
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+        else:
+            row["compile_skipped"] = reason
+    def call(n: str, step) -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16" and n != "ref"):
+            step(models[n], x, t, y)
+
+    for k, step in (("fwd", _forward), ("fwdbwd", _train_step)):
+        names = list(models)
+        times = dict(zip(names, interleaved([lambda n=n, s=step: call(n, s) for n in names],
+                                            lambda: None, warmup=1, repeats=repeats)))
+        for clock, i in (("", 0), ("cpu_", 1)):
+            ref_t = [v[i] for v in times["ref"]]
             row[f"ref_{k}_{clock}ms"] = round(statistics.median(ref_t), 1)
-            # per-round ratios cancel load changes that hit both models in the same round
-            row[f"{k}_{clock}ratio"] = round(statistics.median(a / b for a, b in zip(ours_t, ref_t)), 3)
+            for n in names:
+                if n == "ref":
+                    continue
+                ours_t = [v[i] for v in times[n]]
+                row[f"{n}_{k}_{clock}ms"] = round(statistics.median(ours_t), 1)
+                # per-round ratios cancel load changes that hit both models in the same round
+                prefix = "" if n == "dtx" else "compiled_"
+                row[f"{prefix}{k}_{clock}ratio"] = round(round_ratio(ours_t, ref_t), 3)
+    if "dtxc" in models and getattr(models["dtxc"], "eager_reason", None):
+        row["compile_fell_back"] = models["dtxc"].eager_reason
     return row
 
 
@@ -206,11 +223,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="also time dtx under torch.compile (compiled_* keys)")
+    parser.add_argument("--no-eager", action="store_true",
+                        help="with --compile: time only compiled dtx and the reference")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="dtx's precision (bf16: CPU autocast); the reference always runs fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.models:
-        print(json.dumps(bench(name, args.batch, args.repeats)), flush=True)
+        print(json.dumps(bench(name, args.batch, args.repeats, compiled=args.compile, eager=not args.no_eager,
+                               precision=args.precision)), flush=True)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,9 @@ class DiT(nn.Module):
         if y.shape != (n,) or y.dtype.is_floating_point:
             raise ShapeError(f"DiT expects integer class labels y of shape [{n}], got {y.dtype} {list(y.shape)}")
         rows = self.y_embedder.embedding_table.num_embeddings
-        if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) >= rows):  # on GPU this would sync
+        # on GPU this would sync, and under torch.compile it would break the graph
+        if y.device.type == "cpu" and n and not torch.compiler.is_compiling() and \
+                (int(y.min()) < 0 or int(y.max()) >= rows):
             raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
         return self.y_embedder(y, train=False)  # labels arrive already dropped (dtx.conditioning)
 

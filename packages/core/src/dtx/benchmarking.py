@@ -1,4 +1,5 @@
-"""Measuring helpers shared by the benchmark scripts: median wall and CPU time of a callable, peak resident memory."""
+"""Measuring helpers shared by ``dtx bench`` and the benchmark scripts: median wall and CPU time of a callable,
+callables timed side by side (interleaved rounds and their per-round ratio), peak memory on CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import torch
 
 
 def _status_mb(field: str) -> float | None:
@@ -55,3 +58,75 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, repeats:
         wall.append((time.perf_counter() - w0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
     return statistics.median(wall), statistics.median(cpu)
+
+
+def device_sync(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for ``device``'s queued work (CUDA), else does nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], sync: Callable[[], None], warmup: int,
+                repeats: int) -> list[list[tuple[float, float]]]:
+    """Time several callables side by side: ``warmup`` untimed calls of each, then ``repeats`` rounds that call
+    each once, alternating the order every round (so neither always runs first or after the other). Returns, per
+    callable, one (wall ms, process-CPU ms) pair per round; load changes hit every callable of a round alike."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync()
+    out: list[list[tuple[float, float]]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            w0, c0 = time.perf_counter(), time.process_time()
+            fns[i]()
+            sync()
+            out[i].append(((time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3))
+    return out
+
+
+def round_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: the ratio of two interleaved timings, robust to load that changes
+    between rounds."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty timing lists, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Peak memory growth of one call of ``fn`` in MiB: CUDA's allocator peak above what was allocated before,
+    else the growth of the process's peak resident set (Linux; 0 where the peak cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    base = reset_rss_peak()
+    fn()
+    return max(rss_peak_mb() - base, 0.0)
+
+
+def saved_activations_mb(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> float:
+    """MiB of distinct tensor storages autograd saves for backward during one call of ``fn`` (its forward),
+    leaving out the storages of ``exclude`` (e.g. the parameters): the activation memory of a training step,
+    exact and the same on every device (what activation checkpointing trades for recomputation)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values()) / 2 ** 20

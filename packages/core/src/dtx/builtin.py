@@ -13,7 +13,7 @@ DTX_HOOK_API = "1.1"  # the hook API these registrations are written for (dtx.ho
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
-    from .commands import convert, flops, plugins, sample, train
+    from .commands import bench, convert, flops, plugins, sample, train
     from .data import extract
     from .evaluation import report
 
@@ -28,6 +28,9 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
              help="write a run or any loadable checkpoint as a dtx folder (model.safetensors + config.yaml)")
     register("flops", flops.configure, run=flops.run,
              help="parameters and forward FLOPs of any registered model (analytic where its family counts them)")
+    register("bench", bench.configure, run=bench.run,
+             help="forward and training-step time, samples/s, memory, FLOPs, TFLOP/s and MFU of a model or recipe; "
+                  "--compare A B times two configurations interleaved")
     register("extract-latents", extract.configure_parser, run=extract.run,
              help="encode an image or video folder with a local diffusers AutoencoderKL into latent shards")
     register("eval", report.configure_parser, run=report.run,

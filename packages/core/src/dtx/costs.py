@@ -210,5 +210,57 @@ def measure(model: nn.Module, batch: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
-__all__ = ["ANALYTIC", "MEASURED", "Cost", "Counter", "cost_of", "counter_of", "example_inputs", "measure",
-           "meta_model", "model_cost", "size_overrides"]
+# -- peak throughput and model FLOPs utilisation ------------------------------------------------------------------
+
+#: Dense (no structured sparsity) peak tensor-core TFLOP/s of common GPUs per compute precision, from NVIDIA's data
+#: sheets; "tf32" is fp32 matmuls on tensor cores (``allow_tf32``), "fp32" the plain CUDA-core rate. Matched against
+#: ``torch.cuda.get_device_name`` by the longest name it contains ("H100 PCIe" before "H100", which is the SXM part).
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+}
+PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
+    """Peak TFLOP/s of the GPU called ``device_name`` at ``precision`` (one of ``PRECISIONS``), or None when the
+    GPU is not in ``GPU_PEAK_TFLOPS``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    name = device_name.upper().replace("-", " ")
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if key.upper() in name:
+            return GPU_PEAK_TFLOPS[key][precision]
+    return None
+
+
+def device_peak_tflops(device: torch.device | str, precision: str) -> float | None:
+    """Peak TFLOP/s of a CUDA ``device`` at ``precision``; None on CPU (no MFU there) or for an unknown GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return gpu_peak_tflops(torch.cuda.get_device_name(device), precision)
+
+
+def achieved_tflops(flops: float, seconds: float) -> float:
+    """FLOPs done in ``seconds``, as TFLOP/s."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    return flops / seconds / 1e12
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: the model's analytic FLOPs per second over the device's peak (a fraction; work
+    the model does not need, such as activation recomputation, is not counted)."""
+    if peak_tflops <= 0:
+        raise ValueError(f"peak_tflops must be > 0, got {peak_tflops}")
+    return achieved_tflops(flops, seconds) / peak_tflops
+
+
+__all__ = ["ANALYTIC", "GPU_PEAK_TFLOPS", "MEASURED", "PRECISIONS", "Cost", "Counter", "achieved_tflops", "cost_of",
+           "counter_of", "device_peak_tflops", "example_inputs", "gpu_peak_tflops", "measure", "meta_model", "mfu",
+           "model_cost", "size_overrides"]

@@ -2,7 +2,7 @@
 
 from .adaln import AdaLNBlock, FinalLayer, dit_base_init, layer_norm
 from .embeddings import FourierFeatures, LabelEmbedder, TimestepEmbedder, timestep_embedding
-from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, geglu, modulate, rms_norm
+from .norms import AdaRMSNorm, LinearGEGLU, RMSNorm, gated_residual, geglu, modulate, rms_norm
 from .patch import PatchEmbed, PatchGridConfig, per_sample_timesteps, unpatchify
 from .position import sincos_1d, sincos_1d_torch, sincos_2d, sincos_2d_torch
 from .rope import AxialRoPE, apply_rotary, axial_rope_freqs, make_axial_pos, rope_angles
@@ -11,6 +11,6 @@ from .transformer import Attention, CrossAttention, Mlp
 __all__ = [
     "AdaLNBlock", "dit_base_init", "AdaRMSNorm", "FinalLayer", "layer_norm", "Attention", "AxialRoPE", "CrossAttention", "FourierFeatures", "LabelEmbedder", "LinearGEGLU",
     "Mlp", "PatchEmbed", "PatchGridConfig", "per_sample_timesteps", "RMSNorm", "TimestepEmbedder", "apply_rotary", "axial_rope_freqs", "geglu",
-    "make_axial_pos", "modulate", "rms_norm", "rope_angles", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
+    "gated_residual", "make_axial_pos", "modulate", "rms_norm", "rope_angles", "sincos_1d", "sincos_1d_torch", "sincos_2d", "sincos_2d_torch",
     "timestep_embedding", "unpatchify",
 ]

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .norms import modulate
+from .norms import gated_residual, modulate
 from .transformer import Attention, Mlp
 
 
@@ -38,9 +38,9 @@ class AdaLNBlock(nn.Module):
                 between: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         if self.gated:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
             x = between(x) if between is not None else x
-            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = between(x) if between is not None else x
