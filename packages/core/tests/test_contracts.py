@@ -16,6 +16,7 @@ from torch import nn
 
 import dtx
 from dtx import plugins
+from dtx.checkpoint import load_checkpoint
 from dtx.cli import main
 from dtx.conditioning import Conditioner, ConditioningConfig, ConditionerConfig, ConditioningStage, SampleRequest
 from dtx.data.info import DataInfo
@@ -216,7 +217,7 @@ def test_learned_sigma_video_model_trains(toys, tmp_path, capsys):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-2:]) < 0.7 * losses[0]  # the hybrid loss (MSE + VB on [B, F, 2C, H, W]) goes down
-    state = torch.load(next((out / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
+    state = load_checkpoint(next((out / "checkpoints").glob("step_*")))
     assert state["data_info"]["frames"] == F
 
 
