@@ -18,18 +18,13 @@ from dtx.testing import fresh_plugin_host
 from dtx_dit import plugin
 from dtx_dit.checkpoint import detect, infer_config, load_weights
 from dtx_dit.flops import dit_counter
+from dtx.testing import randomize_parameters
 
 TINY = dict(input_size=8, depth=2, hidden_size=128, num_heads=2, num_classes=10)
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace the (partly zero) init by random values so comparisons see every tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return randomize_parameters(model, seed, std=0.05)
 
 
 def saved_tiny(tmp_path, name: str = "tiny.pt", seed: int = 0, **kw):

@@ -21,6 +21,7 @@ from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 import dtx  # noqa: E402
 from dtx.cli import main  # noqa: E402
 from dtx.models import load_model_with_info, save_model  # noqa: E402
+from dtx.testing import randomize_parameters
 
 HEADS, HEAD_DIM, LAYERS, SIZE, CLASSES = 2, 16, 2, 8, 10
 
@@ -33,15 +34,8 @@ def tied_embedders(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     return model
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-zero trainable values everywhere (diffusers' and DiT's inits zero the adaLN and output layers); DiT's
-    frozen sin-cos position table stays."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    return randomize_parameters(model, seed, std=0.1)
 
 
 @pytest.fixture(scope="module")

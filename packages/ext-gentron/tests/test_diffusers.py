@@ -13,6 +13,7 @@ from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel  # noqa:
 import dtx  # noqa: E402
 from dtx.cli import main  # noqa: E402
 from dtx.models import load_model_with_info, save_model  # noqa: E402
+from dtx.testing import randomize_parameters
 
 HEADS, HEAD_DIM, LAYERS, SIZE, CAPTION, TOKENS, FRAMES = 2, 16, 2, 8, 24, 5, 3
 D = HEADS * HEAD_DIM
@@ -22,14 +23,8 @@ COMMON = dict(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channel
               norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=CAPTION)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-zero trainable values everywhere (the inits zero the cross-attention and output projections)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    return randomize_parameters(model, seed, std=0.1)
 
 
 def text(b: int = 2, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, T5Config, T5EncoderModel, T5Tokenizer  #
 from dtx.cli import main  # noqa: E402
 from dtx.errors import ConfigError  # noqa: E402
 from dtx.models import load_model_with_info  # noqa: E402
+from dtx.testing import randomize_parameters  # noqa: E402
 from dtx_gentron.pixart import PixArt  # noqa: E402
 from dtx_gentron.text import TextConditioner  # noqa: E402
 
@@ -57,12 +58,8 @@ def tiny_vae() -> AutoencoderKL:
                          norm_num_groups=4, layers_per_block=1, sample_size=2 * SIZE)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    return randomize_parameters(model, seed, std=0.1, trainable_only=False)
 
 
 def save_pipeline(kind: str, out: Path) -> Path:

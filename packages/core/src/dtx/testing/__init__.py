@@ -3,7 +3,8 @@
 - ``ModelConformance`` and ``ModelCase`` (``dtx.testing.conformance``): the checks every backbone plugin runs in its
   own tests by subclassing one class (see docs/plugins.md);
 - ``fresh_plugin_host``: isolate the process-wide plugin host;
-- ``save_tiny_vae``: a tiny random VAE on disk (the real ``from_pretrained`` path, no download).
+- ``save_tiny_vae``: a tiny random VAE on disk (the real ``from_pretrained`` path, no download);
+- ``randomize_parameters``: seeded random values in place of a (partly zero) init, so comparisons see every tensor.
 
 The pytest plugin ``dtx.testing.pytest_plugin`` (entry point ``pytest11``) adds the ``--dtx-compile`` option and
 the ``dtx_plugin_host`` fixture. The kit is imported on first use, so importing this module needs no pytest.
@@ -22,7 +23,7 @@ from .. import plugins
 PLUGIN_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS")
 _KIT = ("ModelCase", "ModelConformance", "HEAVY_MODULES")
 
-__all__ = ["PLUGIN_ENV", "fresh_plugin_host", "save_tiny_vae", *_KIT]
+__all__ = ["PLUGIN_ENV", "fresh_plugin_host", "randomize_parameters", "save_tiny_vae", *_KIT]
 
 
 def __getattr__(name: str) -> Any:
@@ -60,3 +61,16 @@ def save_tiny_vae(path: str | os.PathLike, seed: int = 0) -> tuple[Any, Path]:
                         norm_num_groups=8, sample_size=16, scaling_factor=0.5)
     vae.save_pretrained(path)
     return vae.eval(), Path(path)
+
+
+def randomize_parameters(model: Any, seed: int = 0, std: float = 0.1, trainable_only: bool = True) -> Any:
+    """Overwrite ``model``'s parameters with seeded N(0, std^2) values (frozen ones too unless ``trainable_only``)
+    and return it in eval mode: zero-initialised adaLN and output layers would hide key-mapping mistakes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad or not trainable_only:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
