@@ -150,3 +150,31 @@ def test_options_are_checked_against_the_metadata(extracted, encoders):
     model.context_dim = 384
     with pytest.raises(ConfigError, match="context_dim=384"):
         pre.bind(model, TextEmbeddingShards(out).info)
+
+
+def test_extract_text_command_encodes_a_registered_dataset(tmp_path, encoders, capsys):
+    """`dtx extract-text` writes what the library function writes: every caption of captioned-digits' test split,
+    each equal to the text conditioner's own encoding; a bad option is one error line and writes nothing."""
+    import json
+
+    from dtx.cli import main
+    from dtx_gentron.data import CaptionedDigits
+
+    out = tmp_path / "emb"
+    bad = main(["extract-text", "captioned-digits", str(out), "--data", "split=test",
+                "--text", f"encoder={encoders['bert']}", "max_lenght=8"])
+    assert bad == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("dtx: error:")
+    assert main(["extract-text", "captioned-digits", str(out), "--data", "split=test",
+                 "--text", f"encoder={encoders['bert']}", "max_length=8", "--shard-size", "100"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = CaptionedDigits("test")
+    ds = TextEmbeddingShards(out)
+    assert report["count"] == len(ds) == len(data) and len(ds.shards) == -(-len(data) // 100)
+    assert report["recipe"]["data"] == {"name": "text-embeddings", "options": {"path": str(out)}}
+    cond = TextConditioner(encoder=encoders["bert"], max_length=8)
+    for i in (0, len(data) - 1):
+        want = cond.encode({"text": [data[i]["text"]]}, CPU)
+        torch.testing.assert_close(ds[i]["text_context"], want["context"][0], **FP16)
+        assert torch.equal(ds[i]["text_mask"], want["context_mask"][0])
+        torch.testing.assert_close(ds[i]["x"], data[i]["x"])

@@ -107,6 +107,10 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
 
     register("compbench-digits", compbench.configure_parser, run=compbench.run,
              help="score text-to-image/video samples of the captioned digits: digit, colour, position, motion")
+    from . import text_cache
+
+    register("extract-text", text_cache.configure_parser, run=text_cache.run,
+             help="encode a captioned dataset's text once into safetensors shards (train without the encoder)")
 
 
 @hookimpl

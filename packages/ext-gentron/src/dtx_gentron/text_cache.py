@@ -272,3 +272,38 @@ class PrecomputedTextConditioner(Conditioner):
             one = self._encode_prompts([str(request.negative_prompt)])
             return {k: v.expand(n, *v.shape[1:]).clone() for k, v in one.items()}
         return self.null_fields(n)
+
+
+# -- `dtx extract-text` ------------------------------------------------------------------------------------------
+
+def configure_parser(p: Any) -> None:
+    """Arguments of ``dtx extract-text DATASET OUT``."""
+    p.add_argument("dataset", help="a registered dataset whose items carry `text` (e.g. captioned-digits)")
+    p.add_argument("output", help="folder for the shards (train with data.name=text-embeddings data.options.path=OUT)")
+    p.add_argument("--data", nargs="*", metavar="KEY=VALUE", default=[], help="dataset options, e.g. split=train")
+    p.add_argument("--text", nargs="*", metavar="KEY=VALUE", default=[],
+                   help="options of the `text` conditioner, e.g. encoder=minilm max_length=20 (as the recipe's)")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="storage dtype of the embeddings")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier extraction in OUTPUT")
+
+
+def run(args: Any) -> int:
+    """Encode every caption of the dataset once; print the folder and how to train on it."""
+    from omegaconf import OmegaConf
+
+    from dtx.config import parse_dotlist
+    from dtx.data import build_dataset
+    from dtx.options import check_options
+
+    data_options = OmegaConf.to_container(parse_dotlist(args.data))
+    text_options = OmegaConf.to_container(parse_dotlist(args.text))
+    check_options("text conditioner", TextConditioner, text_options)
+    dataset = build_dataset(args.dataset, **data_options)  # both checked before anything is written
+    out = extract_text_embeddings(dataset, TextConditioner(**text_options), args.output, shard_size=args.shard_size,
+                                  batch_size=args.batch_size, overwrite=args.overwrite, dtype=args.dtype)
+    fragment = {"data": {"name": "text-embeddings", "options": {"path": str(out)}},
+                "conditioning": {"conditioners": {"text": {"name": "text-embeddings", "options": {"path": str(out)}}}}}
+    print(json.dumps({"out": str(out), "count": len(dataset), "dtype": args.dtype, "recipe": fragment}))
+    return 0
