@@ -170,6 +170,11 @@ def parse_dotlist(items: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(items))
 
 
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` command-line items as a plain nested dict (values typed as YAML reads them)."""
+    return OmegaConf.to_container(parse_dotlist(items), resolve=True)  # type: ignore[return-value]
+
+
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg)
 

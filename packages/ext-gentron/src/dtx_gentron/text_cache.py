@@ -291,14 +291,11 @@ def configure_parser(p: Any) -> None:
 
 def run(args: Any) -> int:
     """Encode every caption of the dataset once; print the folder and how to train on it."""
-    from omegaconf import OmegaConf
-
-    from dtx.config import parse_dotlist
+    from dtx.config import parse_options
     from dtx.data import build_dataset
     from dtx.options import check_options
 
-    data_options = OmegaConf.to_container(parse_dotlist(args.data))
-    text_options = OmegaConf.to_container(parse_dotlist(args.text))
+    data_options, text_options = parse_options(args.data), parse_options(args.text)
     check_options("text conditioner", TextConditioner, text_options)
     dataset = build_dataset(args.dataset, **data_options)  # both checked before anything is written
     out = extract_text_embeddings(dataset, TextConditioner(**text_options), args.output, shard_size=args.shard_size,

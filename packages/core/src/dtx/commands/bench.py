@@ -98,8 +98,7 @@ def _setup_value(key: str, value: Any, option: str) -> Any:
 
 def parse_config(text: str, base: Setup, option: str = "--compare") -> Setup:
     """``key=value[,key=value...]`` over ``base``: bench keys (``SETUP_KEYS``) or model options."""
-    from ..config import parse_dotlist
-    from omegaconf import OmegaConf
+    from ..config import parse_options
 
     changes: dict[str, Any] = {}
     options = dict(base.options)
@@ -114,7 +113,7 @@ def parse_config(text: str, base: Setup, option: str = "--compare") -> Setup:
         if key in SETUP_KEYS:
             changes[key] = _setup_value(key, value.strip(), f"{option} {key}")
         else:
-            options.update(OmegaConf.to_container(parse_dotlist([f"{key}={value}"]), resolve=True))
+            options.update(parse_options([f"{key}={value}"]))
     return replace(base, **changes, options=options, label=text)
 
 

@@ -12,16 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import parse_dotlist
+from ..config import parse_options
 
 #: the sections of a run's config that sampling a converted model needs
 SAMPLING_SECTIONS = ("objective", "conditioning", "sample")
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(parse_dotlist(items or []), resolve=True)  # type: ignore[return-value]
+    return parse_options(items or [])
 
 
 def configure(p: argparse.ArgumentParser) -> None:

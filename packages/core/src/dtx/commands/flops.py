@@ -58,11 +58,9 @@ def _sweep(text: str | None) -> list[int]:
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    from ..config import parse_options
 
-    from ..config import parse_dotlist
-
-    return OmegaConf.to_container(parse_dotlist(items), resolve=True)  # type: ignore[return-value]
+    return parse_options(items)
 
 
 def _g(value: float | None) -> str:

@@ -128,12 +128,10 @@ def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
 
 def _sampler_options(args: argparse.Namespace, run: Any) -> dict[str, Any]:
     """The run's sampler options (kept only for the run's sampler) updated by ``--sampler-option``."""
-    from omegaconf import OmegaConf
-
-    from ..config import parse_dotlist
+    from ..config import parse_options
 
     options = dict(run.sampler_options) if args.sampler in (None, run.sampler) else {}
-    options.update(OmegaConf.to_container(parse_dotlist(args.sampler_option), resolve=True))  # type: ignore[arg-type]
+    options.update(parse_options(args.sampler_option))
     return options
 
 
