@@ -161,3 +161,54 @@ def test_invalid_guidance_configuration() -> None:
         combine_guidance([torch.ones(1, 4), torch.ones(1, 4)], [1.0], channels=5)
     with pytest.raises(ShapeError, match="differ in shape"):
         combine_guidance([torch.ones(1, 4), torch.ones(1, 3)], [1.0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_conditions_batched_once_match_per_step_semantics(n: int) -> None:
+    model = LabelModel()
+    ys = [torch.tensor([0, 4]), torch.tensor([1, 3]), torch.tensor([2, 5])][:n]
+    scales = [1.3, 2.0][: n - 1]
+    fn = guided(model, [{"y": y.clone()} for y in ys], scales)
+    for step in range(3):
+        x, t = torch.randn(2, 2, 3, 3), torch.tensor([1.0 + step, 2.0])
+        e = [x * (1 + y.float().reshape(2, 1, 1, 1)) + t.reshape(2, 1, 1, 1) for y in ys]
+        torch.testing.assert_close(fn(x, t), combine_guidance(e, scales))
+    assert model.calls == 3
+
+
+def test_batched_conditions_are_reused_across_steps() -> None:
+    model = LabelModel()
+    y_null, y = torch.tensor([0, 0]), torch.tensor([1, 2])
+    fn = guided(model, [{"y": y_null}, {"y": y}], [2.0])
+    x = torch.randn(2, 1, 2, 2)
+    fn(x, 1.0)
+    first = model.y
+    y.add_(10)  # the concatenation was made on the first call, so later steps do not see this
+    fn(x, 2.0)
+    assert model.y is first and model.y.tolist() == [0, 0, 1, 2]
+
+
+def test_prepare_runs_once_per_run_on_the_batched_conditions() -> None:
+    seen = []
+
+    def prepare(y: torch.Tensor) -> dict:
+        seen.append(y.clone())
+        return {"gain": 1 + y.float()}  # the step-invariant part of LabelModel, computed once
+
+    def prepared_model(x: torch.Tensor, t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return x * gain.reshape(-1, 1, 1, 1) + torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1)
+
+    conds = [{"y": torch.tensor([0, 0])}, {"y": torch.tensor([1, 3])}, {"y": torch.tensor([2, 5])}]
+    fast = guided(prepared_model, conds, [1.5, 3.0], prepare=prepare)
+    slow = guided(LabelModel(), conds, [1.5, 3.0])
+    for step in range(4):
+        x, t = torch.randn(2, 3, 2, 2), torch.tensor([float(step), 7.0])
+        torch.testing.assert_close(fast(x, t), slow(x, t))
+    assert len(seen) == 1 and seen[0].tolist() == [0, 0, 1, 3, 2, 5]
+    single = guided(prepared_model, conds[1:2], [], prepare=prepare)
+    x = torch.randn(2, 3, 2, 2)
+    torch.testing.assert_close(single(x, 1.0), x * torch.tensor([2.0, 4.0]).reshape(2, 1, 1, 1) + 1.0)
+    with pytest.raises(ConfigError, match="both per condition set and shared"):
+        fast(x, 1.0, gain=torch.ones(2))
+    with pytest.raises(ShapeError, match="condition 'y'"):  # a new batch size is re-checked against the conditions
+        fast(torch.randn(3, 3, 2, 2), 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,3 +105,33 @@ def test_user_error_on_a_worker_reaches_the_caller(tiny):
     cfg = tiny("bad", data={"name": "image-folder", "options": {"root": "/nonexistent/images"}})
     with pytest.raises(DataError, match="/nonexistent/images"):
         run_with_options(cfg, RayOptions(workers=1, gpus_per_worker=0))
+
+
+def test_fsdp_workers_train_like_ddp_and_resume_from_full_checkpoints(make_tiny, tmp_path, two_workers, losses):
+    """FSDP2 on 2 gloo workers: same losses as DDP (both average the gradients of the same shards of data), full
+    (unsharded) tensors in the checkpoints, and a run resumed from a sharded run's checkpoint continues exactly."""
+    cfg = make_tiny(tmp_path / "fsdp", max_steps=9)
+    summary = run_with_options(cfg, RayOptions(workers=2, gpus_per_worker=0, strategy="fsdp"))
+    assert summary["step"] == 9
+    fsdp = losses(cfg.out)
+    assert [v for _, v in fsdp[:6]] == pytest.approx([v for _, v in losses(two_workers[0].out)], rel=1e-5)
+
+    mgr = CheckpointManager(Path(cfg.out) / "checkpoints")
+    six = mgr.load(mgr.list()[-2])
+    ddp = CheckpointManager(Path(two_workers[0].out) / "checkpoints").load()
+    assert six["step"] == ddp["step"] == 6
+    for part in ("model", "ema"):
+        assert six[part].keys() == ddp[part].keys()
+        for key, tensor in ddp[part].items():
+            assert six[part][key].shape == tensor.shape, key
+            assert torch.allclose(six[part][key], tensor, atol=1e-5), key
+    params = dict(load_for_sampling(Path(cfg.out)).model.named_parameters())
+    moments = six["optimizer"]["state"]  # keyed by parameter name, each moment the full parameter's shape
+    assert set(moments) == {n for n, p in params.items() if p.requires_grad}
+    assert all(moments[n]["exp_avg"].shape == params[n].shape for n in moments)
+
+    resumed = make_tiny(tmp_path / "resumed", max_steps=9)
+    shutil.copytree(mgr.list()[-2], Path(resumed.out) / "checkpoints" / "step_00000006")
+    summary = run_with_options(resumed, RayOptions(workers=2, gpus_per_worker=0, strategy="fsdp"))
+    assert (summary["step"], summary["steps_run"]) == (9, 3)
+    assert losses(resumed.out)[-3:] == fsdp[-3:]

@@ -85,6 +85,12 @@ def save_model(model: nn.Module, directory: str | os.PathLike, extra: dict[str, 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model``; on any mismatch raise one error listing missing, unexpected and mis-shaped keys."""
+    check_state_dict_fits(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one ``CheckpointError`` listing the missing, unexpected and mis-shaped keys of ``state`` for ``model``."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -98,7 +104,6 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
                 parts.append(f"{label}: {', '.join(keys[:6])}{more}")
         raise CheckpointError(f"{source} does not fit {(model_spec(model) or {}).get('name', type(model).__name__)}"
                               f": {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ GenTron has no official code, so every choice the paper leaves open is made here
   substituted where ``text_null`` is True; otherwise the null caption is the encoder's output for "".
 - **Motion-free mask** (``motion_free`` [B] bool): TempSelfAttn attends each frame to itself only, so its output is
   the per-token map proj(W_v LN(x)) -- the layer is not skipped (spec section 6.1).
+- **Prepared conditions**: ``prepare_conditions`` returns the text part of c and every block's cross-attention K/V,
+  which samplers compute once per run instead of once per step. A clip's frames share its text, so in T2V they
+  attend to it as one query sequence ``(b f) n d -> b (f n) d``: the K/V are never repeated per frame.
 
 Shapes: T2I ``x`` [B, C, H, W] (``GenTron``, ``channel_dim`` 1); T2V ``x`` [B, F, C, H, W] (``GenTronT2V``,
 ``channel_dim`` 2), built when ``num_frames > 0``. Timesteps are DDPM indices in [0, 1000), as DiT's.
@@ -36,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtx.config import check
-from dtx.errors import ShapeError
+from dtx.errors import ConfigError, ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
                         TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps, rope_angles, sincos_2d_torch,
                         unpatchify)
@@ -111,10 +114,17 @@ GENTRON_PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class Text:
-    """Projected text of one forward pass, per frame sequence: tokens [(B F), L, D] and key mask [(B F), L]."""
+    """Text of one forward pass, per clip: projected tokens [B, L, D] (raw inputs) or the cross-attention K/V of the
+    blocks attending to it [B, blocks, L, 2D] (prepared inputs; one block's [B, L, 2D] after ``at``), key mask
+    [B, L]."""
 
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
     mask: torch.Tensor | None
+    kv: torch.Tensor | None = None
+
+    def at(self, j: int) -> Text:
+        """This text as the j-th block attending to it sees it."""
+        return self if self.kv is None else Text(self.tokens, self.mask, self.kv[:, j])  # kv [B, L, 2D]
 
 
 @dataclass
@@ -140,9 +150,17 @@ class GenTronBlock(AdaLNBlock):
         self.temp_norm = layer_norm(d, affine=True) if temporal else None
         self.temp_attn = Attention(d, cfg.num_heads, qkv_bias=True) if temporal else None
 
+    def _cross(self, x: torch.Tensor, text: Text, frames: Frames | None) -> torch.Tensor:
+        """Cross-attention to the clip's text; a clip's frames share it, so they attend as one query sequence."""
+        if frames is None:
+            return self.cross_attn(x, text.tokens, text.mask, kv=text.kv)  # [B, N, D]
+        h = rearrange(x, "(b f) n d -> b (f n) d", b=frames.batch)  # [B, (F N), D]
+        h = self.cross_attn(h, text.tokens, text.mask, kv=text.kv)  # [B, (F N), D]
+        return rearrange(h, "b (f n) d -> (b f) n d", f=frames.frames)  # [(B F), N, D]
+
     def _between(self, x: torch.Tensor, text: Text | None, frames: Frames | None) -> torch.Tensor:
         if self.cross_attn is not None and text is not None:
-            x = x + self.cross_attn(x, text.tokens, text.mask)  # [(B F), N, D]; PixArt: no norm, no gate
+            x = x + self._cross(x, text, frames)  # [(B F), N, D]; PixArt: no norm, no gate
         if self.temp_attn is not None and frames is not None:
             h = rearrange(x, "(b f) n d -> (b n) f d", b=frames.batch)  # [(B N), F, D]
             h = self.temp_attn(self.temp_norm(h), mask=frames.mask, theta=frames.theta)  # [(B N), F, D]
@@ -262,47 +280,26 @@ class GenTron(nn.Module):
             mask = mask | drop.view(b, 1)
         return context, mask
 
-    def _condition(self, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
-                   pooled: torch.Tensor | None, text_null: torch.Tensor | None) -> torch.Tensor:
-        """c = t_emb + pooled_embedder(pooled text) [B, D]; without ``pooled``, the masked mean of the tokens."""
+    def _text_condition(self, context: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None,
+                        text_null: torch.Tensor | None, b: int) -> torch.Tensor:
+        """pooled_embedder(pooled text) [B, D], the text part of c; without ``pooled``, the tokens' masked mean."""
         if pooled is None or (text_null is not None and self.null_context is not None):
             weights = mask.to(context.dtype).unsqueeze(-1)  # [B, L, 1]
             mean = (context * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, C_txt]
             pooled = mean if pooled is None else torch.where(text_null.bool()[:, None], mean, pooled)
-        if pooled.shape != (t.shape[0], self.config.context_dim):
-            raise ShapeError(f"pooled must be [{t.shape[0]}, {self.config.context_dim}], got {list(pooled.shape)}")
-        return self.t_embedder(t) + self.pooled_embedder(pooled)  # [B, D]
+        if pooled.shape != (b, self.config.context_dim):
+            raise ShapeError(f"pooled must be [{b}, {self.config.context_dim}], got {list(pooled.shape)}")
+        return self.pooled_embedder(pooled)  # [B, D]
 
-    # -- forward -----------------------------------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                text_null: torch.Tensor | None = None, context_2: torch.Tensor | None = None,
-                context_mask_2: torch.Tensor | None = None, motion_free: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, C, H, W] (T2V: [B, F, C, H, W]); t: [B] timesteps; context [B, L, context_dim] with
-        context_mask [B, L] (True = token); pooled [B, context_dim]; text_null [B] (learned null caption);
-        context_2/context_mask_2 (second encoder); motion_free [B] (T2V)."""
-        video = self.channel_dim == 2
-        if x.ndim != 3 + self.channel_dim or x.shape[self.channel_dim] != self.in_channels:
-            shape = f"[B, F, {self.in_channels}, H, W] clips" if video else f"[B, {self.in_channels}, H, W] images"
-            raise ShapeError(f"{type(self).__name__} expects {shape}, got {list(x.shape)}")
-        if motion_free is not None and not video:
-            raise ShapeError("motion_free is a text-to-video input; this GenTron is text-to-image (num_frames 0)")
-        b = x.shape[0]
-        clips = rearrange(x, "b f c h w -> (b f) c h w") if video else x  # [(B F), C, H, W]
-        p = self.patch_size
-        grid_h, grid_w = clips.shape[-2] // p, clips.shape[-1] // p
-        h = self.x_embedder(clips)  # [(B F), N, D]
-        h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), N, D]
-
+    def _encode_text(self, b: int, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                     pooled: torch.Tensor | None, text_null: torch.Tensor | None, context_2: torch.Tensor | None,
+                     context_mask_2: torch.Tensor | None) -> tuple[torch.Tensor, list[Text | None]]:
+        """The text part of c [B, D] and the projected captions (None without cross-attention) from raw inputs."""
         cfg = self.config
-        t = per_sample_timesteps(t, b, x.device, "GenTron")
         if context is None and pooled is not None and not cfg.cross_attention:
-            c = self.t_embedder(t) + self.pooled_embedder(pooled)  # [B, D]: adaLN-only needs the pooled text alone
-        else:
-            ctx, mask = self._text(context, context_mask, self.null_context, text_null, cfg.context_dim, b,
-                                   "context")
-            c = self._condition(t, ctx, mask, pooled, text_null)  # [B, D]
+            return self.pooled_embedder(pooled), [None, None]  # [B, D]: adaLN-only needs the pooled text alone
+        ctx, mask = self._text(context, context_mask, self.null_context, text_null, cfg.context_dim, b, "context")
+        text_cond = self._text_condition(ctx, mask, pooled, text_null, b)  # [B, D]
         texts: list[Text | None] = [None, None]
         if cfg.cross_attention:
             texts[0] = Text(self.y_proj(ctx), mask)  # [B, L, D]
@@ -310,16 +307,107 @@ class GenTron(nn.Module):
                 ctx2, mask2 = self._text(context_2, context_mask_2, self.null_context_2, text_null,
                                          cfg.context_dim_2, b, "context_2")
                 texts[1] = Text(self.y_proj_2(ctx2), mask2)  # [B, L2, D]
+        return text_cond, texts
+
+    def _text_blocks(self) -> list[range]:
+        """Indices of the blocks attending to each text: all, or even/odd ones with two encoders."""
+        depth = self.config.depth
+        return [range(0, depth, 2), range(1, depth, 2)] if self.config.context_dim_2 else [range(depth)]
+
+    # -- prepared conditions -------------------------------------------------------------------------------------
+
+    def prepare_conditions(self, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                           pooled: torch.Tensor | None = None, text_null: torch.Tensor | None = None,
+                           context_2: torch.Tensor | None = None, context_mask_2: torch.Tensor | None = None,
+                           motion_free: torch.Tensor | None = None) -> dict[str, Any]:
+        """Kwargs for ``forward`` with the step-invariant text work done: the text part of c ``text_cond`` [B, D],
+        per-block cross-attention K/V ``text_kv`` [B, blocks, L, 2D] and ``text_mask`` [B, L] (``_2``: the odd
+        blocks' second encoder); samplers call it once per run instead of redoing it every step."""
+        rows = context if context is not None else pooled
+        if rows is None:
+            raise ShapeError(f"GenTron needs text: context [B, L, {self.config.context_dim}] (run a text conditioner)")
+        text_cond, texts = self._encode_text(rows.shape[0], context, context_mask, pooled, text_null, context_2,
+                                             context_mask_2)
+        out: dict[str, Any] = {"text_cond": text_cond}  # [B, D]
+        for suffix, text, blocks in zip(("", "_2"), texts, self._text_blocks()):
+            if text is not None:
+                kvs = [self.blocks[i].cross_attn.project_context(text.tokens) for i in blocks]  # each [B, L, 2D]
+                out["text_kv" + suffix] = torch.stack(kvs, dim=1)  # [B, blocks, L, 2D]
+                out["text_mask" + suffix] = text.mask  # [B, L]
+        if motion_free is not None:
+            out["motion_free"] = motion_free  # [B]
+        return out
+
+    def _prepared_text(self, b: int, text_cond: torch.Tensor, kvs: tuple[torch.Tensor | None, ...],
+                       masks: tuple[torch.Tensor | None, ...]) -> list[Text | None]:
+        """Checked prepared inputs as the blocks' texts (per-block K/V)."""
+        d = self.config.hidden_size
+        if text_cond.shape != (b, d):
+            raise ShapeError(f"text_cond must be [{b}, {d}], got {list(text_cond.shape)}")
+        texts: list[Text | None] = [None, None]
+        if not self.config.cross_attention:
+            return texts
+        for j, (blocks, kv, mask) in enumerate(zip(self._text_blocks(), kvs, masks)):
+            name = "text_kv" + ("_2" if j else "")
+            if kv is None or kv.ndim != 4 or kv.shape[:2] != (b, len(blocks)) or kv.shape[3] != 2 * d:
+                got = None if kv is None else list(kv.shape)
+                raise ShapeError(f"{name} must be [{b}, {len(blocks)}, L, {2 * d}] (prepare_conditions), got {got}")
+            if mask is not None and mask.shape != kv.shape[:1] + kv.shape[2:3]:
+                raise ShapeError(f"{name} mask must be {[b, kv.shape[2]]}, got {list(mask.shape)}")
+            texts[j] = Text(None, mask, kv)  # kv [B, blocks, L, 2D], mask [B, L]
+        return texts
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                text_null: torch.Tensor | None = None, context_2: torch.Tensor | None = None,
+                context_mask_2: torch.Tensor | None = None, motion_free: torch.Tensor | None = None,
+                text_cond: torch.Tensor | None = None, text_kv: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, text_kv_2: torch.Tensor | None = None,
+                text_mask_2: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W] (T2V: [B, F, C, H, W]); t: [B] timesteps; context [B, L, context_dim] with
+        context_mask [B, L] (True = token); pooled [B, context_dim]; text_null [B] (learned null caption);
+        context_2/context_mask_2 (second encoder); motion_free [B] (T2V); or, instead of the text inputs, what
+        ``prepare_conditions`` returns for them (text_cond, text_kv, text_mask, text_kv_2, text_mask_2)."""
+        video = self.channel_dim == 2
+        if x.ndim != 3 + self.channel_dim or x.shape[self.channel_dim] != self.in_channels:
+            shape = f"[B, F, {self.in_channels}, H, W] clips" if video else f"[B, {self.in_channels}, H, W] images"
+            raise ShapeError(f"{type(self).__name__} expects {shape}, got {list(x.shape)}")
+        if motion_free is not None and not video:
+            raise ShapeError("motion_free is a text-to-video input; this GenTron is text-to-image (num_frames 0)")
+        b = x.shape[0]
+        prepared = (text_cond, text_kv, text_mask, text_kv_2, text_mask_2)
+        raw = (context, context_mask, pooled, text_null, context_2, context_mask_2)
+        if any(v is not None for v in prepared):
+            if any(v is not None for v in raw):
+                raise ConfigError("GenTron takes either raw text inputs or prepare_conditions' output, not both")
+            if text_cond is None:
+                raise ShapeError("prepared GenTron inputs need text_cond (prepare_conditions)")
+            texts = self._prepared_text(b, text_cond, (text_kv, text_kv_2), (text_mask, text_mask_2))
+        else:
+            text_cond, texts = self._encode_text(b, context, context_mask, pooled, text_null, context_2,
+                                                 context_mask_2)  # [B, D], projected captions
+        t = per_sample_timesteps(t, b, x.device, "GenTron")
+        c = self.t_embedder(t) + text_cond  # [B, D]
+        return self._run_blocks(x, c, texts, motion_free)
+
+    def _run_blocks(self, x: torch.Tensor, c: torch.Tensor, texts: list[Text | None],
+                    motion_free: torch.Tensor | None) -> torch.Tensor:
+        """Patchify, the blocks (each with its text) and the final layer: x [B, (F,) C, H, W] -> the output."""
+        video, b, p = self.channel_dim == 2, x.shape[0], self.patch_size
+        clips = rearrange(x, "b f c h w -> (b f) c h w") if video else x  # [(B F), C, H, W]
+        grid_h, grid_w = clips.shape[-2] // p, clips.shape[-1] // p
+        h = self.x_embedder(clips)  # [(B F), N, D]
+        h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), N, D]
         layout = None
         if video:
-            f = x.shape[1]
-            c = repeat(c, "b d -> (b f) d", f=f)  # [(B F), D]
-            texts = [None if s is None else Text(repeat(s.tokens, "b l d -> (b f) l d", f=f),
-                                                 repeat(s.mask, "b l -> (b f) l", f=f)) for s in texts]
-            layout = frame_layout(cfg, b, f, grid_h * grid_w, motion_free, x.device)
-
+            c = repeat(c, "b d -> (b f) d", f=x.shape[1])  # [(B F), D]
+            layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device)
+        stride = 2 if texts[1] is not None else 1
         for i, block in enumerate(self.blocks):
-            text = texts[i % 2] if texts[1] is not None else texts[0]
+            text = texts[i % stride]
+            text = None if text is None else text.at(i // stride)  # this block's caption or K/V [B, L, 2D]
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, text, layout, use_reentrant=False)  # [(B F), N, D]
             else:
@@ -327,7 +415,6 @@ class GenTron(nn.Module):
         h = self.final_layer(h, c)  # [(B F), N, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         return rearrange(out, "(b f) c h w -> b f c h w", b=b) if video else out  # [B, (F,) out, H, W]
-
 
 
 class GenTronT2V(GenTron):

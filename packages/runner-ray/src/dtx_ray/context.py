@@ -76,11 +76,15 @@ class RayContext:
             self._tensorboard = TensorBoardLogger(tensorboard_dir)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move to this worker's device and wrap in DDP (default) or FSDP when there is more than one worker."""
+        """Move to this worker's device and, with more than one worker, wrap in DDP (default) or shard in place with
+        FSDP2 (each transformer block a unit; gloo on CPU, NCCL on GPU; checkpoints stay full: see
+        ``dtx.training.sharding``)."""
         import ray.train.torch
 
-        if self.strategy == "fsdp" and self.world_size > 1 and self.device.type != "cuda":
-            raise ConfigError("parallel strategy 'fsdp' needs GPU workers (--gpus-per-worker >= 1); use ddp on CPU")
+        if self.strategy == "fsdp" and _distributed():
+            from dtx.training.sharding import shard_model
+
+            return shard_model(model.to(self.device))
         return ray.train.torch.prepare_model(model, parallel_strategy=None if self.strategy == "none"
                                              else self.strategy)
 

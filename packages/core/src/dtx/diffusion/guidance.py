@@ -59,12 +59,27 @@ def _check_conds(conds: Sequence[Mapping[str, Any]]) -> None:
                               f"sets to batch them, got {values}")
 
 
+def _batched(conds: Sequence[Mapping[str, Any]], batch: int) -> dict[str, Any]:
+    """The condition sets' kwargs for one forward over all of them: tensors concatenated in ``conds`` order."""
+    kwargs = {}
+    for key, value in conds[0].items():
+        if isinstance(value, torch.Tensor) and len(conds) > 1:
+            kwargs[key] = torch.cat([_repeat(c[key], 1, batch, f"condition {key!r}") for c in conds])
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
 def guided(model: Callable[..., torch.Tensor], conds: Sequence[Mapping[str, Any]], scales: Sequence[float],
-           channels: int | None = None, channel_dim: int = 1) -> Callable[..., torch.Tensor]:
+           channels: int | None = None, channel_dim: int = 1,
+           prepare: Callable[..., dict[str, Any]] | None = None) -> Callable[..., torch.Tensor]:
     """``fn(x, t_or_sigma, **shared)`` running ``model`` once on all condition sets stacked along the batch.
 
     x, a batched t/σ and tensor ``shared`` kwargs are repeated per condition set; each tensor condition is
     concatenated in ``conds`` order; non-tensor conditions and shared values are passed through unchanged.
+    The concatenation happens on the first call (and again only if x's batch size changes), and ``prepare``
+    (a backbone's ``prepare_conditions``) then maps the batched conditions once to the kwargs the model is called
+    with, so step-invariant condition work is not repeated per step.
     """
     conds = [dict(c) for c in conds]
     if not conds:
@@ -75,20 +90,23 @@ def guided(model: Callable[..., torch.Tensor], conds: Sequence[Mapping[str, Any]
     _check_conds(conds)
     scales = [float(s) for s in scales]
     n = len(conds)
+    cache: dict[int, dict[str, Any]] = {}
+
+    def batched(batch: int) -> dict[str, Any]:
+        if batch not in cache:
+            cache.clear()
+            kwargs = _batched(conds, batch)
+            cache[batch] = dict(prepare(**kwargs)) if prepare is not None else kwargs
+        return cache[batch]
 
     def fn(x: torch.Tensor, t: torch.Tensor | float, **shared: Any) -> torch.Tensor:
-        overlap = set(shared) & set(conds[0])
+        batch = x.shape[0]
+        kwargs = dict(batched(batch))
+        overlap = set(shared) & (set(conds[0]) | set(kwargs))
         if overlap:
             raise ConfigError(f"keyword arguments {sorted(overlap)} are given both per condition set and shared")
         if n == 1:
-            return model(x, t, **conds[0], **shared)
-        batch = x.shape[0]
-        kwargs = {}
-        for key, value in conds[0].items():
-            if isinstance(value, torch.Tensor):
-                kwargs[key] = torch.cat([_repeat(c[key], 1, batch, f"condition {key!r}") for c in conds])
-            else:
-                kwargs[key] = value
+            return model(x, t, **kwargs, **shared)
         for key, value in shared.items():
             is_batched = isinstance(value, torch.Tensor) and value.ndim > 0
             kwargs[key] = _repeat(value, n, batch, f"shared argument {key!r}") if is_batched else value

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..attention import attention
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from .rope import apply_rotary
 
 
@@ -46,10 +46,23 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def project_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Keys and values [B, L, 2D] of ``context`` [B, L, context_dim]: they depend on the context alone, so a
+        sampler can compute them once per run and pass them as ``kv``."""
+        return self.kv(context)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend ``x`` [B, N, D] to ``context`` [B, L, context_dim], or to precomputed ``kv`` [B, L, 2D]."""
         b, n, c = x.shape
+        if kv is None:
+            if context is None:
+                raise ShapeError("CrossAttention needs a context or its precomputed kv")
+            kv = self.project_context(context)
+        if kv.ndim != 3 or kv.shape[0] != b or kv.shape[2] != 2 * c:
+            raise ShapeError(f"cross-attention kv must be [{b}, L, {2 * c}], got {list(kv.shape)}")
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.reshape(b, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = attention(q, k, v, mask=mask)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
+from .sharding import load_model_state, model_state
 
 
 def constant_decay(step: int, decay: float) -> float:
@@ -58,10 +59,9 @@ class EMA:
         return d
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+        """Full EMA weights (collective when sharded: see :func:`dtx.training.sharding.model_state`)."""
+        return model_state(self.model)
 
     def load_state_dict(self, state: dict[str, Any], updates: int) -> None:
-        from ..models import load_state_dict_strict
-
-        load_state_dict_strict(self.model, state, "EMA checkpoint")
+        load_model_state(self.model, state, "EMA checkpoint")
         self.updates = updates

@@ -11,16 +11,24 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
+from .sharding import is_sharded
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:
-    """Names of floating-point parameters holding NaN or inf: one max-abs reduction per tensor, one host sync."""
+    """Names of floating-point parameters holding NaN or inf: one max-abs reduction per tensor, one host sync. For a
+    sharded model each rank checks its shards and the flags are combined, so every rank returns the same names."""
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     if not named:
         return []
-    norms = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
-    flags = torch.isfinite(torch.stack([n.float() for n in norms])).cpu().tolist()
-    return [n for (n, _), ok in zip(named, flags) if not ok]
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for _, p in named]
+    filled = [i for i, t in enumerate(local) if t.numel()]  # a shard can be empty (fewer rows than ranks)
+    flags = torch.zeros(len(named), device=local[0].device)
+    if filled:
+        norms = torch._foreach_norm([local[i] for i in filled], float("inf"))
+        flags[filled] = (~torch.isfinite(torch.stack([n.float() for n in norms]))).float()
+    if is_sharded(model):
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [n for (n, _), bad in zip(named, flags.cpu().tolist()) if bad]
 
 
 def check_update(step: int, model: nn.Module, ema: nn.Module, last_checkpoint: Path | None) -> None:

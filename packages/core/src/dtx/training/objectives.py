@@ -20,7 +20,7 @@ from ..data.info import DataInfo
 from ..diffusion import noise_levels
 from ..diffusion.guidance import guided
 from ..errors import ConfigError, UnknownNameError
-from ..interface import ModelInterface, interface_of
+from ..interface import ModelInterface, interface_of, unwrap
 from ..diffusion.sampler_api import option_names
 from ..options import check_names, factory_options
 from .config import ObjectiveConfig
@@ -80,6 +80,11 @@ def call_sampler(fn: Callable[..., torch.Tensor], name: str, net: Callable[..., 
     return fn(net, x, schedule, generator=generator, progress=progress, **options)
 
 
+def prepare_hook(model: nn.Module) -> Callable[..., dict[str, Any]] | None:
+    """The backbone's optional ``prepare_conditions``: step-invariant condition work, done once per sampling run."""
+    return getattr(unwrap(model), "prepare_conditions", None)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -121,7 +126,8 @@ class GaussianObjective:
             self._cache[steps] = self._create(timestep_respacing=str(steps))
         noise = _randn(noise_shape, generator, _device(model))
         channels = guide_channels or self.iface.in_channels or noise_shape[self.iface.channel_dim]
-        net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim)
+        net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim,
+                     prepare=prepare_hook(model))
         return call_sampler(fn, sampler, net, noise, self._cache[steps], generator, progress, options)
 
 
@@ -182,7 +188,7 @@ class KarrasObjective:
         sigmas = self.schedule(steps, c.sigma_min, c.sigma_max, device=device, **shape_options)
         x = _randn(noise_shape, generator, device) * sigmas[0]
         net = guided(self.denoiser(model), list(conds), list(scales), channels=guide_channels,
-                     channel_dim=self.iface.channel_dim)
+                     channel_dim=self.iface.channel_dim, prepare=prepare_hook(model))
         return call_sampler(fn, sampler, net, x, sigmas, generator, progress, options)
 
 

@@ -40,6 +40,7 @@ from .objectives import Objective, build_objective, sampler_entry
 from .optim import build_optimizer, lr_at, set_lr
 from .sampling import SamplingSetup, generate, write_samples
 from .seeding import STEP, derive_seed, seed_everything
+from .sharding import is_sharded, load_model_state, load_optimizer_state, model_state, optimizer_state, shard_like
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Trainer:
         if self.device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.autocast = self.device.type == "cuda" and cfg.precision == "bf16"
+        self.autocast = cfg.precision == "bf16" and (self.device.type == "cuda"
+                                                      or (self.device.type == "cpu" and cfg.cpu_bf16))
 
         self.data = build_run_data(cfg, self.device)
         self.info = self.data.info
@@ -97,6 +99,10 @@ class Trainer:
             enable_activation_checkpointing(model, cfg.checkpoint_every)
         self.raw = model.to(self.device)
         self.ema.model.to(self.device)
+        wrapped = ctx.prepare_model(self.raw)  # before the optimizer: FSDP replaces the parameters by their shards
+        self.sharded = is_sharded(self.raw)
+        if self.sharded:
+            shard_like(self.ema.model, self.raw)
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
         sampler = sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training
         check_names(f"sample.sampler_options: sampler {cfg.sample.sampler!r}", option_names(sampler),
@@ -109,7 +115,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume is not None:
             self._restore(resume)
-        self.model, eager = compile_model(ctx.prepare_model(self.raw), cfg.compile, self.device)
+        self.model, eager = compile_model(wrapped, cfg.compile, self.device)
         if eager is not None and cfg.compile and ctx.is_main:
             log.warning("model not compiled: %s", eager)
         self.params = [p for p in self.raw.parameters() if p.requires_grad]
@@ -126,7 +132,8 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         """What a checkpoint holds; the conditioners are recorded by name and options, never their weights."""
-        return {"model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": model_state(self.raw), "ema": self.ema.state_dict(),
+                "optimizer": optimizer_state(self.raw, self.optimizer),
                 "step": self.step, "ema_updates": self.ema.updates, "rng": rng_state(),
                 "data": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "nonfinite_total": self.nonfinite_total, "model_spec": self.model_spec,
@@ -139,11 +146,11 @@ class Trainer:
         if saved_spec is not None and saved_spec != self.model_spec:
             raise CheckpointError(f"{path} was trained with model {saved_spec}, but this config builds "
                                   f"{self.model_spec}; use another --out or the original config")
-        load_state_dict_strict(self.raw, state["model"], f"{path} (model)")
+        load_model_state(self.raw, state["model"], f"{path} (model)")
         self.ema.load_state_dict(state["ema"], int(state.get("ema_updates", state["step"])))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
+            load_optimizer_state(self.raw, self.optimizer, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: optimizer state does not fit this model ({exc})") from exc
         self.step = int(state["step"])
         self.position = DataPosition(int(state["data"]["epoch"]), int(state["data"]["batch"]))
@@ -154,7 +161,8 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path | None:
-        path = self.ckpts.save(self.step, self._state()) if self.ctx.is_main else None
+        state = self._state() if self.ctx.is_main or self.sharded else None  # sharded: every rank gathers
+        path = self.ckpts.save(self.step, state) if self.ctx.is_main else None
         self.ctx.barrier()
         self.last_checkpoint = path or self.last_checkpoint
         return path
@@ -162,16 +170,32 @@ class Trainer:
     # -- samples --
 
     def sample_grid(self) -> Path | None:
-        """``samples/step_XXXXXXX.png`` (and .npz, videos) from the EMA weights through the one sampling path."""
-        if not self.ctx.is_main or (self.info.is_latent and self.data.vae is None):
+        """``samples/step_XXXXXXX.png`` (and .npz, videos) from the EMA weights through the one sampling path;
+        call it on every rank (a sharded EMA is gathered first), rank 0 samples."""
+        if self.info.is_latent and self.data.vae is None:
+            return None
+        ema = self._full_ema()
+        if not self.ctx.is_main:
             return None
         s = self.cfg.sample
-        setup = SamplingSetup(self.ema.model, self.objective, self.stage, self.info, self.cfg, str(self.out))
+        setup = SamplingSetup(ema, self.objective, self.stage, self.info, self.cfg, str(self.out))
         request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
         samples = generate(setup, request, per_subject=s.n_per_class, sampler=s.sampler, steps=s.steps,
                            cfg_scale=s.cfg, guidance=s.guidance, seed=SAMPLE_SEED, guide_channels=s.guide_channels,
                            vae=self.data.vae, sampler_options=s.sampler_options)
         return Path(write_samples(samples, self.out / "samples" / f"step_{self.step:07d}.png", fps=s.fps)["grid"])
+
+    def _full_ema(self) -> nn.Module:
+        """The EMA model, or for a sharded run an unsharded copy on rank 0 (its full weights gathered from every
+        rank; the other ranks get the sharded one back and do not sample)."""
+        if not self.sharded:
+            return self.ema.model
+        state = self.ema.state_dict()
+        if not self.ctx.is_main:
+            return self.ema.model
+        full = create_model(self.cfg.model.name, **model_overrides(self.cfg, self.info))
+        load_state_dict_strict(full, state, "EMA weights")
+        return full.to(self.device).eval().requires_grad_(False)
 
     # -- one optimizer step --
 
@@ -288,9 +312,10 @@ class Trainer:
                 bar.close()
             train_time = time.perf_counter() - t0
             grid = None
-            if ctx.is_main and not guard.stop_requested():  # a preempted run exits at once: its checkpoint is saved
+            if not guard.stop_requested():  # a preempted run exits at once: its checkpoint is saved
                 grid = self.sample_grid()
-                plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+                if ctx.is_main:
+                    plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
             if guard.stop_requested():
                 stopped_by = "signal"
         return {"step": self.step, "steps_run": self.step - start_step, "loss": last_loss, "train_time_s": train_time,
