@@ -20,11 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "moving-digits.gif"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", help="default: the run's sample.sampler")
+    p.add_argument("--cfg", type=float, help="default: the run's sample.cfg")
     args = p.parse_args(argv)
     setup = load_for_sampling(args.run)
     s = setup.cfg.sample
-    clips = generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=s.sampler, steps=s.steps,
-                     cfg_scale=s.cfg, seed=args.seed).x  # [10, F, C, H, W]
+    clips = generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=args.sampler or s.sampler,
+                     steps=s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
+                     seed=args.seed).x  # [10, F, C, H, W]
     pad = torch.full((*clips.shape[:3], clips.shape[3], 2), -1.0)
     row = torch.cat([torch.cat([c, p_], dim=-1) for c, p_ in zip(clips, pad)], dim=-1)  # [F, C, H, 10 * (W + 2)]
     print(save_gif(row, args.out, fps=s.fps))

@@ -185,6 +185,21 @@ def test_activation_checkpointing_keeps_the_loss_curve(tmp_path):
     assert all(math.isclose(a[s], b[s], rel_tol=1e-5) for s in (1, 2, 3))
 
 
+def test_cpu_bf16_runs_the_step_in_bfloat16_only_when_asked(tmp_path, monkeypatch):
+    """cpu_bf16 turns on bf16 autocast on CPU (the matmuls see bfloat16), and only with precision bf16."""
+    seen: list[torch.dtype] = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear",
+                        lambda x, w, b=None: seen.append(x.dtype if not torch.is_autocast_enabled("cpu")
+                                                         else torch.get_autocast_dtype("cpu")) or linear(x, w, b))
+    for name, flags, dtype in (("fp32", [], torch.float32), ("bf16", ["cpu_bf16=true"], torch.bfloat16),
+                               ("off", ["cpu_bf16=true", "precision=fp32"], torch.float32)):
+        seen.clear()
+        summary = run_local(cfg_for(tmp_path, name, "max_steps=2", "sample.every=0", *flags))
+        assert summary["step"] == 2 and math.isfinite(summary["loss"])
+        assert seen and set(seen[:4]) == {dtype}, name  # the training forwards (sampling at the end runs fp32)
+
+
 def test_karras_objective_trains_and_samples(tmp_path):
     summary = run_local(cfg_for(tmp_path, "edm", "objective.kind=karras", "sample.sampler=heun",
                                 "objective.weighting=soft-min-snr"))

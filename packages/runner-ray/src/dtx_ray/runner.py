@@ -100,6 +100,10 @@ def train_worker(config: dict[str, Any], loop: TrainLoop | None = None) -> dict[
     if config["cwd"] and os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])  # Ray starts workers in its own folder; relative data paths mean the driver's
     check_worker_plugins(config["plugins"])
+    if config.get("threads"):
+        import torch
+
+        torch.set_num_threads(config["threads"])  # its share of the cores, not an inherited OMP_NUM_THREADS
     cfg = config_from_dict(config["train"])
     ctx = RayContext(cfg.out, strategy=config["strategy"], require_resume=config["require_resume"],
                      tensorboard_dir=config["tensorboard_dir"])
@@ -140,6 +144,7 @@ def build_trainer(cfg: TrainConfig, options: RayOptions, *, loop: TrainLoop | No
     tensorboard = options.tensorboard and summary_writer_class() is not None
     worker_config = {"train": config_dict(cfg), "plugins": loaded_plugins(), "cwd": os.getcwd(),
                      "strategy": options.strategy, "require_resume": options.require_resume,
+                     "threads": max(1, int(cpus)),
                      "tensorboard_dir": str(out / "tensorboard") if tensorboard else None}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     run_config = RunConfig(
