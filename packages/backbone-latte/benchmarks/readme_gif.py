@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", help="default: the run's sample.sampler")
     p.add_argument("--cfg", type=float, help="default: the run's sample.cfg")
+    p.add_argument("--sigma-min", type=float, help="end of the EDM noise schedule (default: the run's objective)")
     args = p.parse_args(argv)
     setup = load_for_sampling(args.run)
+    if args.sigma_min is not None:
+        setup.objective.cfg = dataclasses.replace(setup.objective.cfg, sigma_min=args.sigma_min)
     s = setup.cfg.sample
     clips = generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=args.sampler or s.sampler,
                      steps=s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
