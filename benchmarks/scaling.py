@@ -96,15 +96,9 @@ def chart(rows: list[dict[str, Any]], x: str, path: Path, title: str) -> None:
 
 
 def table(rows: list[dict[str, Any]], x: str) -> str:
-    xs = sorted({r[x] for r in rows})
-    lines = [f"| series | {' | '.join(f'{x} {v}' for v in xs)} |", "|---|" + "---|" * len(xs)]
-    for series in dict.fromkeys(r["series"] for r in rows):
-        cells = []
-        for v in xs:
-            hit = [r for r in rows if r["series"] == series and r[x] == v]
-            cells.append(f"{hit[0]['train_ms']:.0f} ms / {hit[0]['activations_mb']:.1f} MiB" if hit else "")
-        lines.append(f"| {series} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    from dtx.benchmarking import pivot_table
+
+    return pivot_table(rows, "series", x, lambda r: f"{r['train_ms']:.0f} ms / {r['activations_mb']:.1f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,15 +81,10 @@ def real_baseline() -> float:
 
 def markdown(rows: list[dict[str, Any]], key: str) -> str:
     """A table: one row per sampler (or cfg), cells ``accuracy / FD`` per column of ``key``."""
-    cols = sorted({r[key] for r in rows})
-    lines = [f"| sampler | {' | '.join(f'{key} {c}' for c in cols)} |", "|---|" + "---|" * len(cols)]
-    for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        cells = []
-        for c in cols:
-            hit = [r for r in rows if r["sampler"] == sampler and r[key] == c]
-            cells.append(f"{100 * hit[0]['accuracy']:.1f}% / {hit[0]['fd']:.1f} (NFE {hit[0]['nfe']})" if hit else "")
-        lines.append(f"| {sampler} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    from dtx.benchmarking import pivot_table
+
+    return pivot_table(rows, "sampler", key,
+                       lambda r: f"{100 * r['accuracy']:.1f}% / {r['fd']:.1f} (NFE {r['nfe']})")
 
 
 def plot(rows: list[dict[str, Any]], x: str, path: Path, baseline: float, title: str) -> None:

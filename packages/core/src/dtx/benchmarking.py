@@ -130,3 +130,14 @@ def saved_activations_mb(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(sizes.values()) / 2 ** 20
+
+
+def pivot_table(rows: Sequence[dict[str, Any]], row_key: str, col_key: str, cell: Callable[[dict[str, Any]], str]) -> str:
+    """A Markdown table of ``rows`` pivoted: one line per value of ``row_key`` (first-seen order), one column per
+    sorted value of ``col_key``, each cell ``cell(row)`` of the matching row (empty where none)."""
+    cols = sorted({r[col_key] for r in rows})
+    lines = [f"| {row_key} | {' | '.join(f'{col_key} {c}' for c in cols)} |", "|---|" + "---|" * len(cols)]
+    for name in dict.fromkeys(r[row_key] for r in rows):
+        hits = [[r for r in rows if r[row_key] == name and r[col_key] == c] for c in cols]
+        lines.append(f"| {name} | {' | '.join(cell(h[0]) if h else '' for h in hits)} |")
+    return "\n".join(lines)

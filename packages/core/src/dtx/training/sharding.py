@@ -41,28 +41,28 @@ def shard_units(model: nn.Module) -> list[str]:
     return names
 
 
+def _shard(module: nn.Module, units: list[str], mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for name in units:
+        fully_shard(module.get_submodule(name), mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
 def shard_model(model: nn.Module, mesh: Any = None) -> nn.Module:
     """``fully_shard`` each transformer block of ``model`` and then the model itself, in place (FSDP2: parameters
     become ``DTensor`` shards over ``mesh``, default: all ranks of the process group); returns ``model``."""
-    from torch.distributed.fsdp import fully_shard
-
-    for name in shard_units(model):
-        fully_shard(model.get_submodule(name), mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return _shard(model, shard_units(model), mesh)
 
 
 def shard_like(module: nn.Module, reference: nn.Module) -> None:
     """Shard ``module`` (a copy of ``reference``'s architecture, e.g. the EMA model) with the same units and mesh, so
     its shards line up with ``reference``'s parameter by parameter."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
-    mesh = next(p for p in reference.parameters()).device_mesh
     units = [n for n, sub in reference.named_modules() if n and isinstance(sub, FSDPModule)]
-
-    for name in units:
-        fully_shard(module.get_submodule(name), mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    _shard(module, units, next(p for p in reference.parameters()).device_mesh)
 
 
 def _options(**kwargs: bool) -> Any:
