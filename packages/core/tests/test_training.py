@@ -287,6 +287,19 @@ def test_lr_warmup_is_linear_then_constant():
     assert lr_at(0, OptimConfig(lr=0.5)) == 0.5
 
 
+def test_lr_decays_linearly_over_the_last_decay_steps_to_decay_to():
+    from dtx.training.config import OptimConfig
+    from dtx.training.optim import lr_at
+
+    cfg = OptimConfig(lr=2.0, warmup_steps=2, decay_steps=4, decay_to=0.5)
+    # 10 steps: warm-up 1.0, 2.0; stable to step 5; steps 6..9 fall by (1 - 0.5) / 4 of lr each, ending at 0.5 x lr
+    assert [lr_at(s, cfg, max_steps=10) for s in range(10)] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.75, 1.5, 1.25, 1.0]
+    assert lr_at(9, cfg) == 2.0  # no run length: no decay
+    # decay longer than the run: warm-up and decay overlap, the smaller factor wins
+    both = OptimConfig(lr=1.0, warmup_steps=4, decay_steps=4)
+    assert [lr_at(s, both, max_steps=4) for s in range(4)] == [0.25, 0.5, 0.25, 0.0]
+
+
 def test_epoch_batches_split_a_permutation_by_rank_without_overlap():
     from dtx.training.data_stream import EpochBatches
 

@@ -66,13 +66,16 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a linear warm-up then constant lr; ``grad_clip`` 0 disables clipping."""
+    """AdamW with a linear warm-up, a constant lr, then optionally a linear decay over the run's last
+    ``decay_steps`` steps down to ``decay_to`` x lr (warmup-stable-decay); ``grad_clip`` 0 disables clipping."""
 
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    decay_steps: int = 0  # 0: no decay; counted back from max_steps
+    decay_to: float = 0.0
     grad_clip: float = 0.0
 
 
@@ -161,6 +164,9 @@ class TrainConfig:
               "lr x weight_decay overflows float32")
         check(self.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.optim.weight_decay}")
         check(self.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.optim.warmup_steps}")
+        check(0 <= self.optim.decay_steps <= self.max_steps, "optim.decay_steps",
+              f"must be in [0, max_steps={self.max_steps}], got {self.optim.decay_steps}")
+        check(0.0 <= self.optim.decay_to <= 1.0, "optim.decay_to", f"must be in [0, 1], got {self.optim.decay_to}")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
         check(0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)")
         check(0.0 <= self.ema.max_decay < 1.0, "ema.max_decay", "must be in [0, 1)")

@@ -61,11 +61,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Base learning rate at optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant."""
-    if cfg.warmup_steps > 0:
-        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-    return cfg.lr
+def lr_at(step: int, cfg: OptimConfig, max_steps: int | None = None) -> float:
+    """Base learning rate at optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``, constant, then
+    (with ``decay_steps`` and ``max_steps``) linear from lr down to ``decay_to`` x lr, reached at the last step.
+
+    The decay is the "D" of warmup-stable-decay: annealing only the end of a fixed-length run gets most of what a
+    schedule over the whole run gives while the stable phase can be resumed or extended."""
+    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.decay_steps > 0 and max_steps is not None:
+        into = step - (max_steps - cfg.decay_steps)  # 0 at the first decayed step, decay_steps - 1 at the last
+        if into >= 0:
+            frac = min(1.0, (into + 1) / cfg.decay_steps)
+            scale = min(scale, 1.0 - frac * (1.0 - cfg.decay_to))
+    return cfg.lr * scale
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:

@@ -212,7 +212,7 @@ class Trainer:
         step_seed = derive_seed(cfg.seed, STEP, self.ctx.rank, self.step)
         seed_everything(step_seed)
         gen = torch.Generator().manual_seed(step_seed ^ 0x5EED)
-        set_lr(self.optimizer, lr_at(self.step, cfg.optim))
+        set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.max_steps))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -253,7 +253,7 @@ class Trainer:
     def _log(self, window: Window, elapsed: float, metrics: MetricsLog, save: bool) -> dict[str, Any]:
         cfg, now = self.cfg, time.perf_counter()
         rate = window.steps / max(now - window.t0, 1e-9)
-        record = {"step": self.step, "loss": window.loss / window.steps, "lr": lr_at(self.step - 1, cfg.optim),
+        record = {"step": self.step, "loss": window.loss / window.steps, "lr": lr_at(self.step - 1, cfg.optim, cfg.max_steps),
                   "grad_norm": window.norm / window.steps, "steps_per_s": rate,
                   "samples_per_s": rate * cfg.data.batch_size, "nonfinite_skipped": self.nonfinite_total,
                   "time_s": elapsed}
