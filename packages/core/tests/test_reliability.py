@@ -34,7 +34,7 @@ from dtx.training.config import load_train_config
     ("optim.eps=0", "optim.eps"), ("optim.eps=1e39", "optim.eps"), ("optim.lr=1e38", "optim.lr"),
     ("optim.weight_decay=1e43", "optim.weight_decay"), ("optim.weight_decay=-0.5", "optim.weight_decay"),
     ("optim.warmup_steps=-1", "optim.warmup_steps"), ("objective.p_std=-1", "objective.p_std"),
-    ("optim.decay_steps=1001", "optim.decay_steps"), ("optim.decay_to=1.5", "optim.decay_to"),
+    ("optim.decay_steps=-1", "optim.decay_steps"), ("optim.decay_to=1.5", "optim.decay_to"),
     ("objective.sigma_data=0", "objective.sigma_data"), ("data.num_workers=-1", "data.num_workers"),
     (f"seed={10**24}", "seed"), ("seed=-1", "seed"), ("sample.guide_channels=0", "sample.guide_channels"),
     ("sample.classes=[0,-2]", "sample.classes"), ("max_minutes=inf", "max_minutes"),

@@ -295,9 +295,11 @@ def test_lr_decays_linearly_over_the_last_decay_steps_to_decay_to():
     # 10 steps: warm-up 1.0, 2.0; stable to step 5; steps 6..9 fall by (1 - 0.5) / 4 of lr each, ending at 0.5 x lr
     assert [lr_at(s, cfg, max_steps=10) for s in range(10)] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.75, 1.5, 1.25, 1.0]
     assert lr_at(9, cfg) == 2.0  # no run length: no decay
-    # decay longer than the run: warm-up and decay overlap, the smaller factor wins
+    # warm-up and decay overlap: the smaller factor wins
     both = OptimConfig(lr=1.0, warmup_steps=4, decay_steps=4)
     assert [lr_at(s, both, max_steps=4) for s in range(4)] == [0.25, 0.5, 0.25, 0.0]
+    # a run shorter than decay_steps (a smoke test of a recipe) decays over all of its steps
+    assert [lr_at(s, OptimConfig(lr=1.0, decay_steps=1000), max_steps=4) for s in range(4)] == [0.75, 0.5, 0.25, 0.0]
 
 
 def test_epoch_batches_split_a_permutation_by_rank_without_overlap():

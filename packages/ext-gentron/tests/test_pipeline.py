@@ -16,7 +16,7 @@ from dtx_gentron.text import save_tiny_text_encoder
 
 TINY = ["model.options.hidden_size=32", "model.options.depth=2", "model.options.num_heads=2",
         "model.options.context_dim=16", "model.options.text_length=20", "data.batch_size=4", "sample.steps=2",
-        "sample.n_per_class=1", "log_every=2", "ckpt_every=2"]
+        "sample.n_per_class=1", "log_every=2", "ckpt_every=2", "compile=false"]
 
 
 @pytest.fixture(autouse=True)

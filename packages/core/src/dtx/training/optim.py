@@ -69,9 +69,10 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int | None = None) -> float:
     schedule over the whole run gives while the stable phase can be resumed or extended."""
     scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.decay_steps > 0 and max_steps is not None:
-        into = step - (max_steps - cfg.decay_steps)  # 0 at the first decayed step, decay_steps - 1 at the last
+        span = min(cfg.decay_steps, max_steps)  # a run shorter than the decay (a smoke test) decays throughout
+        into = step - (max_steps - span)  # 0 at the first decayed step, span - 1 at the last
         if into >= 0:
-            frac = min(1.0, (into + 1) / cfg.decay_steps)
+            frac = min(1.0, (into + 1) / span)
             scale = min(scale, 1.0 - frac * (1.0 - cfg.decay_to))
     return cfg.lr * scale
 
