@@ -1,11 +1,16 @@
 """CPU benchmark: dtx's DiT against a straightforward reference of the paper's model built from timm-style blocks.
 
+Three measurements per configuration: ``fwd`` (no grad), ``fwdbwd`` (forward, loss, backward) and ``step`` (the whole
+optimizer step: ``fwdbwd``, then DiT train.py's AdamW and EMA update for the reference, dtx's trainer update for dtx:
+gradient norm, AdamW from ``build_optimizer``, EMA, non-finite guard).
+
 timm cannot be imported here (its layers import torchvision, which this environment does not install), so the
 reference writes timm's ``Attention`` (fused SDPA path) and ``Mlp`` out as timm does and assembles them as DiT's
-models.py does. Both models share one state dict (their key names are the same), the script checks that their
-outputs agree, then times forward (no grad) and forward+backward alternately in one process and prints one JSON line
-per configuration with medians and dtx/reference ratios (< 1 means dtx is faster), by wall clock and by process
-CPU time (``cpu_``), which is steadier when other jobs share the machine.
+models.py does, with ``nn.Linear`` (PyTorch's CPU float32 dispatch: MKL). Both models share one state dict (their key
+names are the same); the script checks that their outputs agree, then times the measurements alternately in one
+process and prints one JSON line per configuration with medians and dtx/reference ratios (< 1 means dtx is faster), by
+wall clock and by process CPU time (``cpu_``), which is steadier when other jobs share the machine. ``--linear aten``
+runs dtx's Linear on PyTorch's dispatch too (the ablation of ``dtx.layers.linear``'s oneDNN path).
 
     python packages/backbone-dit/benchmarks/bench_dit.py [--models DiT-S/2 DiT-B/4] [--batch 8] [--repeats 7]
     python packages/backbone-dit/benchmarks/bench_dit.py --models DiT-S/2 --compile   # + dtx under torch.compile
@@ -14,6 +19,7 @@ CPU time (``cpu_``), which is steadier when other jobs share the machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -155,6 +161,48 @@ def _train_step(model: nn.Module, x, t, y) -> None:
     model(x, t, y).square().mean().backward()
 
 
+class RefUpdate:
+    """The rest of DiT's train.py step: ``AdamW(lr=1e-4, weight_decay=0)`` with PyTorch's defaults (a per-tensor
+    loop on CPU) and ``update_ema``'s per-parameter ``mul_(decay).add_(param, alpha=1 - decay)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+        self.pairs = [(e, p) for e, p in zip(copy.deepcopy(model).requires_grad_(False).parameters(),
+                                             model.parameters())]
+
+    def __call__(self, model: nn.Module) -> None:
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in self.pairs:
+                e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+
+
+class DtxUpdate:
+    """The rest of dtx's ``Trainer.train_step``: gradient norm, ``build_optimizer``'s AdamW, the EMA and the
+    non-finite update guard, as the trainer calls them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from dtx.training.config import EMAConfig, OptimConfig
+        from dtx.training.ema import EMA
+        from dtx.training.optim import build_optimizer
+
+        self.opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=0.0))
+        self.ema = EMA(model, EMAConfig())
+
+    def __call__(self, model: nn.Module) -> None:
+        from dtx.training.guards import check_update
+
+        torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        self.opt.step()
+        self.ema.update(model)
+        check_update(1, model, self.ema.model, None)
+
+
+def _full_step(model: nn.Module, update, x, t, y) -> None:
+    _train_step(model, x, t, y)
+    update(model)
+
+
 def bench(name: str, batch: int, repeats: int, size: int = 32, compiled: bool = False, eager: bool = True,
           precision: str = "fp32") -> dict:
     """One JSON row: dtx (eager, and compiled when asked) against the reference, timed interleaved round by round
@@ -197,7 +245,13 @@ def bench(name: str, batch: int, repeats: int, size: int = 32, compiled: bool = 
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16" and n != "ref"):
             step(models[n], x, t, y)
 
-    for k, step in (("fwd", _forward), ("fwdbwd", _train_step)):
+    updates = {n: (RefUpdate if n == "ref" else DtxUpdate)(getattr(m, "eager", m)) for n, m in models.items()}
+
+    def full_step(model: nn.Module, x, t, y) -> None:
+        name = next(n for n, m in models.items() if m is model)
+        _full_step(model, updates[name], x, t, y)
+
+    for k, step in (("fwd", _forward), ("fwdbwd", _train_step), ("step", full_step)):
         names = list(models)
         times = dict(zip(names, interleaved([lambda n=n, s=step: call(n, s) for n in names],
                                             lambda: None, warmup=1, repeats=repeats)))
@@ -226,14 +280,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time dtx under torch.compile (compiled_* keys)")
     parser.add_argument("--no-eager", action="store_true",
                         help="with --compile: time only compiled dtx and the reference")
+    parser.add_argument("--linear", choices=("auto", "aten"), default="auto",
+                        help="dtx's Linear backend (dtx.layers.linear); the reference always uses nn.Linear")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="dtx's precision (bf16: CPU autocast); the reference always runs fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from dtx.layers import use_linear_backend
+
     for name in args.models:
-        print(json.dumps(bench(name, args.batch, args.repeats, compiled=args.compile, eager=not args.no_eager,
-                               precision=args.precision)), flush=True)
+        with use_linear_backend(args.linear):
+            row = bench(name, args.batch, args.repeats, compiled=args.compile, eager=not args.no_eager,
+                        precision=args.precision)
+        print(json.dumps({**row, "dtx_linear": args.linear}), flush=True)
 
 
 if __name__ == "__main__":

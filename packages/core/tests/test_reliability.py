@@ -109,6 +109,18 @@ def test_nonfinite_parameters_names_exactly_the_poisoned_tensors():
         check_update(1, nn.Linear(1, 1), ema, None)
 
 
+
+def test_nonfinite_parameters_does_not_name_huge_finite_values():
+    """The cheap 2-norm screen overflows for finite values beyond ~1e19; the exact re-check must clear them."""
+    from dtx.training.guards import nonfinite_parameters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but its squares are not
+        model[1].bias[0] = float("nan")
+    assert torch.isfinite(model[0].weight).all()
+    assert nonfinite_parameters(model) == ["1.bias"]
+
 # -- run-folder lock -------------------------------------------------------------------------------------------------
 
 _HOLD = ("import sys, time; from dtx.training.lock import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "

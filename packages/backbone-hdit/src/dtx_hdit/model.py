@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from dtx.attention import attention, neighborhood_attention
 from dtx.config import check
 from dtx.errors import ConfigError, ShapeError
-from dtx.layers import AdaRMSNorm, AxialRoPE, FourierFeatures, LinearGEGLU, RMSNorm, apply_rotary, make_axial_pos
+from dtx.layers import (AdaRMSNorm, AxialRoPE, FourierFeatures, Linear, LinearGEGLU, RMSNorm, apply_rotary,
+                        make_axial_pos)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def zero_init(layer: nn.Linear) -> nn.Linear:
+def zero_init(layer: Linear) -> Linear:
     nn.init.zeros_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
@@ -349,11 +350,11 @@ class SelfAttentionBlock(nn.Module):
         self.n_heads = d_model // spec.d_head
         self.window_shift = window_shift
         self.norm = AdaRMSNorm(d_model, cond_features)
-        self.qkv_proj = nn.Linear(d_model, d_model * 3, bias=False)
+        self.qkv_proj = Linear(d_model, d_model * 3, bias=False)
         self.scale = nn.Parameter(torch.full([self.n_heads], 10.0))
         self.pos_emb = AxialRoPE(spec.d_head, self.n_heads)
         self.dropout = nn.Dropout(dropout)
-        self.out_proj = zero_init(nn.Linear(d_model, d_model, bias=False))
+        self.out_proj = zero_init(Linear(d_model, d_model, bias=False))
 
     def extra_repr(self) -> str:
         return f"{attention_to_dict(self.spec)}, window_shift={self.window_shift}"
@@ -394,7 +395,7 @@ class FeedForwardBlock(nn.Module):
         self.norm = AdaRMSNorm(d_model, cond_features)
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.down_proj = zero_init(nn.Linear(d_ff, d_model, bias=False))
+        self.down_proj = zero_init(Linear(d_ff, d_model, bias=False))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.dropout(self.up_proj(self.norm(x, cond)))) + x
@@ -454,7 +455,7 @@ class MappingFeedForwardBlock(nn.Module):
         self.norm = RMSNorm(d_model)
         self.up_proj = LinearGEGLU(d_model, d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.down_proj = zero_init(nn.Linear(d_ff, d_model, bias=False))
+        self.down_proj = zero_init(Linear(d_ff, d_model, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.dropout(self.up_proj(self.norm(x)))) + x
@@ -483,7 +484,7 @@ class TokenMerge(nn.Module):
     def __init__(self, in_features: int, out_features: int, patch_size: tuple[int, int] = (2, 2)) -> None:
         super().__init__()
         self.h, self.w = patch_size
-        self.proj = nn.Linear(in_features * self.h * self.w, out_features, bias=False)
+        self.proj = Linear(in_features * self.h * self.w, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(merge_tokens(x, self.h, self.w))
@@ -495,7 +496,7 @@ class TokenSplitWithoutSkip(nn.Module):
     def __init__(self, in_features: int, out_features: int, patch_size: tuple[int, int] = (2, 2)) -> None:
         super().__init__()
         self.h, self.w = patch_size
-        self.proj = nn.Linear(in_features, out_features * self.h * self.w, bias=False)
+        self.proj = Linear(in_features, out_features * self.h * self.w, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return split_tokens(self.proj(x), self.h, self.w)
@@ -557,11 +558,11 @@ class HDiT(nn.Module):
 
         self.patch_in = TokenMerge(cfg.in_channels, levels[0].width, cfg.patch_hw)
         self.time_emb = FourierFeatures(1, width)
-        self.time_in_proj = nn.Linear(width, width, bias=False)
+        self.time_in_proj = Linear(width, width, bias=False)
         self.aug_emb = FourierFeatures(9, width)
-        self.aug_in_proj = nn.Linear(width, width, bias=False)
+        self.aug_in_proj = Linear(width, width, bias=False)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, width) if cfg.num_classes else None
-        self.mapping_cond_in_proj = (nn.Linear(cfg.mapping_cond_dim, width, bias=False) if cfg.mapping_cond_dim
+        self.mapping_cond_in_proj = (Linear(cfg.mapping_cond_dim, width, bias=False) if cfg.mapping_cond_dim
                                      else None)
         self.mapping = MappingNetwork(mapping)
 

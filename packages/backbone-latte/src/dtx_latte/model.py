@@ -54,7 +54,7 @@ from dtx.attention import attention
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PatchGridConfig,
+from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Linear, Mlp, PatchEmbed, PatchGridConfig,
                         TimestepEmbedder, apply_rotary, dit_base_init, layer_norm, make_axial_pos, modulate,
                         per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
@@ -237,7 +237,7 @@ class AxisBlock(nn.Module):
         self.attn = Attention(d, cfg.num_heads, qkv_bias=True)
         self.norm2 = layer_norm(d, affine=not adaln)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if adaln else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d)) if adaln else None
 
     def _block(self, x: torch.Tensor, c: torch.Tensor | None, ctx: torch.Tensor | None,
                theta: torch.Tensor | None) -> torch.Tensor:
@@ -272,8 +272,8 @@ class FactorisedBlock(nn.Module):
         self.attn_t = Attention(d, h, qkv_bias=True)
         self.norm2 = layer_norm(d, affine=not adaln)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if adaln else None
-        self.adaLN_modulation_t = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d)) if adaln else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d)) if adaln else None
+        self.adaLN_modulation_t = nn.Sequential(nn.SiLU(), Linear(d, 3 * d)) if adaln else None
 
     def forward(self, x: torch.Tensor, lay: Layout, add_temp: bool = False) -> torch.Tensor:
         mod = _modulation(self.adaLN_modulation, lay.c_s, 6)
@@ -307,7 +307,7 @@ class SplitHeadBlock(nn.Module):
         self.split_attn = Attention(d, cfg.num_heads, qkv_bias=True)
         self.norm2 = layer_norm(d, affine=not adaln)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if adaln else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d)) if adaln else None
 
     def _attend(self, h: torch.Tensor, lay: Layout) -> torch.Tensor:
         attn, heads = self.split_attn, self.split_attn.num_heads

@@ -32,8 +32,8 @@ from torch import nn
 from dtx.attention import attention
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, dit_base_init, layer_norm,
-                        modulate, per_sample_timesteps, sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, dit_base_init,
+                        layer_norm, modulate, per_sample_timesteps, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 
 @dataclass
@@ -83,9 +83,9 @@ class PixArtCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q_linear = Linear(dim, dim)
+        self.kv_linear = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = rearrange(self.q_linear(x), "b n (h e) -> b h n e", h=self.num_heads)  # [B, H, N, hd]
@@ -134,7 +134,7 @@ class T2IFinalLayer(nn.Module):
     def __init__(self, d: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
         self.norm_final = layer_norm(d, affine=False)
-        self.linear = nn.Linear(d, patch_size * patch_size * out_channels)
+        self.linear = Linear(d, patch_size * patch_size * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d ** 0.5)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ class PixArt(nn.Module):
         self.gradient_checkpointing = cfg.grad_checkpointing
         self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         self.y_embedder = CaptionEmbedder(cfg.context_dim, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
         self.blocks = nn.ModuleList([PixArtBlock(d, cfg.num_heads, cross=True) for _ in range(cfg.depth)])

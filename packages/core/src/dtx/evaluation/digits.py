@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ShapeError
+from ..layers.linear import Linear
 
 WEIGHTS = Path(__file__).parent / "weights" / "digits_classifier.safetensors"
 FEATURE_DIM = 64
@@ -37,8 +38,8 @@ class DigitsClassifier(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, FEATURE_DIM)
-        self.fc2 = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+        self.fc1 = Linear(32 * 4 * 4, FEATURE_DIM)
+        self.fc2 = Linear(FEATURE_DIM, NUM_CLASSES)
         self.dropout = nn.Dropout(0.2)
 
     @staticmethod

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .linear import Linear
 from .norms import gated_residual, modulate
 from .transformer import Attention, Mlp
 
@@ -32,7 +33,7 @@ class AdaLNBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
         self.norm2 = layer_norm(hidden_size, affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor,
                 between: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -54,9 +55,9 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.modulated = modulated
         self.norm_final = layer_norm(hidden_size, affine=not modulated)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
         if modulated:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = self.norm_final(x)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` with per-sample [N, D] vectors broadcast over tokens.
@@ -47,7 +49,7 @@ class AdaRMSNorm(nn.Module):
     def __init__(self, features: int, cond_features: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.linear = nn.Linear(cond_features, features, bias=False)
+        self.linear = Linear(cond_features, features, bias=False)
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
-class LinearGEGLU(nn.Linear):
+class LinearGEGLU(Linear):
     """One Linear to 2*out features followed by GEGLU (rows [value; gate])."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..attention import attention
 from ..errors import ConfigError, ShapeError
+from .linear import Linear
 from .rope import apply_rotary
 
 
@@ -20,8 +21,8 @@ class Attention(nn.Module):
             raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 theta: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,9 +43,9 @@ class CrossAttention(nn.Module):
             raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(context_dim or dim, dim * 2, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def project_context(self, context: torch.Tensor) -> torch.Tensor:
         """Keys and values [B, L, 2D] of ``context`` [B, L, context_dim]: they depend on the context alone, so a
@@ -73,9 +74,9 @@ class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, act_layer: type[nn.Module] | None = None,
                  out_features: int | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer() if act_layer is not None else nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.fc2 = Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

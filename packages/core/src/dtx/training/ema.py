@@ -51,8 +51,7 @@ class EMA:
         floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
         if floats:
             es, ps = [e for e, _ in floats], [p.to(e.dtype) for e, p in floats]
-            torch._foreach_mul_(es, d)
-            torch._foreach_add_(es, ps, alpha=1.0 - d)
+            torch._foreach_lerp_(es, ps, 1.0 - d)  # one pass; equal to mul_(d).add_(p, 1 - d) up to rounding
         for eb, b in zip(self.model.buffers(), model.buffers()):
             eb.copy_(b)
         self.updates += 1
