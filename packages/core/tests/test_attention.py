@@ -75,7 +75,7 @@ def test_attention_matches_naive_softmax(monkeypatch, backend, mask_name):
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, mask), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
 def test_explicit_backend_and_custom_scale(backend):
     q, k, v = _qkv(3)
     out = A.attention(q, k, v, scale=0.3, backend=backend)
@@ -94,7 +94,39 @@ def test_padded_keys_do_not_influence_output():
                                    A.attention(q, k2, v2, key_pad, backend=backend), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def _ops(fn) -> set[str]:
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.function_events}
+
+
+def test_cpu_auto_runs_short_sequences_explicitly_and_long_ones_in_sdpa(monkeypatch):
+    monkeypatch.delenv("DTX_ATTENTION", raising=False)
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    side = int(A.CPU_EXPLICIT_MAX_LOGITS ** 0.5)
+    short = [torch.randn(1, 2, side, 8) for _ in range(3)]
+    long = [torch.randn(1, 2, side + 1, 8) for _ in range(3)]
+    assert flash not in _ops(lambda: A.attention(*short)) and "aten::softmax" in _ops(lambda: A.attention(*short))
+    assert flash in _ops(lambda: A.attention(*long))
+    assert flash in _ops(lambda: A.attention(*short, backend="sdpa"))
+
+
+def test_explicit_attention_bf16_values_and_gradients_match_float64():
+    """bf16 products (float32 accumulation) around a float32 softmax: within bf16 rounding of the exact result."""
+    q, k, v = (t.bfloat16().requires_grad_(True) for t in _qkv(6))
+    g = torch.randn(B, H, NQ, DV).bfloat16()
+    out = A.explicit_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    out.backward(g)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = naive_attention(q64, k64, v64)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=2e-2)
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
 def test_query_with_every_key_masked_gets_zeros(backend):
     q, k, v = _qkv(5)
     mask = torch.ones(B, 1, NQ, NK, dtype=torch.bool)
