@@ -100,12 +100,13 @@ def _ops(fn) -> set[str]:
     return {e.name for e in prof.function_events}
 
 
-def test_cpu_auto_runs_short_sequences_explicitly_and_long_ones_in_sdpa(monkeypatch):
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "float32"), (torch.bfloat16, "reduced")])
+def test_cpu_auto_runs_short_sequences_explicitly_and_long_ones_in_sdpa(monkeypatch, dtype, kind):
     monkeypatch.delenv("DTX_ATTENTION", raising=False)
     flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
-    side = int(A.CPU_EXPLICIT_MAX_LOGITS ** 0.5)
-    short = [torch.randn(1, 2, side, 8) for _ in range(3)]
-    long = [torch.randn(1, 2, side + 1, 8) for _ in range(3)]
+    side = int(A.CPU_EXPLICIT_MAX_LOGITS[kind] ** 0.5)
+    short = [torch.randn(1, 2, side, 8, dtype=dtype) for _ in range(3)]
+    long = [torch.randn(1, 2, side + 1, 8, dtype=dtype) for _ in range(3)]
     assert flash not in _ops(lambda: A.attention(*short)) and "aten::softmax" in _ops(lambda: A.attention(*short))
     assert flash in _ops(lambda: A.attention(*long))
     assert flash in _ops(lambda: A.attention(*short, backend="sdpa"))

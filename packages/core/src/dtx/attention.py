@@ -23,10 +23,11 @@ NA_BACKENDS = ("auto", "natten", "torch", "masked")
 #: k x k windows, and exact) while its B x heads x n^2 logits stay within this many elements (512 MiB in fp32);
 #: beyond that it gathers windows, whose memory grows with n k^2 instead of n^2
 MASKED_MAX_LOGITS = 2 ** 27
-#: on CPU, "auto" runs attention whose logits per head hold at most this many elements (256 x 256 tokens) as
-#: :func:`explicit_attention`: PyTorch's CPU flash kernel suits long sequences, but on short ones forward + backward
-#: is 1.1-5x slower (bf16 backward most: 48 against 9 ms for 768 heads of 64 tokens); from 1024 tokens it is 2x faster
-CPU_EXPLICIT_MAX_LOGITS = 256 * 256
+#: on CPU, "auto" runs attention whose logits per head hold at most this many elements as
+#: :func:`explicit_attention`: PyTorch's CPU flash kernel suits long sequences, but on short ones its forward + backward
+#: is slower, most in bf16 (48 against 9 ms for 768 heads of 64 tokens; 17 against 8 ms for 48 heads of 256 tokens),
+#: less in float32 (36 against 31 ms at 128 tokens, even at 256); from 1024 tokens it is 2x faster than explicit
+CPU_EXPLICIT_MAX_LOGITS = {"float32": 128 * 128, "reduced": 256 * 256}
 
 
 @lru_cache(maxsize=None)
@@ -96,6 +97,11 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return (weights @ v.to(dtype)).to(q.dtype)
 
 
+def _cpu_explicit(q: torch.Tensor, k: torch.Tensor) -> bool:
+    limit = CPU_EXPLICIT_MAX_LOGITS["reduced" if q.dtype in (torch.bfloat16, torch.float16) else "float32"]
+    return q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= limit
+
+
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                        scale: float | None = None) -> torch.Tensor:
     """Softmax attention as two batched products around a float32 softmax, the products in the inputs' dtype (what
@@ -124,7 +130,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     backend = attention_backend(backend)
     if backend == "math":
         return math_attention(q, k, v, mask, scale)
-    if backend == "auto" and q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= CPU_EXPLICIT_MAX_LOGITS:
+    if backend == "auto" and _cpu_explicit(q, k):
         return explicit_attention(q, k, v, mask, scale)
     flash_ok = (mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                 and q.shape[-1] <= 256 and q.shape[-1] == v.shape[-1])
