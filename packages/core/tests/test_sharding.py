@@ -99,6 +99,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         assert nonfinite_parameters(ema) == ["blocks.1.0.weight"]
         if rank == 0:
             torch.save({"model": trained, "optimizer": moments}, out)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an intermittent SIGABRT)
     finally:
         dist.destroy_process_group()
 
