@@ -87,14 +87,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                    scale: float | None = None) -> torch.Tensor:
     """Reference softmax attention on [B, H, N, D] tensors, computed in at least float32."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
-    if mask is not None:
-        logits = logits + _mask_to_additive(mask, dtype)
-    weights = logits.softmax(-1)
-    if mask is not None:  # a query with every key masked gets zeros (as SDPA), not NaN
-        weights = weights.masked_fill(logits.amax(-1, keepdim=True) == float("-inf"), 0.0)
-    return (weights @ v.to(dtype)).to(q.dtype)
+    return explicit_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale).to(q.dtype)
 
 
 def _cpu_explicit(q: torch.Tensor, k: torch.Tensor) -> bool:
