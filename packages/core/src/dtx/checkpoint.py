@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_write_text, fsync_dir, fsync_file
+from .io import atomic_write_text, fsync_dir, fsync_file, set_default_mode
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +431,7 @@ class CheckpointManager:
                 save_file(rest_tensors, str(tmp / STATE_TENSORS), metadata={"format": "dtx-checkpoint"})
                 files = sorted(set(files) | {STATE_TENSORS})
             for fname in files:
+                set_default_mode(tmp / fname)  # save_file writes 0600; every checkpoint file follows the umask
                 fsync_file(tmp / fname)
             manifest = {"format": "dtx-checkpoint", "version": FORMAT_VERSION, "step": step,
                         "created": time.time(), "order": list(state), "tensors": entries,

@@ -31,6 +31,27 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def umask() -> int:
+    """This process's file-creation mask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give a written file the mode ``open()`` gives new files (0o666 less the umask): some writers create private
+    temporaries (safetensors' ``save_file`` makes 0600 files), which would leave weights unreadable to the group
+    while ``config.yaml`` beside them is not."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """A hidden, unique sibling of ``path`` (same folder, so the final rename is atomic); keeps the suffix so
     writers that choose a format by extension (PIL, imageio, numpy) still do."""
@@ -40,12 +61,14 @@ def temp_path(path: str | os.PathLike) -> Path:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, fsync it, rename it over ``path`` and fsync the
-    folder. The parent folder is created; on any error the temporary file is removed and ``path`` is untouched."""
+    folder. The file gets the umask's default mode whatever mode ``write`` created it with; the parent folder is
+    created; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         write(tmp)
+        set_default_mode(tmp)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,85 @@
+"""Issue 30, points 4-7 (core): numbers printed with their conditions, honest video metrics, one name per loss, the
+diffusers refusal that says what to do, `dtx models` headers, `dtx recipes`, install hints for first-party names,
+bench memory that counts tensors, written files that follow the umask, and sample grids at a viewable size."""
+
+from __future__ import annotations
+
+import os
+import stat
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from dtx import plugins
+from dtx.cli import main
+from dtx.hookspecs import hookimpl
+
+
+class TinyImageModel(nn.Module):
+    """A timestep- and class-conditioned 1x8x8 denoiser small enough for a few training steps in a test."""
+
+    def __init__(self, input_size: int = 8, in_channels: int = 1, num_classes: int = 10, hidden: int = 32) -> None:
+        super().__init__()
+        d = in_channels * input_size * input_size
+        self.in_channels = self.out_channels = in_channels
+        self.learn_sigma, self.null_class = False, num_classes
+        self.inp, self.out = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.t_proj = nn.Linear(1, hidden)
+        self.y_embed = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])[:, None] / 1000
+        h = self.inp(x.flatten(1)) + self.t_proj(t)
+        if y is not None:
+            h = h + self.y_embed(y)
+        return self.out(torch.relu(h)).view_as(x)
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """The plugin host with every installed plugin plus ``tiny-image`` (family ``test``)."""
+    for name in ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
+    plugins.reset()
+    plugin = types.SimpleNamespace(dtx_register_models=hookimpl(
+        lambda register: register("tiny-image", TinyImageModel, family="test", description="test denoiser")))
+    plugins.register_plugin(plugin, "tiny-first-hour")
+    yield
+    plugins.reset()
+
+
+def tiny_recipe(path, **extra) -> str:
+    """A digits recipe for ``tiny-image``: a handful of DDPM steps, a checkpoint at the end."""
+    import yaml
+
+    recipe = {"model": {"name": "tiny-image", "options": {}},
+              "data": {"name": "digits", "batch_size": 16, "options": {"image_size": 8}},
+              "objective": {"kind": "gaussian", "diffusion_steps": 100},
+              "sample": {"sampler": "ddim", "steps": 3, "n_per_class": 1, "cfg": 1.0},
+              "max_steps": 4, "log_every": 2, "ckpt_every": 4, **extra}
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+# -- 7: written files follow the umask -----------------------------------------------------------------------------
+
+def test_weights_and_configs_get_the_same_mode_from_the_umask(tmp_path, tiny_models):
+    """safetensors' save_file creates 0600 files; every file dtx writes gets 0666 less the umask, like config.yaml."""
+    from dtx.checkpoint import CheckpointManager
+    from dtx.models import create_model, save_model
+
+    old = os.umask(0o022)
+    try:
+        model = create_model("tiny-image")
+        folder = save_model(model, tmp_path / "model")
+        step = CheckpointManager(tmp_path / "ckpt").save(1, {"model": model.state_dict(), "step": 1})
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+                 for p in [*folder.iterdir(), *step.iterdir()]}
+        assert modes and set(modes.values()) == {0o644}, modes
+        os.umask(0o077)
+        save_model(model, tmp_path / "private")
+        assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "private").iterdir()} == {0o600}
+    finally:
+        os.umask(old)
