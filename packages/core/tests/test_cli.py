@@ -131,7 +131,9 @@ def test_models_json_counts_parameters(capsys, tiny_plugin):
 def test_models_table(capsys, tiny_plugin):
     code, out, _ = run_cli(capsys, "models", "--family", "tiny-cfg")
     assert code == 0
-    assert out.split() == ["tiny-cfg", "0.00M", "tiny-cfg", "tiny", "the", "same,", "options", "from", "a", "dataclass"]
+    header, row = out.splitlines()
+    assert header.split() == ["model", "params", "family", "plugin", "description"]
+    assert row.split() == ["tiny-cfg", "0.00M", "tiny-cfg", "tiny", "the", "same,", "options", "from", "a", "dataclass"]
 
 
 def test_models_with_no_models_registered(capsys, fresh_host, monkeypatch):

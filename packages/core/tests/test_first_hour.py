@@ -83,3 +83,59 @@ def test_weights_and_configs_get_the_same_mode_from_the_umask(tmp_path, tiny_mod
         assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "private").iterdir()} == {0o600}
     finally:
         os.umask(old)
+
+
+# -- 7: listings with headers, recipes, install hints --------------------------------------------------------------
+
+def test_models_listing_has_column_headers(tiny_models, capsys):
+    assert main(["models", "--family", "test"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split() == ["model", "params", "family", "plugin", "description"]
+    assert row.split()[:1] == ["tiny-image"] and "test" in row.split()
+
+
+def test_recipes_lists_every_recipe_with_family_data_steps_and_time_cap(tiny_models, tmp_path, capsys):
+    plugin = types.SimpleNamespace(dtx_register_recipes=hookimpl(lambda register: register(
+        "tiny-recipe", tiny_recipe(tmp_path / "r.yaml", max_minutes=7.5), description="a test recipe")))
+    plugins.register_plugin(plugin, "tiny-recipes")
+    assert main(["recipes", "--json"]) == 0
+    import json
+
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(plugins.host().table("recipe"))
+    assert rows["tiny-recipe"] == {"name": "tiny-recipe", "plugin": "tiny-recipes", "description": "a test recipe",
+                                   "model": "tiny-image", "family": "test", "data": "digits", "batch_size": 16,
+                                   "max_steps": 4, "max_minutes": 7.5}
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["recipe", "family", "model", "data", "batch", "max_steps", "max_minutes", "plugin"]
+    assert next(line for line in lines if line.startswith("tiny-recipe")).split() == \
+        ["tiny-recipe", "test", "tiny-image", "digits", "16", "4", "7.5", "tiny-recipes"]
+
+
+@pytest.mark.parametrize("argv, name", [(["train", "dit-digits"], "recipe 'dit-digits'"),
+                                        (["flops", "DiT-XL/2"], "model 'DiT-XL/2'"),
+                                        (["train", "Dit-Digits"], "recipe 'Dit-Digits'")])
+def test_a_first_party_name_without_its_package_names_the_install(argv, name, monkeypatch, tmp_path, capsys):
+    """Core knows which first-party distribution registers a name: the error says what to pip install."""
+    import importlib.metadata as md
+
+    real = md.version
+
+    def version(dist: str) -> str:
+        if dist == "dtx-backbone-dit":
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(plugins.md, "version", version)
+    monkeypatch.setenv("DTX_DISABLE_PLUGINS", "dit")
+    plugins.reset()
+    try:
+        monkeypatch.chdir(tmp_path)
+        assert main(argv) == 2
+    finally:
+        plugins.reset()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dtx: error: unknown {name}")
+    assert "it comes with dtx-backbone-dit: pip install dtx-backbone-dit" in err
+    assert list(tmp_path.iterdir()) == []

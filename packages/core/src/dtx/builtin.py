@@ -13,13 +13,15 @@ DTX_HOOK_API = "1.1"  # the hook API these registrations are written for (dtx.ho
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
     from . import cli
-    from .commands import bench, convert, flops, plugins, sample, train
+    from .commands import bench, convert, flops, plugins, recipes, sample, train
     from .data import extract
     from .evaluation import report
 
     register("plugins", plugins.configure, run=plugins.run,
              help="list installed plugins, their hook API, what they register, and what is wrong with them")
     register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
+    register("recipes", recipes.configure, run=recipes.run,
+             help="list registered training recipes: model family, data, max_steps and time cap (max_minutes)")
     register("train", train.configure, run=train.run,
              help="train a model from a recipe name or YAML config (resumes when --out holds a checkpoint)")
     register("sample", sample.configure, run=sample.run,

@@ -43,6 +43,8 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("no models registered; install a backbone, e.g. pip install dtx-backbone-dit")
+    else:
+        print(f"{'model':<20} {'params':>10}  {'family':<8} {'plugin':<8} description")
     for r in rows:
         p = f"{r['params'] / 1e6:9.2f}M" if r["params"] is not None else "        -"
         print(f"{r['name']:<20} {p}  {r['family']:<8} {r['plugin']:<8} {r['description']}")

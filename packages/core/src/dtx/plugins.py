@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata as md
+import logging
 import os
 import threading
 import traceback
@@ -50,6 +51,7 @@ def lazy_exports(package: str, exports: dict[str, tuple[str, str]]) -> Callable[
 
 GROUP = "dtx"
 BUILTIN = "core"
+log = logging.getLogger(__name__)
 
 #: registry kind -> hook name
 KINDS: dict[str, str] = {
@@ -111,6 +113,42 @@ def _split_env(var: str) -> set[str] | None:
     if raw is None:
         return None
     return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+def _presets(family: str, sizes: str, patches: str) -> tuple[str, ...]:
+    return (family, *(f"{family}-{s}/{p}" for s in sizes.split() for p in patches))
+
+
+#: what the first-party distributions register, by kind, so that a name one of them would provide is answered with
+#: the package to install (``dtx train dit-digits`` with only dtx-core); tests/test_first_hour_families.py checks
+#: it against their registrations
+FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
+    "dtx-backbone-dit": {"model": _presets("DiT", "S B L XL", "248"), "recipe": ("dit-digits",)},
+    "dtx-backbone-hdit": {"model": ("HDiT", "HDiT-FFHQ1024", "HDiT-Flowers256", "HDiT-ImageNet128",
+                                    "HDiT-ImageNet256"), "recipe": ("hdit-digits",)},
+    "dtx-backbone-latte": {"model": _presets("Latte", "S B L XL", "248"), "recipe": ("latte-moving-digits",),
+                           "dataset": ("moving-digits",), "conditioner": ("image-labels",)},
+    "dtx-ext-gentron": {"model": ("GenTron", "GenTron-S/2", "GenTron-B/2", "GenTron-XL/2", "GenTron-G/2", "PixArt",
+                                  "PixArt-XL/2", "Latte-1"),
+                        "recipe": ("gentron-digits", "gentron-moving-digits"),
+                        "dataset": ("captioned-digits", "captioned-moving-digits", "text-embeddings"),
+                        "conditioner": ("motion", "text", "text-embeddings")},
+    "dtx-runner-ray": {"runner": ("ray",)},
+}
+
+
+def install_hint(kind: str, name: str) -> str:
+    """``it comes with DIST: pip install DIST`` when a first-party distribution registers ``name`` (any case) as a
+    ``kind``, else empty: the fix for an unknown name that is only missing its package."""
+    bare = name.rpartition(":")[2].lower()
+    for dist, kinds in FIRST_PARTY.items():
+        if bare in (n.lower() for n in kinds.get(kind, ())):
+            try:
+                md.version(dist)
+            except md.PackageNotFoundError:
+                return f"it comes with {dist}: pip install {dist}"
+            return f"it comes with {dist}, which is installed but not loaded: see `dtx plugins`"
+    return ""
 
 
 def plural(kind: str) -> str:
@@ -250,6 +288,17 @@ class PluginHost:
                                     f"{rec.hook_api or '1.0 (no ' + attr + ')'}: write {attr} = {version!r} in "
                                     f"{rec.module}")
 
+    def warn(self, plugin: str, message: str) -> None:
+        """A contribution of ``plugin`` refused at use time (a sample flag taking a core option's name, a format's
+        ``detect`` that raises): logged once and kept on its record, so ``dtx plugins`` shows it against the
+        plugin; everything else keeps working."""
+        rec = self.records.get(plugin)
+        if rec is not None:
+            if message in rec.warnings:
+                return
+            rec.warnings.append(message)
+        log.warning("plugin %r: %s", plugin, message)
+
     def register_plugin(self, module: Any, name: str) -> None:
         """Register a plugin object at run time (tests, notebooks) and add what it contributes.
 
@@ -374,7 +423,8 @@ class PluginHost:
         providers = sorted({e.plugin for e in table.values()})
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         broken = [r.name for r in self.records.values() if r.error]
-        msg = (f"unknown {kind.replace('_', ' ')} {name!r}{hint} "
+        missing = install_hint(kind, name)
+        msg = (f"unknown {kind.replace('_', ' ')} {name!r}{f' ({missing})' if missing else ''}{hint} "
                f"(installed plugins providing {plural(kind)}: {', '.join(providers) or 'none'}")
         if broken:
             msg += f"; plugins that failed to load: {', '.join(broken)} -- see `dtx plugins`"
