@@ -80,7 +80,8 @@ def _op_names(fn) -> list[str]:
 def test_cpu_float32_products_run_in_onednn_and_aten_backend_keeps_pytorch_dispatch():
     layer = Linear(32, 48)
     x = torch.randn(10, 32, requires_grad=True)
-    names = _op_names(lambda: layer(x).sum().backward())
+    with use_linear_backend("onednn"):
+        names = _op_names(lambda: layer(x).sum().backward())
     assert names.count("mkldnn::_linear_pointwise") == 3  # forward, input grad, weight grad
     assert not {"aten::addmm", "aten::mm"} & set(names)
     with use_linear_backend("aten"):
@@ -89,6 +90,20 @@ def test_cpu_float32_products_run_in_onednn_and_aten_backend_keeps_pytorch_dispa
         y = layer(x)
     assert "mkldnn::_linear_pointwise" not in names
     assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+@pytest.mark.parametrize("onednn_wins", [True, False])
+def test_auto_takes_onednn_only_where_the_processor_favours_it(monkeypatch, onednn_wins):
+    """auto follows the CPU's flags (non-Intel x86 with AVX-512: oneDNN; Intel: PyTorch's MKL dispatch)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("dtx.layers.linear"), "_AUTO_ONEDNN", onednn_wins)
+    layer, x = Linear(16, 8), torch.randn(4, 16, requires_grad=True)
+    with use_linear_backend("auto"):
+        names = _op_names(lambda: layer(x).sum().backward())
+    assert ("mkldnn::_linear_pointwise" in names) == onednn_wins
+    assert bool({"aten::addmm", "aten::mm"} & set(names)) != onednn_wins
 
 
 def test_autocast_and_other_dtypes_take_f_linear():

@@ -1,15 +1,16 @@
-"""Linear layers whose CPU float32 matrix products run on oneDNN.
+"""Linear layers whose CPU float32 matrix products can run on oneDNN.
 
-PyTorch sends CPU float32 ``linear`` to the BLAS it was built with (MKL in the official wheels), whose sgemm on AMD
-processors keeps to AVX2 kernels; oneDNN, also inside every official wheel, uses AVX-512 wherever the processor has it.
-On a 2-core AMD EPYC (Zen 5) the same float32 product runs about 2.2x faster in oneDNN (4.7 ms against 10.2 ms for
-2048 x 384 @ 384 x 1536) and agrees with float64 to 1e-6 relative: same precision, different kernel.
+PyTorch sends CPU float32 ``linear`` to the BLAS it was built with (MKL in the official wheels), whose sgemm on
+non-Intel processors keeps to AVX2 kernels; oneDNN, also inside every official wheel, uses AVX-512 wherever the
+processor has it, with the same float32 precision (different kernel). On Intel processors MKL is as fast or faster.
 :class:`Linear` is ``nn.Linear`` (same parameters, same state dict, same initialisation) whose forward and backward
-products go through oneDNN when the input is a plain CPU float32 tensor outside autocast; everything else (CUDA,
-bfloat16 or autocast, which PyTorch already sends to oneDNN, tensor subclasses such as DTensor) takes ``F.linear``.
+products go through oneDNN when chosen and the input is a plain CPU float32 tensor outside autocast; everything else
+(CUDA, bfloat16 or autocast, which PyTorch already sends to oneDNN, tensor subclasses such as DTensor) takes
+``F.linear``.
 
-``DTX_LINEAR=auto|onednn|aten`` chooses: ``aten`` always takes ``F.linear`` (PyTorch's own dispatch); ``auto`` and
-``onednn`` are the same today (oneDNN for plain CPU float32 where PyTorch was built with it).
+``DTX_LINEAR=auto|onednn|aten`` chooses: ``aten`` always takes ``F.linear`` (PyTorch's own dispatch); ``onednn``
+takes oneDNN where PyTorch was built with it; ``auto`` takes oneDNN only on the processors where it beats the BLAS
+(``dtx.cpu.CpuInfo.onednn_linear``: non-Intel x86 with AVX-512).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import cpu_info
 from ..errors import ConfigError
 
 BACKENDS = ("auto", "onednn", "aten")
@@ -37,6 +39,7 @@ def _probe_onednn() -> bool:
 
 
 _ONEDNN = _probe_onednn()  # probed once: torch.compile does not trace torch.backends
+_AUTO_ONEDNN = cpu_info().onednn_linear  # what "auto" takes on this processor
 
 
 def onednn_available() -> bool:
@@ -116,8 +119,8 @@ def _plain(t: torch.Tensor | None) -> bool:
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
             and (bias is None or bias.dtype == torch.float32) and not torch.is_autocast_enabled("cpu")
-            and _plain(x) and _plain(weight) and _plain(bias) and linear_backend() != "aten"
-            and _ONEDNN)
+            and _plain(x) and _plain(weight) and _plain(bias) and _ONEDNN
+            and (linear_backend() == "onednn" or (linear_backend() == "auto" and _AUTO_ONEDNN)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
