@@ -43,3 +43,15 @@ def test_recipes_lists_every_shipped_recipe(host, capsys):
         assert row["family"] == family and row["plugin"] == family and "error" not in row
         assert row["data"] and row["max_steps"] >= 1
     assert rows["latte-moving-digits"]["max_minutes"] > 0 and rows["dit-digits"]["max_minutes"] is None
+
+
+def test_bench_memory_of_a_dit_s2_forward_matches_a_hand_estimate(host, capsys):
+    """`dtx bench` on CPU reports the tensors' peak: DiT-S/2's no-grad forward at batch 8 holds at most one block's
+    working set, the residual stream, its modulated norm and the MLP's hidden layer before and after the GELU:
+    B * T * (2 D + 2 * 4 D) floats, with T = (32 / 2)^2 tokens and D = 384."""
+    assert main(["bench", "DiT-S/2", "--batch", "8", "--mode", "forward", "--warmup", "1", "--repeats", "1",
+                 "--device", "cpu", "--compile", "off", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    b, t, d = 8, (32 // 2) ** 2, 384
+    estimate = b * t * (2 * d + 2 * 4 * d) * 4 / 2 ** 20  # 30 MiB
+    assert estimate / 2 <= row["peak_mem_mb"] <= 2 * estimate, (row["peak_mem_mb"], estimate)

@@ -1,13 +1,17 @@
 """Measuring helpers shared by ``dtx bench`` and the benchmark scripts: median wall and CPU time of a callable,
-callables timed side by side (interleaved rounds and their per-round ratio), peak memory on CPU and CUDA."""
+callables timed side by side (interleaved rounds and their per-round ratio), peak tensor memory on CPU and CUDA,
+activation memory."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -98,9 +102,57 @@ def round_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+#: what torch's allocator prints when a tensor made before profiling is freed during it (its size is unknown to the
+#: profiler, so that free is not counted): expected here, not news to the user
+_UNKNOWN_BLOCK = "Memory block of unknown size was allocated before the profiling started"
+
+
+@contextlib.contextmanager
+def _without_stderr_lines(marker: str) -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 inside the block, then pass on every line without
+    ``marker`` (torch's C++ warnings bypass Python's ``warnings``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if marker not in line))
+
+
+def tensor_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak, in MiB, of the CPU memory held by the tensors that one call of ``fn`` allocates: the running sum of
+    the allocations and frees that torch's profiler records (frees of tensors made before the call, such as the
+    gradients a training step drops, are not seen). The process's resident set cannot show it: freed activations
+    stay in the C heap and are reused, so a warmed-up call grows it by a few MiB whatever it allocates."""
+    from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler_legacy, _enable_profiler_legacy
+
+    config = ProfilerConfig(ProfilerState.CPU, False, True, False, False, False,  # profile_memory on, nothing else
+                            torch._C._profiler._ExperimentalConfig())
+    with _without_stderr_lines(_UNKNOWN_BLOCK):
+        _enable_profiler_legacy(config)
+        try:
+            fn()
+        finally:
+            records = _disable_profiler_legacy()
+    events = sorted((e.start_us(), e.cpu_memory_usage()) for thread in records for e in thread
+                    if e.kind() == "memory_alloc")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2 ** 20
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
-    """Peak memory growth of one call of ``fn`` in MiB: CUDA's allocator peak above what was allocated before,
-    else the growth of the process's peak resident set (Linux; 0 where the peak cannot be reset)."""
+    """Peak memory of one call of ``fn`` in MiB: CUDA's allocator peak above what was allocated before; on CPU the
+    peak of the tensors the call allocates (``tensor_peak_mb``)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,9 +161,7 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    base = reset_rss_peak()
-    fn()
-    return max(rss_peak_mb() - base, 0.0)
+    return tensor_peak_mb(fn)
 
 
 def saved_activations_mb(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> float:
