@@ -158,3 +158,43 @@ def test_cpu_peak_memory_counts_the_tensors_a_warm_call_holds_at_once():
 
     call()
     assert 24 <= peak_memory_mb(call, "cpu") <= 24.01
+
+
+# -- 7: sample grids at a viewable size ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_run(tiny_models, tmp_path):
+    """A 4-step run of ``tiny-image`` on the 8x8 digits (local runner), with its checkpoint and sample grid."""
+    out = tmp_path / "run"
+    assert main(["train", tiny_recipe(tmp_path / "recipe.yaml"), "--runner", "local", "--out", str(out)]) == 0
+    return out
+
+
+def png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_sample_grids_enlarge_small_samples_to_a_viewable_size_by_default(tiny_run, tmp_path, capsys):
+    """8x8 digits become 64 px tiles (factor 8, nearest) in `dtx sample`'s grid and in training's; 32x32 clip frames
+    become 64 px; ``--scale`` picks the factor (1: actual size) and a bad one is refused before sampling."""
+    from dtx.writers import save_frame_grid
+
+    def grid(*extra: str) -> tuple[int, int]:
+        out = tmp_path / f"grid{len(extra)}{''.join(extra)}.png"
+        assert main(["sample", str(tiny_run), "--classes", "0,1,2", "--n-per-class", "2", "--steps", "2",
+                     "--out", str(out), *extra]) == 0
+        return png_size(out)
+
+    assert grid() == (2 * 65 + 1, 3 * 65 + 1)  # 2 samples a row, one row per class, 1 px gaps
+    assert grid("--scale", "1") == (2 * 9 + 1, 3 * 9 + 1)
+    assert grid("--scale", "3") == (2 * 25 + 1, 3 * 25 + 1)
+    assert [png_size(p)[0] % 65 for p in (tiny_run / "samples").glob("*.png")] == [1]
+    clips = torch.zeros(2, 8, 1, 32, 32)
+    assert png_size(save_frame_grid(clips, tmp_path / "clips.png")) == (8 * 65 + 1, 2 * 65 + 1)
+    capsys.readouterr()
+    assert main(["sample", str(tiny_run), "--scale", "0", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "--scale must be an integer in 1..64, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()

@@ -61,7 +61,7 @@ def test_to_uint8_moves_channels_last_for_images_and_videos():
 
 def test_grid_2x2_of_8x8_grayscale_matches_hand_built_png(tmp_path):
     u = pattern(4, 1, 8, 8)
-    path = save_grid(unit(u), tmp_path / "grid.png", nrow=2)
+    path = save_grid(unit(u), tmp_path / "grid.png", nrow=2, scale=4)
     img = Image.open(path)
     assert path == tmp_path / "grid.png" and img.mode == "L"
     expected = np.zeros((2 * 33 + 1, 2 * 33 + 1), dtype=np.uint8)  # tiles 8 * 4 = 32 px, 1-px black gaps and border
@@ -73,8 +73,8 @@ def test_grid_2x2_of_8x8_grayscale_matches_hand_built_png(tmp_path):
 
 
 def test_grid_rgb_non_square_and_partial_last_row(tmp_path):
-    u = pattern(3, 3, 8, 16)  # long side 16 -> zoom 2 -> 16 x 32 tiles; 3 images at 2 a row -> 2 rows, one empty slot
-    img = Image.open(save_grid(unit(u), tmp_path / "g.png", nrow=2))
+    u = pattern(3, 3, 8, 16)  # zoom 2 -> 16 x 32 tiles; 3 images at 2 a row -> 2 rows, one empty slot
+    img = Image.open(save_grid(unit(u), tmp_path / "g.png", nrow=2, scale=2))
     assert img.mode == "RGB"
     expected = np.zeros((2 * 17 + 1, 2 * 33 + 1, 3), dtype=np.uint8)
     for i in range(3):
@@ -84,15 +84,15 @@ def test_grid_rgb_non_square_and_partial_last_row(tmp_path):
 
 
 def test_grid_large_images_are_not_enlarged_and_channels_last_input(tmp_path):
-    u = pattern(1, 40, 40, 1)
+    u = pattern(1, 64, 64, 1)
     img = np.array(Image.open(save_grid(unit(u), tmp_path / "g.png", nrow=8, channel_dim=-1)))
-    assert img.shape == (42, 42) and np.array_equal(img[1:41, 1:41], u[0, :, :, 0])
+    assert img.shape == (66, 66) and np.array_equal(img[1:65, 1:65], u[0, :, :, 0])
     assert img[0].max() == 0 and img[:, -1].max() == 0
 
 
 def test_frame_grid_rows_are_videos_and_columns_frames(tmp_path):
     v = pattern(2, 3, 1, 8, 8)  # N=2 videos of F=3 frames
-    img = np.array(Image.open(save_frame_grid(unit(v), tmp_path / "frames.png")))
+    img = np.array(Image.open(save_frame_grid(unit(v), tmp_path / "frames.png", scale=4)))
     assert img.shape == (2 * 33 + 1, 3 * 33 + 1)
     for n in range(2):
         for f in range(3):
@@ -275,7 +275,7 @@ def test_bad_shapes_raise_one_line_shape_error(tmp_path, call, fragment):
 
 def test_non_finite_samples_are_written_clamped(tmp_path):
     x = torch.tensor([float("nan"), float("inf"), float("-inf"), 5.0]).view(1, 1, 2, 2)
-    img = np.array(Image.open(save_grid(x, tmp_path / "nan.png", 1)))
+    img = np.array(Image.open(save_grid(x, tmp_path / "nan.png", 1, scale=16)))
     assert img[1:33, 1:33].tolist() == np.kron([[128, 255], [0, 255]], np.ones((16, 16), dtype=int)).tolist()
 
 

@@ -3,7 +3,8 @@ archives, GIF and MP4 videos, and frame grids.
 
 Quantisation follows ADM/DiT exactly: ``clamp(127.5 x + 128, 0, 255)`` truncated to uint8, so -1 -> 0, 0 -> 128 and
 1 -> 255; NaN counts as 0 (mid grey) and +-inf as +-1, so a diverged sample is still written rather than refused.
-Small images are enlarged with nearest-neighbour (no smoothing) so 8x8 digits stay visible. Every file is written
+Small images are enlarged with nearest-neighbour by an integer factor (no smoothing): grid tiles to at least 64 px
+unless a scale is given, so 8x8 digits are visible at a glance. Every file is written
 atomically (:func:`dtx.io.atomic_write`): it appears whole under its name or not at all.
 """
 
@@ -20,11 +21,11 @@ from .errors import ConfigError, ShapeError
 from .io import atomic_write
 
 __all__ = [
-    "GRID_TILE_MIN", "VIDEO_SIDE_MIN", "MACRO_BLOCK", "quantize", "to_uint8", "save_grid", "save_npz", "save_gif",
-    "save_mp4", "save_frame_grid", "save_videos",
+    "GRID_TILE_MIN", "VIDEO_SIDE_MIN", "MACRO_BLOCK", "quantize", "to_uint8", "grid_scale", "save_grid", "save_npz",
+    "save_gif", "save_mp4", "save_frame_grid", "save_videos",
 ]
 
-GRID_TILE_MIN = 32  # PNG grid tiles are enlarged (nearest) to at least this many pixels on their long side
+GRID_TILE_MIN = 64  # PNG grid tiles are enlarged (nearest, integer factor) to at least this many px on their long side
 VIDEO_SIDE_MIN = 64  # GIF frames (long side) and MP4 frames (both sides) are enlarged to at least this
 MACRO_BLOCK = 16  # H.264 codes 16x16 macro blocks: MP4 frame sides are rounded up to a multiple of this
 VIDEO_FORMATS = ("gif", "mp4")
@@ -110,25 +111,40 @@ def _pil_image(arr: np.ndarray) -> Any:
     return Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
 
 
-def _write_png_grid(tiles: np.ndarray, path: str | Path, per_row: int) -> Path:
-    """Enlarge uint8 tiles [N, h, w, c] to GRID_TILE_MIN, tile them and write the grid atomically."""
-    image = _pil_image(_tile(_zoom_long_side(tiles, GRID_TILE_MIN), per_row))
+def grid_scale(scale: int | None, height: int, width: int) -> int:
+    """The integer factor a grid tile of ``height`` x ``width`` is enlarged by: ``scale`` when given (1 keeps the
+    samples' own size), else the smallest that makes the long side at least GRID_TILE_MIN."""
+    if scale is None:
+        return max(1, math.ceil(GRID_TILE_MIN / max(height, width)))
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 64:
+        raise ConfigError(f"grid scale must be an integer in 1..64, got {scale!r}")
+    return scale
+
+
+def _write_png_grid(tiles: np.ndarray, path: str | Path, per_row: int, scale: int | None) -> Path:
+    """Enlarge uint8 tiles [N, h, w, c] by ``grid_scale``, tile them and write the grid atomically."""
+    h, w = tiles.shape[-3:-1]
+    k = grid_scale(scale, h, w)
+    image = _pil_image(_tile(_resize_nearest(tiles, h * k, w * k), per_row))
     fmt = "PNG" if Path(path).suffix.lower() in ("", ".png") else None  # another suffix (.jpg) picks its format
     return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, channel_dim: int = 1) -> Path:
-    """PNG grid of ``images`` ([N, C, H, W] in [-1, 1], C = 1 or 3), ``nrow`` to a row, for a person to look at."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, channel_dim: int = 1,
+              scale: int | None = None) -> Path:
+    """PNG grid of ``images`` ([N, C, H, W] in [-1, 1], C = 1 or 3), ``nrow`` to a row, for a person to look at;
+    each image enlarged by ``scale`` (default: to at least GRID_TILE_MIN px, see ``grid_scale``)."""
     images = _checked(images, "images", ("N", "H", "W"), channel_dim)
-    return _write_png_grid(to_uint8(images, channel_dim), path, nrow)
+    return _write_png_grid(to_uint8(images, channel_dim), path, nrow, scale)
 
 
-def save_frame_grid(videos: torch.Tensor, path: str | Path, channel_dim: int = 2) -> Path:
-    """PNG with one row per video ([N, F, C, H, W] in [-1, 1]) and one column per frame, to see motion at a glance."""
+def save_frame_grid(videos: torch.Tensor, path: str | Path, channel_dim: int = 2, scale: int | None = None) -> Path:
+    """PNG with one row per video ([N, F, C, H, W] in [-1, 1]) and one column per frame, to see motion at a glance;
+    frames enlarged as in ``save_grid``."""
     videos = _checked(videos, "videos", ("N", "F", "H", "W"), channel_dim)
     arr = to_uint8(videos, channel_dim)
     n, f = arr.shape[:2]
-    return _write_png_grid(arr.reshape(n * f, *arr.shape[2:]), path, f)
+    return _write_png_grid(arr.reshape(n * f, *arr.shape[2:]), path, f, scale)
 
 
 def _labels_array(labels: Any, n: int) -> np.ndarray:

@@ -81,6 +81,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="samples per model batch")
     p.add_argument("--vae", help="local AutoencoderKL folder to decode latents (default: the run's data.vae)")
     p.add_argument("--fps", type=float, help="frames per second of GIF/MP4 videos (default: the run's sample.fps)")
+    p.add_argument("--scale", type=int, help="enlarge each sample in the PNG grid by this integer factor, nearest "
+                                            "neighbour (default: to at least 64 px; 1: actual size)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
 
@@ -98,6 +100,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise ConfigError(f"--fps must be a positive number, got {args.fps}")
+    if args.scale is not None and not 1 <= args.scale <= 64:
+        raise ConfigError(f"--scale must be an integer in 1..64, got {args.scale}")
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
 
@@ -172,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
                        guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
                        guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
                        progress=args.progress, sampler_options=_sampler_options(args, s), guidance_scales=scales)
-    written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps)
+    written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps,
+                            scale=args.scale)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
     return 0

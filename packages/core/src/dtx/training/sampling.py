@@ -87,7 +87,7 @@ def _prompts(fields: Fields) -> list[str] | None:
     return [str(t) for t in text] if isinstance(text, list) else None
 
 
-def write_samples(samples: Samples, out: str | Path, fps: float = 8.0) -> dict[str, Any]:
+def write_samples(samples: Samples, out: str | Path, fps: float = 8.0, scale: int | None = None) -> dict[str, Any]:
     """Write samples beside ``out`` (a ``.png`` path): grid/frame grid PNG, ``.npz``, per-sample GIF/MP4 for videos
     in ``<stem>/``, ``<stem>.prompts.txt`` for text; returns the written paths."""
     from .. import writers
@@ -104,11 +104,11 @@ def write_samples(samples: Samples, out: str | Path, fps: float = 8.0) -> dict[s
     written["npz"] = str(writers.save_npz(x, out.with_suffix(".npz"), labels=labels,
                                           channel_dim=samples.channel_dim, extra=extra))
     if samples.channel_dim == 2:
-        written["grid"] = str(writers.save_frame_grid(x, out))
+        written["grid"] = str(writers.save_frame_grid(x, out, scale=scale))
         written["videos"] = [str(p) for p in writers.save_videos(x, out.parent / out.stem, fps=fps)]
     else:
         per_row = samples.per_subject if samples.per_subject < x.shape[0] else math.ceil(math.sqrt(x.shape[0]))
-        written["grid"] = str(writers.save_grid(x, out, nrow=per_row))
+        written["grid"] = str(writers.save_grid(x, out, nrow=per_row, scale=scale))
     if prompts:
         from ..io import atomic_write_text
 
