@@ -47,6 +47,7 @@ _TMP_PREFIX = ".tmp-"
 _MAX_STATE_JSON = 256 << 20  # bytes of state.json
 _MAX_NODES = 2_000_000  # containers and values visited while decoding the rest (shared references count each time)
 _MAX_DEPTH = 64
+MAX_STEP = 10**12  # no run takes more steps; a larger step in a folder name or state.json is crafted or damaged
 _TAG = "__dtx__"  # marks JSON objects that encode a tuple, a tensor, a non-finite float or a non-string-keyed dict
 
 
@@ -229,6 +230,8 @@ def _safe_name(name: Any) -> bool:
 
 def _manifest(path: Path) -> dict[str, Any]:
     """The checkpoint's manifest after every structural check and the size and sha256 of every listed file."""
+    if (path / MANIFEST).is_symlink():
+        raise _Damaged(f"{MANIFEST} is a symbolic link (a checkpoint's files are read only from its own folder)")
     try:
         if (path / MANIFEST).stat().st_size > _MAX_STATE_JSON:
             raise _Damaged("manifest.json is too large")
@@ -250,13 +253,12 @@ def _manifest(path: Path) -> dict[str, Any]:
             raise _Damaged(f"manifest.json names {name!r}, which is not a file of the checkpoint folder")
         if not isinstance(meta, dict) or type(meta.get("size")) is not int or not isinstance(meta.get("sha256"), str):
             raise _Damaged(f"manifest.json has no size and sha256 for {name}")
-    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
-    if unlisted:
-        raise _Damaged(f"{unlisted[0]} is not listed in manifest.json")
     entries, order = manifest.get("tensors"), manifest.get("order")
     if not isinstance(entries, dict) or not isinstance(order, list) or not all(isinstance(k, str) for k in order):
         raise _Damaged("manifest.json has no tensor table or key order")
     for key, entry in entries.items():
+        if isinstance(entry, dict) and _safe_name(entry.get("file")) and entry["file"] not in files:
+            raise _Damaged(f"{entry['file']} is not listed in manifest.json")
         if not (isinstance(entry, dict) and entry.get("file") in files and str(entry["file"]).endswith(".safetensors")
                 and isinstance(entry.get("keys"), list) and all(isinstance(k, str) for k in entry["keys"])):
             raise _Damaged(f"manifest.json has a malformed tensor entry {key!r}")
@@ -266,6 +268,8 @@ def _manifest(path: Path) -> dict[str, Any]:
             raise _Damaged(f"manifest.json does not list {name}")
     for name, meta in files.items():
         f = path / name
+        if f.is_symlink():
+            raise _Damaged(f"{name} is a symbolic link (a checkpoint's files are read only from its own folder)")
         if not f.is_file():
             raise _Damaged(f"missing file {name}")
         size = f.stat().st_size
@@ -273,7 +277,32 @@ def _manifest(path: Path) -> dict[str, Any]:
             raise _Damaged(f"{name} has {size} bytes, manifest says {meta['size']} (truncated?)")
         if _sha256(f) != meta["sha256"]:
             raise _Damaged(f"{name} sha256 mismatch (corrupted)")
+    _note_extra_files(path, files)
     return manifest
+
+
+def _note_extra_files(path: Path, files: dict[str, Any]) -> None:
+    """Files the manifest does not list (a ``.DS_Store``, a grid someone wrote there) are not part of the checkpoint:
+    they are never read, and a note names them instead of the checkpoint counting as damaged."""
+    extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if extra:
+        log.warning("note: ignoring %s in %s: not part of the checkpoint (not listed in manifest.json)",
+                    ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""), path)
+
+
+def _check_step(path: Path, state: dict[str, Any]) -> None:
+    """A saved step is an int in [0, MAX_STEP] equal to its step folder's: a crafted one must not crash a resume,
+    rewind ``metrics.jsonl`` or name sample files."""
+    match = _STEP_DIR.match(path.name)
+    folder = int(match.group(1)) if match else None
+    if folder is not None and folder > MAX_STEP:
+        raise _Damaged(f"step {folder} in the folder name is over {MAX_STEP}")
+    if "step" not in state:
+        return
+    step = state["step"]
+    if type(step) is not int or not 0 <= step <= MAX_STEP or step != (step if folder is None else folder):
+        where = "" if folder is None else f", not the folder's step {folder}"
+        raise _Damaged(f"the saved step is {str(step)[:40]!r}{where}")
 
 
 def _load_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -338,6 +367,7 @@ def _read(path: Path) -> dict[str, Any]:
     if missing:
         raise _Damaged(f"manifest.json names state key {missing[0]!r}, which the checkpoint does not hold")
     state = {k: merged[k] for k in manifest["order"]}
+    _check_step(path, state)
     for key, value in state.items():
         found = nonfinite_names(_all_tensors(value, key))
         if found:
@@ -387,6 +417,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.milestone_every = milestone_every
         self.skipped: list[tuple[Path, str]] = []
+        self._kept: set[Path] = set()  # unusable checkpoints newer than the one written last; never deleted
 
     # writing
 
@@ -441,11 +472,11 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(tmp)
-            if final.exists():  # re-saving a step (e.g. after resume): swap the old copy out first
-                old = self.root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
+            if os.path.lexists(final):  # re-saving a step (e.g. after resume): swap the old copy out first
+                old = self._set_aside(final)
                 os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
             fsync_dir(self.root)
@@ -461,24 +492,46 @@ class CheckpointManager:
 
     def _remove_stale_temps(self) -> None:
         for p in self.root.glob(f"{_TMP_PREFIX}*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            _remove(p)
+
+    def _unusable(self, path: Path) -> str | None:
+        """Why ``path`` would be skipped (a symbolic link is never followed), or None for an intact checkpoint."""
+        return "the step folder is a symbolic link" if path.is_symlink() else verify(path)
+
+    def _set_aside(self, final: Path) -> Path | None:
+        """Before ``final`` is replaced: an intact old copy is moved to a temporary name for removal (returned); a
+        skipped one (damaged, of a newer format, a link) is kept as ``skipped-step_XXXXXXXX-ID``, never deleted."""
+        reason = self._unusable(final)
+        if reason is None:
+            old = self.root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            return old
+        kept = self.root / f"skipped-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, kept)
+        log.warning("kept the unusable checkpoint %s as %s (%s); delete it yourself if you do not need it",
+                    final, kept.name, reason)
+        return None
 
     def _prune(self, current: int) -> None:
+        """Drop intact checkpoints newer than ``current`` (a timeline abandoned by resuming from an older one) and
+        those retention does not keep; an unusable newer one was skipped, not abandoned, and is never deleted."""
         ckpts = self.list()
-        newer = [p for p in ckpts if step_of(p) > current]
-        for p in newer:  # left over from a timeline that was abandoned by resuming from an older checkpoint
-            log.warning("removing %s: newer than the checkpoint just written at step %d", p, current)
-            shutil.rmtree(p, ignore_errors=True)
+        for p in (p for p in ckpts if step_of(p) > current and p not in self._kept):
+            reason = self._unusable(p)
+            if reason is None:
+                log.warning("removing %s: newer than the checkpoint just written at step %d", p, current)
+                _remove(p)
+            else:
+                self._kept.add(p)
+                log.warning("keeping %s although it is newer than step %d: it was skipped (%s), never deleted",
+                            p, current, reason)
         ckpts = [p for p in ckpts if step_of(p) <= current]
         keep = set(ckpts[-self.keep_last:])
         if self.milestone_every:
             keep |= {p for p in ckpts if step_of(p) % self.milestone_every == 0}
         for p in ckpts:
             if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
         fsync_dir(self.root)
 
     # reading
@@ -494,6 +547,8 @@ class CheckpointManager:
         """(folder, state) of each checkpoint that passes every check, newest first; the others are reported."""
         for p in reversed(self.list()):
             try:
+                if p.is_symlink():  # its files would be read from outside the checkpoints folder
+                    raise _Damaged("the step folder is a symbolic link")
                 yield p, _read(p)
                 continue
             except _Damaged as exc:
@@ -521,6 +576,14 @@ class CheckpointManager:
         return load_checkpoint(path)
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint or temporary folder; a symbolic link is unlinked, its target never touched."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Verify and read one checkpoint folder written by :class:`CheckpointManager` (nothing is unpickled from
     format 2; format 1's ``state.pt`` is read weights-only within limits)."""
@@ -542,6 +605,18 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     """A training run folder (it has ``checkpoints/``) or one of its checkpoint folders (it has a manifest)."""
     path = Path(path)
     return path.is_dir() and ((path / RUN_CHECKPOINTS).is_dir() or (path / MANIFEST).is_file())
+
+
+def checkpoints_holding(path: str | os.PathLike) -> Path | None:
+    """The checkpoint folder (``step_XXXXXXXX`` with a manifest) or run ``checkpoints/`` folder that ``path`` would
+    lie in, or None: nothing but checkpoints is written there."""
+    for folder in Path(path).resolve().parents:
+        if _STEP_DIR.match(folder.name) and (folder / MANIFEST).is_file():
+            return folder
+        if folder.name == RUN_CHECKPOINTS and folder.is_dir() and (
+                (folder / LATEST).is_file() or any(_STEP_DIR.match(p.name) for p in folder.iterdir())):
+            return folder
+    return None
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
@@ -569,7 +644,7 @@ def load_training_state(source: str | os.PathLike) -> tuple[Path, dict[str, Any]
     else:
         ckpt = resolve_checkpoint(source)
         state = load_checkpoint(ckpt)
-    missing = [k for k in ("model", "model_spec", "config", "data_info") if k not in state]
+    missing = [k for k in ("model", "model_spec", "config", "data_info", "step") if k not in state]
     if missing:
         raise CheckpointError(f"{ckpt} is not a dtx training checkpoint (missing {', '.join(missing)})")
     return ckpt, state

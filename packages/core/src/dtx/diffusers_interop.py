@@ -123,13 +123,24 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{model_dir / WEIGHTS_INDEX}: no weight_map")
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(load(model_dir / str(shard)))
+    for shard in sorted(set(map(str, weight_map.values()))):
+        state.update(load(_shard_path(model_dir, shard)))
     missing = [k for k in weight_map if k not in state]
     if missing:
         raise CheckpointError(f"{model_dir / WEIGHTS_INDEX}: {missing[0]} is listed in {weight_map[missing[0]]} but "
                               f"not stored there ({len(missing)} such keys)")
     return state
+
+
+def _shard_path(model_dir: Path, shard: str) -> Path:
+    """A shard the index names, which must be a file inside the model folder: an absolute path, ``..`` or a link
+    out of the folder would load a file from anywhere."""
+    path = model_dir / shard
+    inside = not Path(shard).is_absolute() and ".." not in Path(shard).parts
+    if not inside or not path.resolve().is_relative_to(model_dir.resolve()):
+        raise CheckpointError(f"{model_dir / WEIGHTS_INDEX}: shard {shard!r} is outside the model folder "
+                              f"{model_dir}; only files inside it are read")
+    return path
 
 
 def diffusers_version() -> str:

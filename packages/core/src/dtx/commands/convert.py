@@ -24,8 +24,8 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a training run, a dtx folder or any file a plugin understands (e.g. a DiT .pt)")
-    p.add_argument("output", help="folder to write model.safetensors + config.yaml into (--to diffusers: a new or "
-                                  "empty folder for the diffusers model or pipeline)")
+    p.add_argument("output", help="a new or empty folder to write model.safetensors + config.yaml into (--to "
+                                  "diffusers: the diffusers model or pipeline)")
     p.add_argument("--to", choices=("dtx", "diffusers"), default="dtx",
                    help="dtx: a dtx model folder (default); diffusers: a folder diffusers' from_pretrained reads")
     p.add_argument("--name", help="architecture or preset to load into (default: read or inferred from the file)")
@@ -46,8 +46,10 @@ def sampling_facts(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..diffusers_interop import check_output_folder
     from ..models import LoadOptions, count_parameters, load_model_with_info, model_spec, save_model
 
+    check_output_folder(Path(args.output))  # before loading; a folder with files (a run, a model) is never written
     options = LoadOptions(weights="raw" if args.raw_weights else "ema", trust=args.trust_checkpoint)
     model, info = load_model_with_info(args.source, args.name, options, **_overrides(args.set))
     for note in info.get("notes") or []:
@@ -64,11 +66,9 @@ def run(args: argparse.Namespace) -> int:
 def _to_diffusers(model: Any, info: dict[str, Any], out: Path) -> int:
     """Hand ``model`` to the registered format that exports its family to diffusers; print what it notes."""
     from .. import plugins
-    from ..diffusers_interop import check_output_folder
     from ..errors import ConfigError
     from ..models import model_spec
 
-    check_output_folder(out)
     facts = sampling_facts(info)
     for entry in plugins.host().table("checkpoint_format").values():
         export = entry.meta.get("export")

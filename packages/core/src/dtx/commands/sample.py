@@ -104,6 +104,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--scale must be an integer in 1..64, got {args.scale}")
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
+    if args.out:
+        from ..checkpoint import checkpoints_holding
+
+        holder = checkpoints_holding(args.out)
+        if holder is not None:
+            raise ConfigError(f"--out {args.out} lies in the checkpoint folder {holder}, which holds only "
+                              f"checkpoints; write samples elsewhere (default: the run's samples/)")
 
 
 def _request(args: argparse.Namespace) -> SampleRequest:
@@ -140,11 +147,12 @@ def _sampler_options(args: argparse.Namespace, run: Any) -> dict[str, Any]:
 
 
 def _default_out(source: Path) -> Path:
-    """``RUN/samples/sample.png`` for a run (also when given one of its checkpoints), else beside the source."""
+    """``RUN/samples/sample.png`` for a run (also when given one of its checkpoints), else beside the source (a
+    checkpoint folder's parent: nothing is written into a checkpoint)."""
     from ..checkpoint import MANIFEST, RUN_CHECKPOINTS
 
-    if (source / MANIFEST).is_file() and source.parent.name == RUN_CHECKPOINTS:
-        source = source.parent.parent
+    if (source / MANIFEST).is_file():
+        source = source.parent.parent if source.parent.name == RUN_CHECKPOINTS else source.parent
     return (source if source.is_dir() else source.parent) / "samples" / "sample.png"
 
 

@@ -46,11 +46,18 @@ class RunContext(Protocol):
 
 
 def find_resume_checkpoint(out_dir: Path, require: bool = False) -> Path | None:
-    """Newest checkpoint under ``out_dir/checkpoints`` whose manifest verifies; with ``require``, none is an error."""
+    """Newest checkpoint under ``out_dir/checkpoints`` that passes every check; with ``require``, none is an error.
+    Checkpoints that are all unusable are an error too: starting over would overwrite the run they belong to."""
     from ..checkpoint import RUN_CHECKPOINTS, CheckpointManager
 
     root = Path(out_dir) / RUN_CHECKPOINTS
-    latest = CheckpointManager(root).latest() if root.is_dir() else None
+    manager = CheckpointManager(root)
+    latest = manager.latest() if root.is_dir() else None
+    if latest is None and manager.skipped:
+        reasons = "; ".join(f"{p.name}: {reason}" for p, reason in manager.skipped[:3])
+        more = f" and {len(manager.skipped) - 3} more" if len(manager.skipped) > 3 else ""
+        raise CheckpointError(f"{root} holds {len(manager.skipped)} checkpoint(s) but none is usable "
+                              f"({reasons}{more}); nothing was changed: repair or move them, or use another --out")
     if latest is None and require:
         raise CheckpointError(f"--resume given but {root} holds no valid checkpoint")
     return latest

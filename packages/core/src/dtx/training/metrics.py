@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, naming_file, open_no_follow, refuse_link
 
 
 class MetricsLog:
@@ -17,13 +18,18 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line; never through a symbolic link (a dangling one would create a file outside the run)."""
         if self.enabled:
-            with open(self.path, "a") as f:
+            fd = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with naming_file(self.path), open(fd, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def rewind(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint a resumed run restarts from) and torn lines."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
+            return
+        refuse_link(self.path)
+        if not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text().splitlines():

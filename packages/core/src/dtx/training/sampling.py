@@ -89,14 +89,22 @@ def _prompts(fields: Fields) -> list[str] | None:
 
 def write_samples(samples: Samples, out: str | Path, fps: float = 8.0, scale: int | None = None) -> dict[str, Any]:
     """Write samples beside ``out`` (a ``.png`` path): grid/frame grid PNG, ``.npz``, per-sample GIF/MP4 for videos
-    in ``<stem>/``, ``<stem>.prompts.txt`` for text; returns the written paths."""
-    from .. import writers
+    in ``<stem>/``, ``<stem>.prompts.txt`` for text; returns the written paths. The files land together or not at
+    all (a full disk leaves neither a grid without its archive nor the reverse; older files stay untouched)."""
+    from ..io import atomic_group
 
-    out = Path(out)
-    x, fields = samples.x, samples.fields
+    x = samples.x
     if x.shape[samples.channel_dim] not in (1, 3):
         raise ConfigError(f"samples have {x.shape[samples.channel_dim]} channels; latent samples need a VAE to "
                           f"decode them (--vae PATH)")
+    with atomic_group():
+        return _write_sample_files(samples, Path(out), fps, scale)
+
+
+def _write_sample_files(samples: Samples, out: Path, fps: float, scale: int | None) -> dict[str, Any]:
+    from .. import writers
+
+    x, fields = samples.x, samples.fields
     labels = fields["y"].cpu() if isinstance(fields.get("y"), torch.Tensor) else None
     prompts = _prompts(fields)
     extra = {"prompts": np.array(prompts)} if prompts else None

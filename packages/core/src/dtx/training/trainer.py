@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from ..checkpoint import LATEST, RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..conditioning import ConditioningStage, SampleRequest
 from ..config import to_yaml
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, refuse_link
 from ..models import create_model, load_state_dict_strict, model_spec
 from ..diffusion.sampler_api import option_names
 from ..options import check_names
@@ -45,6 +45,8 @@ from .sharding import is_sharded, load_model_state, load_optimizer_state, model_
 log = logging.getLogger(__name__)
 
 SAMPLE_SEED = 0  # periodic grids always use the same noise, so they show progress rather than luck
+#: what a run writes into its folder (besides the lock): none of it may be a symbolic link
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "loss.png", "samples", RUN_CHECKPOINTS, f"{RUN_CHECKPOINTS}/{LATEST}")
 
 
 def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
@@ -327,4 +329,7 @@ class Trainer:
 def train(cfg: TrainConfig, ctx: RunContext) -> dict[str, Any]:
     """Run (or resume) one worker's training; returns a summary (final step, loss, time, checkpoint, samples)."""
     with RunLock(ctx.out_dir, enabled=ctx.is_main):  # one writer per run folder, for the whole run
+        if ctx.is_main:  # before anything is read or written: a run folder from elsewhere may hold links
+            for name in RUN_ENTRIES:
+                refuse_link(Path(ctx.out_dir) / name)
         return Trainer(cfg, ctx).run()
