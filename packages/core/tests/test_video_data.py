@@ -223,8 +223,8 @@ def test_video_folder_errors(video_root, tmp_path):
     assert len(VideoFolderDataset(tmp_path / "mixed", image_size=16, frames=2, unconditional=True)) == 2
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.mp4").write_bytes(b"not a video")
-    with pytest.raises(DataError, match="cannot read video"):
-        VideoFolderDataset(tmp_path / "broken", image_size=16, frames=2)[0]
+    with pytest.raises(DataError, match=r"1 of 1 clips in .*broken are unreadable \(none is readable\); first: .*x"):
+        VideoFolderDataset(tmp_path / "broken", image_size=16, frames=2)  # found when scanned (skipped if others load)
     for options, name in [({"frames": 0}, "frames"), ({"frame_interval": 1.5}, "frame_interval"),
                           ({"channels": 4}, "channels")]:
         with pytest.raises(ConfigError, match=name):

@@ -22,7 +22,8 @@ def test_dtx_train_starts_an_embedded_ray_instance(tmp_path, make_tiny):
     del recipe["out"]
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([str(Path(sys.executable).parent / "dtx"), "train", "tiny.yaml", "--out", "run"],
+    done = subprocess.run([str(Path(sys.executable).parent / "dtx"), "train", "tiny.yaml", "--out", "run",
+                           "--runner", "ray"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -5,6 +5,7 @@ and a user error on a worker reaches the caller unchanged."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -62,10 +63,13 @@ def test_two_workers_train_report_and_write_loadable_checkpoints(two_workers, lo
     run = load_for_sampling(out)  # what `dtx sample` does: model rebuilt from the checkpoint's spec, EMA weights loaded
     assert run.step == 6 and sum(p.numel() for p in run.model.parameters()) > 0
 
-    # Ray kept its own copy of every reported checkpoint under the run folder, byte-identical tensors
+    # Ray keeps a pointer to every reported checkpoint under the run folder, not a second copy of its tensors
     ray_copy = Path(summary["ray_storage"]) / "step_00000006"
     assert ray_copy.is_dir() and str(ray_copy).startswith(str(out / "ray"))
-    copied = load_checkpoint(ray_copy)
+    assert [p.name for p in ray_copy.iterdir()] == ["dtx-checkpoint.json"]
+    pointed = Path(json.loads((ray_copy / "dtx-checkpoint.json").read_text())["checkpoint"])
+    assert pointed == (out / "checkpoints" / "step_00000006").resolve()
+    copied = load_checkpoint(pointed)
     for key, tensor in state["model"].items():
         assert torch.equal(copied["model"][key], tensor), key
     assert sorted(os.listdir(out / "tensorboard"))[0].startswith("events.out.tfevents")

@@ -1,17 +1,12 @@
 """Atomic file writes: every file dtx writes for a user (checkpoints, shards, models, grids, videos, metrics) appears
-whole or not at all, so a process killed mid-write never leaves a torn file under the final name. The files of one
-result (a sample grid and its archive) can land together (:func:`atomic_group`); no file is written through a
-symbolic link, and a full disk names the file."""
+whole or not at all, so a process killed mid-write never leaves a torn file under the final name."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import errno
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .errors import DiskFullError
@@ -64,109 +59,17 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
-def refuse_link(path: str | os.PathLike) -> None:
-    """Raise ``ConfigError`` naming ``path`` if it is a symbolic link: dtx never writes (or reads a run's own files)
-    through one, since it could point anywhere, e.g. a run folder from elsewhere with ``.dtx-lock -> ~/.bashrc``."""
-    from .errors import ConfigError
-
-    if Path(path).is_symlink():
-        raise ConfigError(f"{path} is a symbolic link; dtx does not write or read its files through links "
-                          f"(replace it with a plain file or folder, or choose another output)")
-
-
-def open_no_follow(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
-    """``os.open`` that refuses a symbolic link at ``path`` (``O_NOFOLLOW`` where the OS has it, so a link that
-    appears after a check is refused too), with ``refuse_link``'s error."""
-    refuse_link(path)
-    try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            refuse_link(path)
-        raise
-
-
-@contextlib.contextmanager
-def naming_file(path: str | os.PathLike) -> Iterator[None]:
-    """Name ``path`` in a full-disk error raised while writing it: ``write()`` reports ENOSPC without a file name,
-    and a temporary file's name would mean nothing to the user."""
-    from .errors import DtxError
-
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC and not isinstance(exc, DtxError):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-        raise
-
-
-class _Group:
-    """Finished temporaries waiting to be renamed over their final paths, and the folders made for them."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Path, Path]] = []
-        self.made: list[Path] = []
-
-
-_GROUP: contextvars.ContextVar[_Group | None] = contextvars.ContextVar("dtx_atomic_group", default=None)
-
-
-@contextlib.contextmanager
-def atomic_group() -> Iterator[None]:
-    """Inside ``with atomic_group():`` each :func:`atomic_write` leaves its finished file under its temporary name;
-    they are renamed into place together when the block ends without an error. On an error every temporary (and
-    every folder made for them that stayed empty) is removed: the files of one result land together or not at all,
-    and older files of the same names stay untouched."""
-    group = _Group()
-    token = _GROUP.set(group)
-    try:
-        yield
-    except BaseException:
-        for tmp, _ in group.pending:
-            tmp.unlink(missing_ok=True)
-        for folder in reversed(group.made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    finally:
-        _GROUP.reset(token)
-    for tmp, path in group.pending:
-        os.replace(tmp, path)
-    for folder in dict.fromkeys(path.parent for _, path in group.pending):
-        fsync_dir(folder)
-
-
-def _make_parent(path: Path) -> list[Path]:
-    """Create ``path``'s folder; returns the folders that had to be made, outermost first."""
-    missing = []
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` to produce the file at a temporary path, fsync it, rename it over ``path`` and fsync the
-    folder (inside :func:`atomic_group`: rename it when the group ends). The file gets the umask's default mode
-    whatever mode ``write`` created it with; the parent folder is created; a symbolic link at ``path`` is refused; on
-    any error the temporary file is removed and ``path`` is untouched, and a full disk names ``path``."""
+    folder. The file gets the umask's default mode whatever mode ``write`` created it with; the parent folder is
+    created; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    refuse_link(path)
-    group = _GROUP.get()
-    made = _make_parent(path)
-    if group is not None:
-        group.made += made
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with naming_file(path):
-            write(tmp)
-            set_default_mode(tmp)
-            fsync_file(tmp)
-        if group is not None:
-            group.pending.append((tmp, path))
-            return path
+        write(tmp)
+        set_default_mode(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -188,6 +91,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 MAX_ARRAY_BYTES = 1 << 40  # 1 TiB: no single array dtx reads may declare more, whatever the file size
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own header limit
 MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels (8192 x 8192): larger images are refused from their header, before decoding
+MAX_IMAGE_SIDE = 16384  # longest side of an image or video frame, in pixels
+MAX_ASPECT_RATIO = 64  # long side / short side: a centre crop of anything flatter needs a huge intermediate
 
 
 def free_bytes(folder: str | os.PathLike) -> int:
@@ -306,9 +211,62 @@ def npz_members(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], Any
     return out
 
 
-def check_image_size(image: Any, path: str | os.PathLike) -> None:
-    """Refuse an opened (not yet decoded) PIL image larger than ``MAX_IMAGE_PIXELS``, naming the file."""
+def check_frame_size(width: int, height: int, path: str | os.PathLike) -> None:
+    """Refuse an image or video frame of ``width x height`` read from a header, before decoding, naming the file:
+    over ``MAX_IMAGE_PIXELS``, a side over ``MAX_IMAGE_SIDE`` or an aspect ratio over ``MAX_ASPECT_RATIO``."""
     from .errors import DataError
 
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise DataError(f"{path}: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS} pixel limit")
+    size = f"{path}: {width}x{height} pixels"
+    if min(width, height) < 1:
+        raise DataError(f"{size} has an empty side")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise DataError(f"{size} has a side over the {MAX_IMAGE_SIDE} pixel limit")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{size} is over the {MAX_IMAGE_PIXELS} pixel limit")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(f"{size} is over the {MAX_ASPECT_RATIO}:1 aspect ratio limit")
+
+
+def check_image_size(image: Any, path: str | os.PathLike) -> None:
+    """Refuse an opened (not yet decoded) PIL image beyond the limits of ``check_frame_size``, naming the file."""
+    check_frame_size(image.width, image.height, path)
+
+
+def gif_size(path: str | os.PathLike) -> tuple[int, int]:
+    """The size of the frames a GIF decodes to, from its block headers without decoding: the logical screen grown to
+    every frame's extent, as PIL composes them. Raises ``DataError`` naming the file when the blocks are malformed."""
+    import struct
+
+    from .errors import DataError
+
+    def skip_sub_blocks(f: Any) -> None:
+        while (n := f.read(1)) and n[0]:
+            f.seek(n[0], os.SEEK_CUR)
+
+    with open(path, "rb") as f:
+        head = f.read(13)
+        if len(head) < 13 or head[:6] not in (b"GIF87a", b"GIF89a"):
+            raise DataError(f"{path}: not a GIF file")
+        width, height, flags = struct.unpack("<HHB", head[6:11])
+        if flags & 0x80:  # global colour table
+            f.seek(3 << ((flags & 7) + 1), os.SEEK_CUR)
+        frames = 0
+        while (block := f.read(1)) not in (b"", b";"):  # trailer (a truncated file ends there for PIL too)
+            if block == b"!":  # extension: label, then sub-blocks
+                f.read(1)
+                skip_sub_blocks(f)
+            elif block == b",":  # image descriptor: left, top, width, height, flags
+                desc = f.read(9)
+                if len(desc) < 9:
+                    break
+                left, top, w, h, flags = struct.unpack("<HHHHB", desc)
+                width, height, frames = max(width, left + w), max(height, top + h), frames + 1
+                if flags & 0x80:  # local colour table
+                    f.seek(3 << ((flags & 7) + 1), os.SEEK_CUR)
+                f.read(1)  # LZW minimum code size
+                skip_sub_blocks(f)
+            else:
+                raise DataError(f"{path}: malformed GIF (unknown block {block!r} at byte {f.tell() - 1})")
+    if not frames:
+        raise DataError(f"{path}: GIF without frames")
+    return width, height

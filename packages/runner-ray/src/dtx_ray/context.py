@@ -1,14 +1,18 @@
 """``RayContext``: the training loop's ``RunContext`` on a Ray Train worker (rank, device, DDP/FSDP, reports, resume).
 
 Ranks, devices and model wrapping come from ``ray.train``; ``report`` forwards metrics and the main rank's checkpoint
-folder to ``ray.train.report`` (a barrier, called equally on every rank). Resuming takes the newer of Ray's last
+to ``ray.train.report`` (a barrier, called equally on every rank): by default a pointer to the run folder's checkpoint,
+so that each checkpoint is stored once; with ``full_copies`` (an explicit Ray storage, such as a bucket that a
+restarted worker on another node reads) the whole folder. Resuming takes the newer of Ray's last
 reported checkpoint and the run folder's newest valid one, chosen on rank 0 so every rank restores the same state;
 rank 0 also writes the reported metrics to TensorBoard when a writer is installed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dtx.checkpoint import step_of, verify
+from dtx.checkpoint import RUN_CHECKPOINTS, step_of, verify
 from dtx.errors import CheckpointError, ConfigError
 from dtx.training.context import all_reduce_mean, find_resume_checkpoint
 
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp", "none"]
 RESTORE_DIR = "ray_restore"  # where checkpoints from remote Ray storage are downloaded inside the run folder
+POINTER = "dtx-checkpoint.json"  # what Ray stores of a checkpoint whose only full copy is in the run folder
 
 
 def _distributed() -> bool:
@@ -53,7 +58,8 @@ class RayContext:
     """One Ray Train worker's view of the run; construct it inside the function that ``TorchTrainer`` runs."""
 
     def __init__(self, out_dir: str | Path, strategy: Strategy = "ddp", resume: bool = True,
-                 require_resume: bool = False, tensorboard_dir: str | Path | None = None) -> None:
+                 require_resume: bool = False, tensorboard_dir: str | Path | None = None,
+                 full_copies: bool = False) -> None:
         import ray.train
         import ray.train.torch
 
@@ -69,6 +75,7 @@ class RayContext:
         self.strategy = strategy
         self.resume = resume
         self.require_resume = require_resume
+        self.full_copies = full_copies
         self._tensorboard = None
         if tensorboard_dir is not None and self.is_main:
             from .tensorboard import TensorBoardLogger
@@ -98,13 +105,21 @@ class RayContext:
         return loader
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        """``ray.train.report`` with the main rank's checkpoint folder (kept under its ``step_XXXXXXXX`` name)."""
+        """``ray.train.report`` with the main rank's checkpoint (under its ``step_XXXXXXXX`` name): a pointer to the
+        run folder's copy, or with ``full_copies`` the whole folder."""
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         metrics = _plain_metrics(metrics)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=Path(checkpoint_dir).name if checkpoint_dir is not None else None)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+        elif self.full_copies:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                             checkpoint_dir_name=Path(checkpoint_dir).name)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dtx-ray-pointer-") as tmp:
+                (Path(tmp) / POINTER).write_text(json.dumps({"checkpoint": str(Path(checkpoint_dir).resolve())}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=Path(checkpoint_dir).name)
         if self._tensorboard is not None:
             self._tensorboard.log(metrics)
 
@@ -142,11 +157,28 @@ class RayContext:
             path = self.out_dir / RESTORE_DIR / Path(checkpoint.path).name
             if verify(path) is not None:
                 checkpoint.to_directory(str(path))
+        if (path / POINTER).is_file():
+            path = self._follow_pointer(path / POINTER)
+            if path is None:
+                return None
         reason = verify(path)
         if reason is not None:
             log.warning("ignoring Ray checkpoint %s: %s", path, reason)
             return None
         return path
+
+    def _follow_pointer(self, pointer: Path) -> Path | None:
+        """The run-folder checkpoint a Ray pointer names; only one inside this run's checkpoints folder counts."""
+        try:
+            target = Path(json.loads(pointer.read_text())["checkpoint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring Ray checkpoint pointer %s: %s", pointer, exc)
+            return None
+        home = (self.out_dir / RUN_CHECKPOINTS).resolve()
+        if target.parent != home or target.is_symlink():
+            log.warning("ignoring Ray checkpoint pointer %s: %s is not a checkpoint of %s", pointer, target, home)
+            return None
+        return target
 
     def close(self) -> None:
         """Flush what this worker writes besides checkpoints (TensorBoard events); the runner calls it at the end."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
+NICENESS_ENV = "RAY_worker_niceness"  # Ray starts workers this many nice steps below the raylet (default 15)
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -31,6 +32,14 @@ def start_embedded_ray(workers: int, cpus_per_worker: float | None) -> int:
     import ray
 
     cpus = max(os.cpu_count() or 1, int(workers * (cpus_per_worker or 1) + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"})
+    before = os.environ.get(NICENESS_ENV)
+    os.environ[NICENESS_ENV] = "0"  # read by the raylet as it starts: workers at this process's priority
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+                 runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"})
+    finally:
+        if before is None:
+            os.environ.pop(NICENESS_ENV, None)
+        else:
+            os.environ[NICENESS_ENV] = before
     return cpus

@@ -3,14 +3,17 @@
 With no ``--address`` and no ``RAY_ADDRESS`` a Ray instance starts inside the ``dtx train`` process (CPU, no
 dashboard); ``auto`` or ``ray://`` join a cluster; an ``http://`` dashboard address submits the run as a Ray job.
 ``--workers 0`` is Ray Train's local mode (the loop runs in the calling process, no Ray instance). Checkpoints written
-by the loop are reported to Ray, which keeps copies under ``<out>/ray/<name>`` (or ``--storage``); running again with
-the same run folder restores from there, as Ray Train V2 defines restoring.
+by the loop are reported to Ray as pointers to the run folder's copy, kept under ``<out>/ray/<name>``, so each
+checkpoint is stored once; with ``--storage`` (a bucket a restarted worker on another node can read) Ray keeps full
+copies there. Running again with the same run folder restores from there, as Ray Train V2 defines restoring. Workers
+run at the priority of the process that started them, not Ray's default nice 15.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,10 +27,15 @@ from dtx.training.config import TrainConfig, config_dict
 from .context import RayContext, Strategy
 from .embedded import start_embedded_ray
 
-#: environment variables of the driver that must hold on the workers too (plugin selection, debugging)
-FORWARDED_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS", "DTX_DEBUG")
+#: environment variables of the driver that must hold on the workers too (plugins, kernels, threads, debugging)
+FORWARDED_ENV = ("DTX_PLUGINS", "DTX_DISABLE_PLUGINS", "DTX_DEBUG", "DTX_THREADS", "DTX_LINEAR", "DTX_ATTENTION")
+#: Ray lowers its workers' priority by this many nice steps (15 by default); a run's workers keep the priority of
+#: the process that started them (the raylet's: the ``dtx train`` process for an embedded instance, the job's
+#: driver on a cluster), so that training never runs below the command the user typed
+WORKER_NICENESS = {"RAY_worker_niceness": "0"}
 
 TrainLoop = Callable[[TrainConfig, Any], dict]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,6 +100,20 @@ def check_worker_plugins(expected: dict[str, str | None]) -> None:
                           f"(or ship them as wheels with runtime_env pip)")
 
 
+def keep_priority(niceness: int | None) -> None:
+    """Raise this worker to the driver's priority where Ray started it lower and the OS allows it; else say how."""
+    if niceness is None or not hasattr(os, "getpriority"):
+        return
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    if own <= niceness:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:
+        log.warning("this Ray worker runs at nice %d, below the driver's %d, and may not raise itself: start the "
+                    "cluster's nodes with RAY_worker_niceness=0 (ray start) to train at full priority", own, niceness)
+
+
 def train_worker(config: dict[str, Any], loop: TrainLoop | None = None) -> dict[str, Any]:
     """What every Ray Train worker runs: check plugins, rebuild the config, run the loop with a ``RayContext``."""
     from dtx.training.config import config_from_dict
@@ -104,13 +126,18 @@ def train_worker(config: dict[str, Any], loop: TrainLoop | None = None) -> dict[
         import torch
 
         torch.set_num_threads(config["threads"])  # its share of the cores, not an inherited OMP_NUM_THREADS
+    keep_priority(config.get("niceness"))
     cfg = config_from_dict(config["train"])
     ctx = RayContext(cfg.out, strategy=config["strategy"], require_resume=config["require_resume"],
-                     tensorboard_dir=config["tensorboard_dir"])
+                     tensorboard_dir=config["tensorboard_dir"], full_copies=bool(config.get("full_copies")))
     try:
         return (loop or train)(cfg, ctx)
     finally:
         ctx.close()
+
+
+def _niceness() -> int | None:
+    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
 
 
 def _gpus(options: RayOptions) -> float:
@@ -144,15 +171,15 @@ def build_trainer(cfg: TrainConfig, options: RayOptions, *, loop: TrainLoop | No
     tensorboard = options.tensorboard and summary_writer_class() is not None
     worker_config = {"train": config_dict(cfg), "plugins": loaded_plugins(), "cwd": os.getcwd(),
                      "strategy": options.strategy, "require_resume": options.require_resume,
-                     "threads": max(1, int(cpus)),
+                     "threads": max(1, int(cpus)), "niceness": _niceness(), "full_copies": options.storage is not None,
                      "tensorboard_dir": str(out / "tensorboard") if tensorboard else None}
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **WORKER_NICENESS}
     run_config = RunConfig(
         name=out.name or "run",
         storage_path=options.storage or str(out / "ray"),
         failure_config=FailureConfig(max_failures=options.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
-        worker_runtime_env={"env_vars": env} if env else None,
+        worker_runtime_env={"env_vars": env},
         logging_config=LoggingConfig(log_level="WARNING"),  # the loop prints progress; Ray's per-report INFO is noise
     )
     scaling = ScalingConfig(num_workers=options.workers, use_gpu=gpus > 0,

@@ -1,15 +1,17 @@
 """Image folders in the ImageFolder layout (one subfolder per class, sorted names give class ids), preprocessed as ADM
 and DiT do: ``center_crop_arr``, a random horizontal flip, and a linear map of [0, 255] to [-1, 1].
 
-Unreadable images are found when the folder is scanned (``verify``) or when an item is decoded; they are skipped with
-a warning, and the dataset raises ``DataError`` once their share exceeds ``max_corrupt_fraction``.
+Unreadable images (corrupt, or beyond the size limits of ``dtx.io.check_frame_size``) are found when the folder is
+scanned (``verify``) or when an item is decoded; they are skipped with a short warning, and the dataset raises
+``DataError`` once their share exceeds ``max_corrupt_fraction`` or none is left (``SkipsUnreadable``, which the video
+folder shares).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -17,19 +19,25 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..io import check_image_size
+from ..io import MAX_IMAGE_PIXELS, check_image_size
 from .info import DataInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 MODES = {1: "L", 3: "RGB"}
+VERIFY = ("header", "full", "none")
+T = TypeVar("T")
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     """ADM's crop: halve with BOX filtering while the short side is at least ``2 * size``, resize with BICUBIC so the
-    short side equals ``size``, then cut the centred ``size x size`` square (offsets rounded down)."""
+    short side equals ``size``, then cut the centred ``size x size`` square (offsets rounded down). An image whose
+    resized copy would exceed ``MAX_IMAGE_PIXELS`` (a far too flat one) is a ``DataError``, raised before resizing."""
     while min(image.size) >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = size / min(image.size)
+    if round(image.width * scale) * round(image.height * scale) > MAX_IMAGE_PIXELS:
+        raise DataError(f"a {image.width}x{image.height} image cropped to {size}x{size} needs an intermediate over "
+                        f"the {MAX_IMAGE_PIXELS} pixel limit")
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top = (arr.shape[0] - size) // 2
@@ -60,20 +68,95 @@ def scan_image_folder(root: Path, unconditional: bool = False) -> tuple[list[Pat
     return files, labels, classes
 
 
-def _readable(path: Path, verify: str) -> bool:
-    try:
-        with Image.open(path) as im:
-            check_image_size(im, path)
-            if verify == "full":
-                im.load()
-            else:
-                im.verify()
-        return True
-    except Exception:
-        return False
+def check_verify(dataset: str, verify: str, max_corrupt_fraction: float) -> None:
+    """The options of ``SkipsUnreadable`` datasets, checked with the dataset's name in the message."""
+    if verify not in VERIFY:
+        raise ConfigError(f"{dataset} verify must be 'header', 'full' or 'none', got {verify!r}")
+    if not 0 <= max_corrupt_fraction <= 1:
+        raise ConfigError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction!r}")
 
 
-class ImageFolderDataset(Dataset):
+def reason(exc: BaseException) -> str:
+    """A short reason for a warning: the exception type and the first line of its message (a decoder's whole
+    banner would bury the file name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def check_image_file(path: Path, verify: str) -> None:
+    """Raise if the image at ``path`` is unreadable: its header (size limits included) and, with ``verify="full"``,
+    its pixels."""
+    with Image.open(path) as im:
+        check_image_size(im, path)
+        if verify == "full":
+            im.load()
+        else:
+            im.verify()
+
+
+class SkipsUnreadable:
+    """Unreadable files of a file dataset are skipped with a short warning and counted, whether found when the
+    folder is scanned (``keep_readable``) or when an item is decoded (``load_readable``); a ``DataError`` naming the
+    folder stops the run once their share exceeds ``max_corrupt_fraction`` or none is left. Errors of the types in
+    ``fatal`` are settings to change, not files to skip: they are raised as they are."""
+
+    noun = "files"
+    fatal: tuple[type[Exception], ...] = ()
+    first_reason = ""  # why the first unreadable file failed, for the error that names it
+    root: Path
+    max_corrupt_fraction: float
+    total_files: int
+    corrupt: list[Path]
+
+    def keep_readable(self, files: list[Path], labels: list[int], check: Callable[[Path], object]
+                      ) -> tuple[list[Path], list[int]]:
+        """The files (and labels) for which ``check`` raises nothing."""
+        keep = []
+        for path in files:
+            try:
+                check(path)
+                keep.append(True)
+            except self.fatal:
+                raise
+            except Exception as exc:
+                keep.append(False)
+                self.first_reason = self.first_reason or reason(exc)
+        self.corrupt = [p for p, ok in zip(files, keep) if not ok]
+        if self.corrupt:
+            self.check_corrupt()
+            warnings.warn(f"skipped {len(self.corrupt)} of {self.total_files} unreadable {self.noun} in {self.root} "
+                          f"(first: {self.corrupt[0]})", stacklevel=3)
+        return [p for p, ok in zip(files, keep) if ok], [y for y, ok in zip(labels, keep) if ok]
+
+    def check_corrupt(self) -> None:
+        n = len(self.corrupt)
+        fraction = n / self.total_files
+        if n >= self.total_files or fraction > self.max_corrupt_fraction:
+            why = "none is readable" if n >= self.total_files else \
+                f"{fraction:.0%} > max_corrupt_fraction {self.max_corrupt_fraction:.0%}"
+            raise DataError(f"{n} of {self.total_files} {self.noun} in {self.root} are unreadable ({why}); "
+                            f"first: {self.corrupt[0]}" + (f" ({self.first_reason})" if self.first_reason else ""))
+
+    def load_readable(self, files: list[Path], i: int, load: Callable[[Path], T]) -> tuple[int, T]:
+        """``(j, load(files[j]))`` for the first readable file from ``i`` on (wrapping around)."""
+        for _ in range(len(files)):
+            path = files[i]
+            try:
+                return i, load(path)
+            except self.fatal:
+                raise
+            except Exception as exc:
+                if path not in self.corrupt:
+                    self.corrupt.append(path)
+                    self.first_reason = self.first_reason or reason(exc)
+                    warnings.warn(f"skipping unreadable {self.noun[:-1]} {path}: {reason(exc)}", stacklevel=3)
+                    self.check_corrupt()
+                i = (i + 1) % len(files)
+        raise DataError(f"no readable {self.noun[:-1]} left in {self.root}")
+
+
+class ImageFolderDataset(SkipsUnreadable, Dataset):
     """``{"x": [C, S, S] in [-1, 1], "y": class}`` from an image folder, cropped and flipped as in ADM/DiT.
 
     The flip draws from torch's default generator, which DataLoader workers seed per worker; ``verify`` is
@@ -81,16 +164,14 @@ class ImageFolderDataset(Dataset):
     """
 
     is_latent = False
+    noun = "images"
 
     def __init__(self, root: str | Path, image_size: int = 256, flip: bool = True, channels: int = 3,
                  unconditional: bool = False, max_corrupt_fraction: float = 0.1,
                  verify: Literal["header", "full", "none"] = "header") -> None:
         if channels not in MODES:
             raise ConfigError(f"image-folder channels must be 1 or 3, got {channels!r}")
-        if verify not in ("header", "full", "none"):
-            raise ConfigError(f"image-folder verify must be 'header', 'full' or 'none', got {verify!r}")
-        if not 0 <= max_corrupt_fraction <= 1:
-            raise ConfigError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction!r}")
+        check_verify("image-folder", verify, max_corrupt_fraction)
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.flip = flip
@@ -103,22 +184,8 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
         self.corrupt: list[Path] = []
         if verify != "none":
-            keep = [_readable(p, verify) for p in files]
-            self.corrupt = [p for p, ok in zip(files, keep) if not ok]
-            files = [p for p, ok in zip(files, keep) if ok]
-            labels = [y for y, ok in zip(labels, keep) if ok]
-            if self.corrupt:
-                self._check_corrupt()
-                warnings.warn(f"skipped {len(self.corrupt)} of {self.total_files} unreadable images in {self.root} "
-                              f"(first: {self.corrupt[0]})", stacklevel=2)
+            files, labels = self.keep_readable(files, labels, lambda p: check_image_file(p, verify))
         self.files, self.labels = files, labels
-
-    def _check_corrupt(self) -> None:
-        fraction = len(self.corrupt) / self.total_files
-        if fraction > self.max_corrupt_fraction:
-            raise DataError(f"{len(self.corrupt)} of {self.total_files} images in {self.root} are unreadable "
-                            f"({fraction:.0%} > max_corrupt_fraction {self.max_corrupt_fraction:.0%}); "
-                            f"first: {self.corrupt[0]}")
 
     @property
     def info(self) -> DataInfo:
@@ -137,19 +204,7 @@ class ImageFolderDataset(Dataset):
         return x.permute(2, 0, 1) / 127.5 - 1.0
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        for _ in range(len(self.files)):
-            path = self.files[i]
-            try:
-                x = self.load(path)
-                break
-            except Exception as exc:
-                if path not in self.corrupt:
-                    self.corrupt.append(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=2)
-                    self._check_corrupt()
-                i = (i + 1) % len(self.files)
-        else:
-            raise DataError(f"no readable image left in {self.root}")
+        i, x = self.load_readable(self.files, i, self.load)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         item = {"x": x}

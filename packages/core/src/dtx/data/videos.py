@@ -5,14 +5,18 @@ through imageio-ffmpeg for all but GIF) or a folder of frame images (``.png``, `
 taken in order of their file names. Clips sit in one subfolder per class (sorted names give class ids) or directly
 under the root (no classes). Each clip yields its first ``frames`` frames taken every ``frame_interval`` frames
 (deterministic: frames 0, K, 2K, ...); every frame gets image-folder's ADM ``center_crop_arr`` and the linear map of
-[0, 255] to [-1, 1]. A clip shorter than ``(frames - 1) * frame_interval + 1`` frames is an error (``DataError``):
+[0, 255] to [-1, 1]. A clip shorter than ``(frames - 1) * frame_interval + 1`` frames is an error (``ClipLengthError``):
 frame folders are counted when the folder is scanned, video files when they are decoded.
+
+Unreadable clips (a corrupt file or frame, or frames beyond the size limits of ``dtx.io.check_frame_size``, read from
+the headers: GIF block headers, the ffmpeg stream header) are skipped with a short warning and counted as image
+folders do (``verify``, ``max_corrupt_fraction``; see ``dtx.data.images.SkipsUnreadable``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -20,8 +24,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..io import check_image_size
-from .images import IMAGE_EXTENSIONS, MODES, center_crop_arr
+from ..io import check_frame_size, check_image_size, gif_size
+from .images import (IMAGE_EXTENSIONS, MODES, SkipsUnreadable, center_crop_arr, check_image_file, check_verify,
+                     reason)
 from .info import DataInfo
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
@@ -77,6 +82,10 @@ def scan_video_folder(root: Path, unconditional: bool = False) -> tuple[list[Pat
     return clips, labels, [d.name for d in class_dirs]
 
 
+class ClipLengthError(DataError):
+    """A clip has fewer frames than ``frames`` and ``frame_interval`` need: a setting to change, not a file to skip."""
+
+
 def _imageio() -> Any:
     try:
         import imageio.v3 as iio
@@ -86,20 +95,43 @@ def _imageio() -> Any:
     return iio
 
 
-class VideoFolderDataset(Dataset):
+def video_frame_size(path: Path) -> tuple[int, int]:
+    """Width and height of the frames a video file decodes to, from its headers, before any frame reaches this
+    process: a GIF's block headers, else the stream header ffmpeg reports (its process is stopped right after)."""
+    if path.suffix.lower() == ".gif":
+        return gif_size(path)
+    _imageio()
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:
+        raise ConfigError(f"reading {path.suffix} videos needs imageio-ffmpeg (pip install imageio-ffmpeg)") from exc
+    frames = imageio_ffmpeg.read_frames(str(path))
+    try:
+        width, height = next(frames)["size"]
+    finally:
+        frames.close()
+    return int(width), int(height)
+
+
+class VideoFolderDataset(SkipsUnreadable, Dataset):
     """``{"x": [F, C, S, S] in [-1, 1], "y": class}`` from a folder of videos or frame folders (see the module).
 
     Options: ``image_size`` (S, ADM centre crop of every frame), ``frames`` (F, the clip length), ``frame_interval``
     (take every K-th frame), ``channels`` (1 or 3), ``unconditional`` (ignore class subfolders) and ``flip`` (mirror
-    a whole clip at random, off by default).
+    a whole clip at random, off by default); ``verify`` and ``max_corrupt_fraction`` as for image folders
+    ("header": check every clip's frame size, or every used frame image, when scanning; "full": decode every clip).
     """
 
     is_latent = False
+    noun = "clips"
+    fatal = (ClipLengthError, ConfigError)  # a missing video reader is no corrupt file
 
     def __init__(self, root: str | Path, image_size: int = 256, frames: int = 16, frame_interval: int = 1,
-                 channels: int = 3, unconditional: bool = False, flip: bool = False) -> None:
+                 channels: int = 3, unconditional: bool = False, flip: bool = False, max_corrupt_fraction: float = 0.1,
+                 verify: Literal["header", "full", "none"] = "header") -> None:
         if channels not in MODES:
             raise ConfigError(f"video-folder channels must be 1 or 3, got {channels!r}")
+        check_verify("video-folder", verify, max_corrupt_fraction)
         for name, value in (("image_size", image_size), ("frames", frames), ("frame_interval", frame_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"video-folder {name} must be a positive integer, got {value!r}")
@@ -109,13 +141,21 @@ class VideoFolderDataset(Dataset):
         self.frame_interval = frame_interval
         self.channels = channels
         self.flip = flip
-        self.clips, self.labels, self.classes = scan_video_folder(self.root, unconditional)
+        self.max_corrupt_fraction = max_corrupt_fraction
+        clips, labels, self.classes = scan_video_folder(self.root, unconditional)
         self.num_classes = len(self.classes)
-        if not self.clips:
+        self.total_files = len(clips)
+        if not clips:
             raise DataError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders found in {self.root}")
-        for clip in self.clips:
+        for clip in clips:
             if clip.is_dir():
                 self._check_length(clip, len(frame_files(clip)))
+        self.corrupt: list[Path] = []
+        self.headers_checked = False
+        if verify != "none":
+            clips, labels = self.keep_readable(clips, labels, self.load if verify == "full" else self._check_header)
+            self.headers_checked = True
+        self.clips, self.labels = clips, labels
 
     @property
     def span(self) -> int:
@@ -129,23 +169,39 @@ class VideoFolderDataset(Dataset):
 
     def _check_length(self, clip: Path, n: int) -> None:
         if n < self.span:
-            raise DataError(f"clip {clip} has {n} frame(s); frames={self.frames} with frame_interval="
+            raise ClipLengthError(f"clip {clip} has {n} frame(s); frames={self.frames} with frame_interval="
                             f"{self.frame_interval} needs {self.span}")
 
+    def _used_frames(self, folder: Path) -> list[Path]:
+        return frame_files(folder)[:self.span:self.frame_interval]
+
+    def _check_header(self, clip: Path) -> None:
+        """Raise if a clip's headers show it unreadable: the frame size of a video file, every used frame image."""
+        if clip.is_dir():
+            for path in self._used_frames(clip):
+                check_image_file(path, "header")
+        else:
+            check_frame_size(*video_frame_size(clip), clip)
+
     def _video_frames(self, path: Path) -> Iterator[np.ndarray]:
+        """The decoded frames of a video file; its frame size is checked from the header first, unless the folder
+        scan already did."""
         iio = _imageio()
         try:
+            if not self.headers_checked:
+                check_frame_size(*video_frame_size(path), path)
             yield from iio.imiter(path)
+        except DataError:
+            raise
         except Exception as exc:
-            raise DataError(f"cannot read video {path}: {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"cannot read video {path}: {reason(exc)}") from exc
 
     def read_frames(self, clip: Path) -> list[Image.Image]:
         """The clip's ``frames`` source frames (0, K, 2K, ...) as PIL images, before cropping."""
         if clip.is_dir():
-            files = frame_files(clip)
-            self._check_length(clip, len(files))
+            self._check_length(clip, len(frame_files(clip)))
             out = []
-            for path in files[:self.span:self.frame_interval]:
+            for path in self._used_frames(clip):
                 with Image.open(path) as im:
                     check_image_size(im, path)
                     im.load()
@@ -177,7 +233,7 @@ class VideoFolderDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = self.load(self.clips[i])
+        i, x = self.load_readable(self.clips, i, self.load)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         item = {"x": x}

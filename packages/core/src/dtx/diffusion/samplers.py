@@ -21,10 +21,18 @@ from tqdm.auto import trange
 
 from ..errors import ConfigError, ShapeError
 from .noise import randn_like
+from .sampler_api import SamplerOption, takes
 
 Model = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], Any]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The options users may set (``sample.sampler_options`` / ``--sampler-option``), with the ranges in which every step
+# stays finite: noise scales and eta of at most 100 (k-diffusion's use 0..1), churn and the churn window >= 0.
+ETA = SamplerOption("eta", float, 0.0, 100.0)
+S_NOISE = SamplerOption("s_noise", float, 0.0, 100.0)
+CHURN = (SamplerOption("s_churn", float, low=0.0), SamplerOption("s_tmin", float, low=0.0),
+         SamplerOption("s_tmax", float, 0.0, math.inf), S_NOISE)
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -85,6 +93,7 @@ def _churned_slope(model: Model, x: torch.Tensor, sigmas: torch.Tensor, i: int, 
     return x, sigma_hat, to_d(x, sigma_hat, denoised)
 
 
+@takes(*CHURN)
 @torch.no_grad()
 def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callback | None = None, disable: bool | None = None,
@@ -100,6 +109,7 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     return x
 
 
+@takes(ETA, S_NOISE)
 @torch.no_grad()
 def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                            callback: Callback | None = None, disable: bool | None = None,
@@ -120,6 +130,7 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
     return x
 
 
+@takes(*CHURN)
 @torch.no_grad()
 def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, disable: bool | None = None,
@@ -141,6 +152,7 @@ def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     return x
 
 
+@takes()
 @torch.no_grad()
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                     callback: Callback | None = None, disable: bool | None = None,
@@ -167,6 +179,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_a
     return x
 
 
+@takes(ETA, S_NOISE, SamplerOption("solver_type", str, choices=("heun", "midpoint")))
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                         callback: Callback | None = None, disable: bool | None = None,
@@ -204,6 +217,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, ext
     return x
 
 
+@takes(ETA, S_NOISE)
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                         callback: Callback | None = None, disable: bool | None = None,

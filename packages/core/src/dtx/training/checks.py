@@ -1,6 +1,7 @@
 """Rules between the config, the data and the model, checked when the run is built and before anything is written:
 labels against ``num_classes`` and the null class, and every sampling setting of the periodic and final grids
-(classes, prompts, guidance, ``guide_channels``), so no error waits until after training has written checkpoints."""
+(classes, prompts, guidance, ``guide_channels``, the sampler and its options' types and ranges), so no error waits
+until after training has written checkpoints."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def check_sampling(cfg: TrainConfig, stage: ConditioningStage, info: DataInfo) -
     if s.guide_channels is not None and s.guide_channels > channels:
         raise ConfigError(f"bad value for config key 'sample.guide_channels': {s.guide_channels} is more than the "
                           f"{channels} channels the model samples")
+
+
+def check_sampler(cfg: TrainConfig, kind: str) -> None:
+    """``sample.sampler`` is a sampler of the objective's ``kind`` and ``sample.sampler_options`` are options it
+    takes, each of its type and in its range (``eta=.inf`` would draw NaN grids, ``eta=abc`` fail after training)."""
+    from ..diffusion.sampler_api import check_options
+    from .objectives import sampler_entry
+
+    s = cfg.sample
+    check_options(s.sampler, sampler_entry(s.sampler, kind), s.sampler_options, "sample.sampler_options")
 
 
 def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: ConditioningStage) -> None:

@@ -20,4 +20,4 @@ def run_local(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
     gpus = getattr(args, "gpus_per_worker", None)
     ctx = LocalContext(cfg.out, device=default_device(None if gpus is None else gpus > 0),
                        require_resume=bool(getattr(args, "resume", False)))
-    return train(cfg, ctx)
+    return {**train(cfg, ctx), "runner": "local"}

@@ -21,8 +21,8 @@ from ..diffusion import noise_levels
 from ..diffusion.guidance import guided
 from ..errors import ConfigError, UnknownNameError
 from ..interface import ModelInterface, interface_of, unwrap
-from ..diffusion.sampler_api import option_names
-from ..options import check_names, factory_options
+from ..diffusion.sampler_api import check_options
+from ..options import factory_options
 from .config import ObjectiveConfig
 
 Cond = dict[str, torch.Tensor]
@@ -74,9 +74,9 @@ def schedule_entry(key: str, name: str, kind: str) -> Callable[..., Any]:
 def call_sampler(fn: Callable[..., torch.Tensor], name: str, net: Callable[..., torch.Tensor], x: torch.Tensor,
                  schedule: Any, generator: torch.Generator | None, progress: bool,
                  options: Mapping[str, Any] | None) -> torch.Tensor:
-    """Run a registered sampler with the recipe's/CLI's sampler options (eta, solver_type, ...), checked by name."""
-    options = dict(options or {})
-    check_names(f"sampler {name!r}", option_names(fn), options)
+    """Run a registered sampler with the recipe's/CLI's sampler options (eta, solver_type, ...), checked by name,
+    type and range (``dtx sample`` and ``dtx train`` check them earlier, naming their key)."""
+    options = check_options(name, fn, dict(options or {}), "sampler_options")
     return fn(net, x, schedule, generator=generator, progress=progress, **options)
 
 

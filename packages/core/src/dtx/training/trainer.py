@@ -23,10 +23,8 @@ from ..config import to_yaml
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import atomic_write_text, refuse_link
 from ..models import create_model, load_state_dict_strict, model_spec
-from ..diffusion.sampler_api import option_names
-from ..options import check_names
 from ..preemption import stop_on_signals
-from .checks import check_run
+from .checks import check_run, check_sampler
 from .config import TrainConfig, config_dict
 from .compile import compile_model
 from .context import RunContext
@@ -36,7 +34,7 @@ from .guards import check_update
 from .lock import RunLock
 from .metrics import MetricsLog, plot_loss
 from .model_setup import build_run_data, enable_activation_checkpointing, model_overrides
-from .objectives import Objective, build_objective, sampler_entry
+from .objectives import Objective, build_objective
 from .optim import build_optimizer, lr_at, set_lr
 from .sampling import SamplingSetup, generate, write_samples
 from .seeding import STEP, derive_seed, seed_everything
@@ -106,9 +104,7 @@ class Trainer:
         if self.sharded:
             shard_like(self.ema.model, self.raw)
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
-        sampler = sampler_entry(cfg.sample.sampler, self.objective.kind)  # fail now, not after training
-        check_names(f"sample.sampler_options: sampler {cfg.sample.sampler!r}", option_names(sampler),
-                    cfg.sample.sampler_options)
+        check_sampler(cfg, self.objective.kind)  # fail now, not after training
         check_run(cfg, self.info, model, self.stage)  # labels vs classes, sampling settings: before any write
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
