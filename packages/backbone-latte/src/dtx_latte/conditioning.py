@@ -85,6 +85,9 @@ class ImageLabelConditioner(Conditioner):
         """None: a request names clip classes (``y``), and sampled clips carry no images to label."""
         return None
 
+    def request_parts(self) -> tuple[str, ...]:
+        return ()
+
     def default_fields(self, n: int) -> Fields:
         return {"y_image": torch.zeros((n, 0), dtype=torch.long)}
 

@@ -31,6 +31,8 @@ Fields = dict[str, Any]
 
 
 # -- configuration --------------------------------------------------------------------------------------------------
+#: what each part of a ``SampleRequest`` asks for, in words (``flags.NAME``: "the flag 'NAME'")
+REQUEST_NOUNS = {"classes": "class labels", "prompts": "text prompts", "negative_prompt": "a negative prompt"}
 
 @dataclass
 class ConditionerConfig:
@@ -106,6 +108,14 @@ class Conditioner(nn.Module, abc.ABC):
     def default_fields(self, n: int) -> Fields:
         """Raw fields when a request names nothing for this conditioner (default: the null condition)."""
         return self.null_fields(n)
+    def request_parts(self) -> tuple[str, ...] | None:
+        """The parts of a ``SampleRequest`` this conditioner reads (``classes``, ``prompts``, ``negative_prompt``,
+        ``flags.NAME``), so that a part no conditioner reads is refused instead of ignored; None: not declared (a
+        subclass overriding ``subjects`` or ``guidance_null`` may read any part), which leaves requests unchecked."""
+        cls = type(self)
+        reads = cls.subjects is not Conditioner.subjects or cls.guidance_null is not Conditioner.guidance_null
+        return None if reads else ()
+
 
     def guidance_null(self, request: SampleRequest, n: int) -> Fields:
         """The raw fields of the unconditional guidance term (a negative prompt, for text)."""
@@ -160,6 +170,9 @@ class ClassLabelConditioner(Conditioner):
 
 class FlagConditioner(Conditioner):
     """A per-sample boolean ``field`` passed to the model under the same name; the null value is ``null``.
+    def request_parts(self) -> tuple[str, ...]:
+        return ("classes",) if self.num_classes else ()
+
 
     ``dtx sample --flag NAME`` sets it for every sample (e.g. GenTron's motion-free mask).
     """
@@ -185,6 +198,9 @@ class FlagConditioner(Conditioner):
 
 
 # -- raw-field helpers ----------------------------------------------------------------------------------------------
+
+    def request_parts(self) -> tuple[str, ...]:
+        return (f"flags.{self.fields[0]}",)
 
 def batch_size_of(raw: Mapping[str, Any]) -> int:
     sizes = {len(v) for v in raw.values()}
@@ -226,6 +242,16 @@ def repeat_fields(raw: Fields, k: int) -> Fields:
 # -- the stage -------------------------------------------------------------------------------------------------------
 
 @dataclass
+def _request_noun(part: str) -> str:
+    return REQUEST_NOUNS.get(part) or f"the flag {part.partition('.')[2]!r}"
+
+
+def _request_label(part: str, names: Mapping[str, str]) -> str:
+    """The option that sets a request part: ``names[part]``, or for one flag ``names["flags"] NAME``."""
+    kind, _, name = part.partition(".")
+    return names[part] if part in names else f"{names.get(kind, kind)} {name}"
+
+
 class Member:
     """One configured conditioner of the stage."""
 
@@ -401,6 +427,26 @@ class ConditioningStage:
         GenTron's ``motion``: 1.2) followed by a classic-CFG term at ``cfg_scale`` switching on every other
         conditioner that has a null condition (none at ``cfg_scale`` 1)."""
         if steps:
+    def request_problem(self, request: SampleRequest, names: Mapping[str, str]) -> tuple[str, str] | None:
+        """(option, what is wrong) for the first part of ``request`` that no conditioner of this model reads
+        (``--prompt`` for a class model, ``--classes`` for a text model, a flag it has no field for), saying what
+        the model takes; None when every part is read. ``names`` maps a part (``classes``, ``prompts``,
+        ``negative_prompt``, ``flags``, or ``flags.NAME`` for one flag) to the option or config key that sets it."""
+        parts = [m.conditioner.request_parts() for m in self.members]
+        if any(p is None for p in parts):
+            return None
+        read = list(dict.fromkeys(part for p in parts for part in p or ()))
+        asked = [part for part, value in (("classes", request.classes), ("prompts", request.prompts),
+                                          ("negative_prompt", request.negative_prompt is not None)) if value]
+        asked += [f"flags.{name}" for name in request.flags]
+        for part in asked:
+            if part not in read:
+                takes = ", ".join(f"{_request_noun(p)} ({_request_label(p, names)})" for p in read)
+                noun = _request_noun(part)
+                return _request_label(part, names), (f"this model takes {takes}, not {noun}" if takes else
+                                                     f"this model is unconditional: it takes no {noun}")
+        return None
+
             known = set(self.keys)
             for s in steps:
                 bad = [k for k in s.keys if k not in known]

@@ -335,6 +335,9 @@ class TextConditioner(Conditioner):
     def subjects(self, request: SampleRequest) -> list[Fields] | None:
         return [{"text": [str(p)]} for p in request.prompts] or None
 
+    def request_parts(self) -> tuple[str, ...]:
+        return ("prompts", "negative_prompt")
+
     def guidance_null(self, request: SampleRequest, n: int) -> Fields:
         """The negative prompt when the request has one, else the null caption."""
         if request.negative_prompt is not None:

@@ -266,6 +266,9 @@ class PrecomputedTextConditioner(Conditioner):
     def subjects(self, request: SampleRequest) -> list[Fields] | None:
         return [self._encode_prompts([str(p)]) for p in request.prompts] or None
 
+    def request_parts(self) -> tuple[str, ...]:
+        return ("prompts", "negative_prompt")
+
     def guidance_null(self, request: SampleRequest, n: int) -> Fields:
         """The negative prompt's encoding when the request has one, else the null condition."""
         if request.negative_prompt is not None:

@@ -1,7 +1,7 @@
 """Rules between the config, the data and the model, checked when the run is built and before anything is written:
 labels against ``num_classes`` and the null class, and every sampling setting of the periodic and final grids
-(classes, prompts, guidance, ``guide_channels``, the sampler and its options' types and ranges), so no error waits
-until after training has written checkpoints."""
+(classes or prompts the model reads, guidance, ``guide_channels``, the sampler and its options' types and ranges),
+so no error waits until after training has written checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from ..conditioning import ConditioningStage, SampleRequest
 from ..data.info import DataInfo
 from ..errors import ConfigError
 from .config import TrainConfig
+
+#: the parts of a sampling request a recipe's ``sample`` section sets (``sample.classes`` ...)
+SAMPLE_PARTS = ("classes", "prompts", "negative_prompt")
 
 
 def check_labels(info: DataInfo, model: nn.Module) -> None:
@@ -31,10 +34,13 @@ def check_labels(info: DataInfo, model: nn.Module) -> None:
 def check_sampling(cfg: TrainConfig, stage: ConditioningStage, info: DataInfo) -> None:
     """Dry-run the sampling request and guidance plan of ``cfg.sample`` (what the grids will use), naming the key."""
     s = cfg.sample
+    request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
+    problem = stage.request_problem(request, {part: f"sample.{part}" for part in SAMPLE_PARTS})
+    if problem is not None:
+        raise ConfigError(f"bad value for config key {problem[0]!r}: {problem[1]}")
     key = "sample.classes" if s.classes else "sample.prompts" if s.prompts else "sample"
     try:
-        stage.request_fields(SampleRequest(classes=list(s.classes), prompts=list(s.prompts),
-                                           negative_prompt=s.negative_prompt), s.n_per_class)
+        stage.request_fields(request, s.n_per_class)
     except ConfigError as exc:
         raise ConfigError(f"bad value for config key {key!r}: {exc}") from None
     key = "sample.guidance" if s.guidance else "sample.guidance_scales" if s.guidance_scales else "sample.cfg"
