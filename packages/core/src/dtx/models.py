@@ -261,11 +261,33 @@ def load_model_with_info(source: str | os.PathLike, name: str | None = None, opt
     return model.eval(), info
 
 
+def _detects(entry: plugins.Entry, path: Path, obj: Any) -> bool:
+    """Whether checkpoint format ``entry`` claims ``path`` (``obj``: the file's contents, None for a folder). A
+    ``detect`` that raises is a bug of its plugin: named in a warning and in ``dtx plugins``, and taken as a no, so
+    the other formats still read every file."""
+    try:
+        return bool(entry.obj(path, obj))
+    except Exception as exc:
+        plugins.host().warn(entry.plugin, f"checkpoint format {entry.name!r}: detect() raised "
+                                          f"{plugins._short_error(exc)}; the format is skipped")
+        return False
+
+
+def probe_formats() -> None:
+    """Ask every checkpoint format whether it reads an empty folder (none should, and none should raise), so that
+    ``dtx plugins`` names a format whose ``detect`` raises before a user's file meets it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dtx-probe-") as folder:
+        for entry in plugins.host().table("checkpoint_format").values():
+            _detects(entry, Path(folder), None)
+
+
 def _load_folder(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:
     """A folder a registered format understands (``detect(path, None)``), e.g. a diffusers model or pipeline."""
     formats = plugins.host().table("checkpoint_format")
     for entry in formats.values():
-        if entry.obj(path, None):
+        if _detects(entry, path, None):
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
             model, info = load(path, None, name, options, **overrides)
             return model, {"format": entry.name, **info}
@@ -278,7 +300,7 @@ def _load_file(path: Path, name: str | None, options: LoadOptions, **overrides: 
     obj = read_safe(path, trust=options.trust)
     formats = plugins.host().table("checkpoint_format")
     for entry in formats.values():
-        if entry.obj(path, obj):
+        if _detects(entry, path, obj):
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
             model, info = load(path, obj, name, options, **overrides)
             return model, {"format": entry.name, **info}

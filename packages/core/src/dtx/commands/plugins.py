@@ -2,8 +2,9 @@
 
 A plugin that failed (import error, exception in a hook, misspelled hook, another major hook API) is listed with
 its error and a fix; one that loaded with something to fix (a hook its declared ``DTX_HOOK_API`` lacks, a newer
-minor API) with a warning; names registered by more than one plugin are listed under ``conflicts`` with how to
-pick one. ``--check`` exits 1 when there is any of these (for a plugin's CI).
+minor API, a contribution refused at use time: a sample flag taking a core option's name, a checkpoint format
+whose ``detect`` raises) with a warning; names registered by more than one plugin are listed under ``conflicts``
+with how to pick one. ``--check`` exits 1 when there is any of these (for a plugin's CI).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def _conflicts(host: plugins.PluginHost) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import probe_formats
+
     host = plugins.host()
+    probe_formats()  # a checkpoint format whose detect() raises becomes a warning of its plugin
     records = list(host)
     conflicts = _conflicts(host)
     if args.json:

@@ -5,10 +5,12 @@ and the one sampling path; writes a PNG grid and an ADM ``.npz`` (videos also a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .. import plugins
 from ..conditioning import GuidanceStep, SampleRequest
@@ -33,25 +35,70 @@ def _guide_step(text: str) -> GuidanceStep:
     return GuidanceStep(keys=[k.strip() for k in keys.split(",") if k.strip()], scale=value)
 
 
+_PLUGIN_FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+@functools.cache
+def _core_flags() -> frozenset[str]:
+    """The option strings of ``dtx sample`` itself, which no plugin's flag may take."""
+    p = argparse.ArgumentParser()
+    _core_arguments(p)
+    return frozenset(p._option_string_actions)
+
+
+def _flag_problem(flag: Any, taken: set[str]) -> str | None:
+    """Why a sample option a conditioner declares cannot be added to ``dtx sample``, or None."""
+    if not isinstance(flag, str) or not _PLUGIN_FLAG.fullmatch(flag):
+        return "is not a --long-option"
+    if flag in _core_flags():
+        return "is a core option of dtx sample"
+    return "is declared by another conditioner" if flag in taken else None
+
+
+def _plugin_options() -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """(flags, scales) that registered conditioners declare, each ``--flag`` -> (field or conditioner name, help).
+    One that is malformed or already taken (by a core option or an earlier conditioner's), or a second scale of one
+    conditioner, is refused: a warning names its plugin, ``dtx plugins`` shows it, ``dtx sample`` works without it."""
+    host = plugins.host()
+    taken: set[str] = set()
+    flags: dict[str, tuple[str, str]] = {}
+    scales: dict[str, tuple[str, str]] = {}
+    for name, entry in host.table("conditioner").items():
+        for meta_key, out in (("sample_flags", flags), ("sample_scales", scales)):
+            declared = entry.meta.get(meta_key) or {}
+            for flag, help_text in (declared.items() if isinstance(declared, Mapping) else [(declared, "")]):
+                problem = _flag_problem(flag, taken)
+                if problem is None and out is scales and any(n == name for n, _ in scales.values()):
+                    problem = "is a second guidance scale of this conditioner"
+                if problem is not None:
+                    host.warn(entry.plugin, f"conditioner {name!r} declares the sample option {flag!r} "
+                                            f"({meta_key}), which {problem}; refused")
+                    continue
+                taken.add(flag)
+                out[flag] = (flag[2:].replace("-", "_") if out is flags else name, str(help_text))
+    return flags, scales
+
+
 def plugin_flags() -> dict[str, tuple[str, str]]:
     """Per-sample flags that registered conditioners declare: ``--flag`` -> (field name, help)."""
-    flags: dict[str, tuple[str, str]] = {}
-    for entry in plugins.host().table("conditioner").values():
-        for flag, help_text in dict(entry.meta.get("sample_flags") or {}).items():
-            flags.setdefault(flag, (flag.lstrip("-").replace("-", "_"), help_text))
-    return flags
+    return _plugin_options()[0]
 
 
 def plugin_scales() -> dict[str, tuple[str, str]]:
     """Guidance scales that registered conditioners declare: ``--flag`` -> (conditioner name, help)."""
-    scales: dict[str, tuple[str, str]] = {}
-    for name, entry in sorted(plugins.host().table("conditioner").items()):
-        for flag, help_text in dict(entry.meta.get("sample_scales") or {}).items():
-            scales.setdefault(flag, (name, help_text))
-    return scales
+    return _plugin_options()[1]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    _core_arguments(p)
+    flags, scales = _plugin_options()
+    for flag, (dest, help_text) in flags.items():
+        p.add_argument(flag, dest=f"flag_{dest}", action="store_true", help=help_text)
+    for flag, (name, help_text) in scales.items():
+        p.add_argument(flag, dest=f"scale_{name.replace('-', '_')}", type=float, metavar="SCALE", help=help_text)
+
+
+def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="a run folder (newest checkpoint), a checkpoint folder, a dtx "
                                                     "model folder or a checkpoint file a plugin reads")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
@@ -65,10 +112,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", help="text for the unconditional guidance term instead of the empty prompt")
-    for flag, (dest, help_text) in plugin_flags().items():
-        p.add_argument(flag, dest=f"flag_{dest}", action="store_true", help=help_text)
-    for flag, (name, help_text) in plugin_scales().items():
-        p.add_argument(flag, dest=f"scale_{name.replace('-', '_')}", type=float, metavar="SCALE", help=help_text)
     p.add_argument("--set-flag", action="append", default=[], metavar="FIELD",
                    help="set a per-sample boolean condition field for every sample (repeatable)")
     p.add_argument("--n-per-class", type=int, default=8,
@@ -113,17 +156,46 @@ def _check_args(args: argparse.Namespace) -> None:
                               f"checkpoints; write samples elsewhere (default: the run's samples/)")
 
 
+def _prompt_lines(path: Path, text: str) -> list[str]:
+    """The prompts of a ``--prompts-file``: one per line, split on ``\\n`` and ``\\r\\n`` only (other separators
+    such as U+2028 stay inside their prompt), blank lines skipped. A lone ``\\r`` (an old Mac line end, or a stray
+    one inside a prompt) and a file without any prompt are errors naming the file."""
+    prompts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if "\r" in line:
+            raise ConfigError(f"--prompts-file {path}: line {number} holds a carriage return (\\r) that does not end "
+                              f"the line; prompts are split on newlines (\\n or \\r\\n) only")
+        if line.strip():
+            prompts.append(line.strip())
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path} holds no prompt (every line is blank)")
+    return prompts
+
+
 def _request(args: argparse.Namespace) -> SampleRequest:
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file not found: {path}")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += _prompt_lines(path, path.read_text())
     flags = {dest: True for _, (dest, _) in plugin_flags().items() if getattr(args, f"flag_{dest}", False)}
     flags.update({name.replace("-", "_"): True for name in args.set_flag})
     return SampleRequest(classes=list(args.classes or []), prompts=prompts, negative_prompt=args.negative_prompt,
                          flags=flags)
+
+
+def _check_request(args: argparse.Namespace, request: SampleRequest, stage: Any) -> None:
+    """Refuse a condition the model cannot use (``--prompt`` for a class model, ``--classes`` for a text model, a
+    flag it has no field for) instead of ignoring it; the error names the option and what the model takes."""
+    prompts = "--prompts-file" if args.prompts_file and not args.prompt else "--prompt"
+    names = {"classes": "--classes", "prompts": prompts, "negative_prompt": "--negative-prompt", "flags": "--set-flag"}
+    explicit = {name.replace("-", "_") for name in args.set_flag}
+    names.update({f"flags.{dest}": flag for flag, (dest, _) in plugin_flags().items() if dest not in explicit})
+    problem = stage.request_problem(request, names)
+    if problem is not None:
+        raise ConfigError(f"{problem[0]}: {problem[1]}")
 
 
 def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
@@ -137,13 +209,19 @@ def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
     return load_vae(path).to(device)
 
 
-def _sampler_options(args: argparse.Namespace, run: Any) -> dict[str, Any]:
-    """The run's sampler options (kept only for the run's sampler) updated by ``--sampler-option``."""
+def _sampler_options(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
+    """The run's sampler options (kept only for the run's sampler) updated by ``--sampler-option``, each checked
+    against what the sampler declares before anything runs; an error names the option where it was given."""
     from ..config import parse_options
+    from ..diffusion.sampler_api import check_options
+    from ..training.objectives import sampler_entry
 
-    options = dict(run.sampler_options) if args.sampler in (None, run.sampler) else {}
-    options.update(parse_options(args.sampler_option))
-    return options
+    run = setup.cfg.sample
+    name = args.sampler or run.sampler
+    fn = sampler_entry(name, setup.objective.kind)
+    given = check_options(name, fn, parse_options(args.sampler_option), "--sampler-option")
+    kept = {k: v for k, v in run.sampler_options.items() if k not in given} if name == run.sampler else {}
+    return {**check_options(name, fn, kept, "sample.sampler_options"), **given}
 
 
 def _default_out(source: Path) -> Path:
@@ -168,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
                               device=device)
     s = setup.cfg.sample
+    _check_request(args, request, setup.stage)
+    options = _sampler_options(args, setup)
     if not request.classes and s.classes:
         request.classes = list(s.classes)
     if not request.prompts and s.prompts:
@@ -183,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                        steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
                        guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
                        guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
-                       progress=args.progress, sampler_options=_sampler_options(args, s), guidance_scales=scales)
+                       progress=args.progress, sampler_options=options, guidance_scales=scales)
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps,
                             scale=args.scale)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
