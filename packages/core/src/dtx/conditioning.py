@@ -28,11 +28,11 @@ from .options import check_options
 
 RESERVED = ("y", "context", "context_mask", "pooled")
 Fields = dict[str, Any]
+#: what each part of a ``SampleRequest`` asks for, in words (``flags.NAME``: "the flag 'NAME'")
+REQUEST_NOUNS = {"classes": "class labels", "prompts": "text prompts", "negative_prompt": "a negative prompt"}
 
 
 # -- configuration --------------------------------------------------------------------------------------------------
-#: what each part of a ``SampleRequest`` asks for, in words (``flags.NAME``: "the flag 'NAME'")
-REQUEST_NOUNS = {"classes": "class labels", "prompts": "text prompts", "negative_prompt": "a negative prompt"}
 
 @dataclass
 class ConditionerConfig:
@@ -105,9 +105,6 @@ class Conditioner(nn.Module, abc.ABC):
     def subjects(self, request: SampleRequest) -> list[Fields] | None:
         return None
 
-    def default_fields(self, n: int) -> Fields:
-        """Raw fields when a request names nothing for this conditioner (default: the null condition)."""
-        return self.null_fields(n)
     def request_parts(self) -> tuple[str, ...] | None:
         """The parts of a ``SampleRequest`` this conditioner reads (``classes``, ``prompts``, ``negative_prompt``,
         ``flags.NAME``), so that a part no conditioner reads is refused instead of ignored; None: not declared (a
@@ -116,6 +113,9 @@ class Conditioner(nn.Module, abc.ABC):
         reads = cls.subjects is not Conditioner.subjects or cls.guidance_null is not Conditioner.guidance_null
         return None if reads else ()
 
+    def default_fields(self, n: int) -> Fields:
+        """Raw fields when a request names nothing for this conditioner (default: the null condition)."""
+        return self.null_fields(n)
 
     def guidance_null(self, request: SampleRequest, n: int) -> Fields:
         """The raw fields of the unconditional guidance term (a negative prompt, for text)."""
@@ -167,12 +167,12 @@ class ClassLabelConditioner(Conditioner):
                               f"(0..{self.num_classes - 1})")
         return [{"y": torch.tensor([int(c)])} for c in chosen]
 
-
-class FlagConditioner(Conditioner):
-    """A per-sample boolean ``field`` passed to the model under the same name; the null value is ``null``.
     def request_parts(self) -> tuple[str, ...]:
         return ("classes",) if self.num_classes else ()
 
+
+class FlagConditioner(Conditioner):
+    """A per-sample boolean ``field`` passed to the model under the same name; the null value is ``null``.
 
     ``dtx sample --flag NAME`` sets it for every sample (e.g. GenTron's motion-free mask).
     """
@@ -196,11 +196,11 @@ class FlagConditioner(Conditioner):
         name = self.fields[0]
         return [{name: torch.tensor([bool(request.flags[name])])}] if name in request.flags else None
 
-
-# -- raw-field helpers ----------------------------------------------------------------------------------------------
-
     def request_parts(self) -> tuple[str, ...]:
         return (f"flags.{self.fields[0]}",)
+
+
+# -- raw-field helpers ----------------------------------------------------------------------------------------------
 
 def batch_size_of(raw: Mapping[str, Any]) -> int:
     sizes = {len(v) for v in raw.values()}
@@ -239,9 +239,6 @@ def repeat_fields(raw: Fields, k: int) -> Fields:
     return out
 
 
-# -- the stage -------------------------------------------------------------------------------------------------------
-
-@dataclass
 def _request_noun(part: str) -> str:
     return REQUEST_NOUNS.get(part) or f"the flag {part.partition('.')[2]!r}"
 
@@ -252,6 +249,9 @@ def _request_label(part: str, names: Mapping[str, str]) -> str:
     return names[part] if part in names else f"{names.get(kind, kind)} {name}"
 
 
+# -- the stage -------------------------------------------------------------------------------------------------------
+
+@dataclass
 class Member:
     """One configured conditioner of the stage."""
 
@@ -421,12 +421,6 @@ class ConditioningStage:
             raw.update(p)
         return raw, n
 
-    def guidance_steps(self, cfg_scale: float, steps: Sequence[GuidanceStep] = (),
-                       scales: Mapping[str, float] | None = None) -> list[GuidanceStep]:
-        """Explicit ``steps``; else one term per entry of ``scales`` (registered conditioner name -> scale, e.g.
-        GenTron's ``motion``: 1.2) followed by a classic-CFG term at ``cfg_scale`` switching on every other
-        conditioner that has a null condition (none at ``cfg_scale`` 1)."""
-        if steps:
     def request_problem(self, request: SampleRequest, names: Mapping[str, str]) -> tuple[str, str] | None:
         """(option, what is wrong) for the first part of ``request`` that no conditioner of this model reads
         (``--prompt`` for a class model, ``--classes`` for a text model, a flag it has no field for), saying what
@@ -447,6 +441,12 @@ class ConditioningStage:
                                                      f"this model is unconditional: it takes no {noun}")
         return None
 
+    def guidance_steps(self, cfg_scale: float, steps: Sequence[GuidanceStep] = (),
+                       scales: Mapping[str, float] | None = None) -> list[GuidanceStep]:
+        """Explicit ``steps``; else one term per entry of ``scales`` (registered conditioner name -> scale, e.g.
+        GenTron's ``motion``: 1.2) followed by a classic-CFG term at ``cfg_scale`` switching on every other
+        conditioner that has a null condition (none at ``cfg_scale`` 1)."""
+        if steps:
             known = set(self.keys)
             for s in steps:
                 bad = [k for k in s.keys if k not in known]
