@@ -372,24 +372,24 @@ class GaussianDiffusion:
 
 # --- samplers with the uniform registry signature ---------------------------------------------------------------------
 
-def ddpm_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
-                 model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
-                 progress: bool = False, generator: torch.Generator | None = None) -> Tensor:
 #: DDIM's eta scales the posterior noise: 0 is deterministic, 1 is DDPM's variance; above 1 the variance exceeds
 #: 1 - abar_prev on large respaced steps and the mean's square root turns NaN
 DDIM_ETA = SamplerOption("eta", float, 0.0, 1.0)
 
 
 @takes()
+def ddpm_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
+                 model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
+                 progress: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """Ancestral DDPM sampling (DiT's ``p_sample_loop``)."""
     return diffusion.p_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                    generator=generator)
 
 
+@takes(DDIM_ETA)
 def ddim_sampler(diffusion: GaussianDiffusion, model: Model, noise: Tensor,
                  model_kwargs: Mapping[str, Any] | None = None, *, clip_denoised: bool = False,
                  progress: bool = False, generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-@takes(DDIM_ETA)
     """DDIM sampling (ADM's ``ddim_sample_loop``); option ``eta``."""
     return diffusion.ddim_sample_loop(model, noise, model_kwargs, clip_denoised=clip_denoised, progress=progress,
                                       generator=generator, eta=eta)
