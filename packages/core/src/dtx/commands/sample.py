@@ -176,10 +176,10 @@ def _prompt_lines(path: Path, text: str) -> list[str]:
 def _request(args: argparse.Namespace) -> SampleRequest:
     prompts = list(args.prompt)
     if args.prompts_file:
+        from ..io import read_text_file
+
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompts-file not found: {path}")
-        prompts += _prompt_lines(path, path.read_text())
+        prompts += _prompt_lines(path, read_text_file(path, "--prompts-file"))
     flags = {dest: True for _, (dest, _) in plugin_flags().items() if getattr(args, f"flag_{dest}", False)}
     flags.update({name.replace("-", "_"): True for name in args.set_flag})
     return SampleRequest(classes=list(args.classes or []), prompts=prompts, negative_prompt=args.negative_prompt,
