@@ -55,3 +55,37 @@ def test_bench_memory_of_a_dit_s2_forward_matches_a_hand_estimate(host, capsys):
     b, t, d = 8, (32 // 2) ** 2, 384
     estimate = b * t * (2 * d + 2 * 4 * d) * 4 / 2 ** 20  # 30 MiB
     assert estimate / 2 <= row["peak_mem_mb"] <= 2 * estimate, (row["peak_mem_mb"], estimate)
+
+
+def test_video_metrics_fail_on_noise_and_pass_on_moving_digits(tmp_path, capsys):
+    """`moving` and `label_agreement` measure a digit: pure noise clips (uniform, dark Gaussian, smooth blobs) score
+    near 0 where they scored up to 1.0 / 0.7 before; Latte's moving-digits clips keep 1.0 and >= 0.97."""
+    import torch
+    from dtx_latte.data import MovingDigits
+
+    from dtx.writers import save_npz
+
+    data = MovingDigits("test", frames=8)
+    n = 48
+    real = torch.stack([data.clip(i) for i in range(n)])
+    g = torch.Generator().manual_seed(0)
+    noise = {"uniform": torch.rand(n, 8, 1, 32, 32, generator=g) * 2 - 1,
+             "dark": (0.5 * torch.randn(n, 8, 1, 32, 32, generator=g) - 0.5).clamp(-1, 1),
+             "blobs": torch.nn.functional.avg_pool2d(torch.randn(n * 8, 1, 32, 32, generator=g), 5, 1, 2)
+             .mul(4).clamp(-1, 1).view(n, 8, 1, 32, 32)}
+
+    def scores(videos: torch.Tensor, name: str) -> dict:
+        archive = save_npz(videos, tmp_path / f"{name}.npz", labels=data.labels[:n], channel_dim=2)
+        assert main(["eval", str(archive), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    good = scores(real, "real")
+    assert good["moving"] == 1.0 and good["label_agreement"] >= 0.97 and good["digit_frames"] == 1.0
+    assert (good["num_samples"], good["num_frames"]) == (n, n * 8)
+    for name, videos in noise.items():
+        bad = scores(videos, name)
+        assert bad["moving"] == 0.0 and bad["label_agreement"] <= 0.05 and bad["digit_frames"] <= 0.05, (name, bad)
+    assert main(["eval", str(tmp_path / "real.npz")]) == 0
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"({n} videos: one digit in every frame, its centre of mass moving >= 1 px;" in table["moving"]
+    assert f"({n * 8} frames: one digit, classified with probability >= 0.5" in table["label_agreement"]

@@ -198,3 +198,26 @@ def test_sample_grids_enlarge_small_samples_to_a_viewable_size_by_default(tiny_r
     assert main(["sample", str(tiny_run), "--scale", "0", "--out", str(tmp_path / "bad.png")]) == 2
     assert "--scale must be an integer in 1..64, got 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+# -- 4: every number with its conditions ---------------------------------------------------------------------------
+
+def test_eval_prints_the_sample_count_with_every_metric(tmp_path, capsys):
+    """`dtx eval` names how many samples each score comes from (and the reference's size), in the table and JSON."""
+    import json
+
+    from dtx.data.digits import digits_arrays
+    from dtx.writers import save_npz
+
+    x, y = digits_arrays("test", 8)
+    archive = save_npz(x[:40], tmp_path / "s.npz", labels=y[:40])
+    assert main(["eval", str(archive)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    metrics = {line.split()[0]: line for line in lines[1:]}
+    assert set(metrics) == {"accuracy", "fd_digits", "fid"}
+    assert "(40 samples; classifier on the 355 real test digits:" in metrics["accuracy"]
+    assert "(40 samples vs 1442 real digits/train; the 355 real test digits score" in metrics["fd_digits"]
+    assert "skipped" in metrics["fid"] or "(40 samples vs 1442 real digits/train)" in metrics["fid"]
+    assert main(["eval", str(archive), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["num_samples"], result["reference_samples"], result["test_samples"]) == (40, 1442, 355)

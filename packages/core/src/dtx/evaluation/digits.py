@@ -29,6 +29,8 @@ BRIGHT = 0.0  # a pixel above mid grey is part of the digit: it finds the digit 
 LIT = -0.8  # a pixel this bright (just above 1/16 of full ink) near the digit is part of its extent and mass
 MARGIN = 4  # how far (px) around the first window lit pixels are taken into account
 MOVING_PX = 1.0  # a clip "moves" when its digit's centroid gets this far from where it started
+DIGIT_INK = 0.9  # a frame shows one digit when at least this fraction of its ink (above LIT) lies in the digit's window
+CONFIDENT = 0.5  # a frame's class counts for label_agreement when the classifier gives it at least this probability
 
 
 class DigitsClassifier(nn.Module):
@@ -227,15 +229,34 @@ def locate_digits(frames: torch.Tensor, crop: int = CROP) -> tuple[torch.Tensor,
     return centroid, torch.where((mass > 0)[:, None], origin, first)
 
 
-def digit_crops(frames: torch.Tensor, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
-    """The located digit of each grey frame ``[M, H, W]`` as ``[M, 1, 8, 8]`` (a ``crop`` window downsampled by
-    area), and the frames' centroids ``[M, 2]``."""
-    centroid, origin = locate_digits(frames, crop)
+def _windows(frames: torch.Tensor, origin: torch.Tensor, crop: int) -> torch.Tensor:
+    """The ``crop`` windows at ``origin`` ``[M, 2]`` of grey frames ``[M, H, W]``, area-downsampled to
+    ``[M, 1, 8, 8]``."""
     offsets = torch.arange(crop)
     r = (origin[:, 0, None] + offsets)[:, :, None]
     c = (origin[:, 1, None] + offsets)[:, None, :]
     windows = frames[torch.arange(len(frames))[:, None, None], r, c]
-    return F.avg_pool2d(windows.unsqueeze(1), crop // 8), centroid
+    return F.avg_pool2d(windows.unsqueeze(1), crop // 8)
+
+
+def digit_crops(frames: torch.Tensor, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The located digit of each grey frame ``[M, H, W]`` as ``[M, 1, 8, 8]`` (a ``crop`` window downsampled by
+    area), and the frames' centroids ``[M, 2]``."""
+    centroid, origin = locate_digits(frames, crop)
+    return _windows(frames, origin, crop), centroid
+
+
+def shows_one_digit(frames: torch.Tensor, origin: torch.Tensor, crop: int = CROP) -> torch.Tensor:
+    """Whether each grey frame ``[M, H, W]`` is one digit on a dark background (bool ``[M]``): it has ink (pixels
+    above ``LIT``) and at least ``DIGIT_INK`` of it lies in the ``crop`` window at ``origin`` (``locate_digits``).
+    Noise, whose ink covers the frame, keeps about window / frame (a quarter) of it there."""
+    ink = (frames - LIT).clamp_min(0)
+    rows = torch.arange(frames.shape[-2])[None, :, None]
+    cols = torch.arange(frames.shape[-1])[None, None, :]
+    top, left = origin[:, 0, None, None], origin[:, 1, None, None]
+    inside = (rows >= top) & (rows < top + crop) & (cols >= left) & (cols < left + crop)
+    total = ink.sum(dim=(1, 2))
+    return (total > 0) & ((ink * inside).sum(dim=(1, 2)) >= DIGIT_INK * total)
 
 
 @torch.no_grad()
@@ -247,16 +268,23 @@ def frame_consistency(videos: torch.Tensor, labels: torch.Tensor | None = None,
 
     - ``frame_consistency``: fraction of all frames classified as their clip's requested label;
     - ``clip_consistency``: fraction of clips classified right in every frame (both None without ``labels``);
-    - ``label_agreement``: fraction of frames classified as their clip's most frequent prediction (no labels needed);
-    - ``moving``: fraction of clips whose digit centroid gets at least ``MOVING_PX`` (1 px) away from its position in
-      the first frame at some frame (a frozen clip scores 0; a digit that bounces back still counts as moving);
+    - ``digit_frames``: fraction of frames that show one digit on a dark background (:func:`shows_one_digit`);
+    - ``label_agreement``: fraction of frames that show one digit, classified with probability >= ``CONFIDENT`` as
+      their clip's most frequent prediction (no labels needed; noise, even when the classifier keeps naming one
+      class for it, scores near 0);
+    - ``moving``: fraction of clips that show one digit in every frame and whose digit's centroid gets at least
+      ``MOVING_PX`` (1 px) away from its position in the first frame at some frame (a frozen clip scores 0; a digit
+      that bounces back still counts as moving; noise, whose centroid jitters, fails the first condition);
     - ``mean_displacement_px``: the mean over clips of that largest distance;
     - ``num_videos`` and ``frames``.
     """
     grey = _grey_frames(videos, crop)
     n, f = grey.shape[:2]
-    crops, centroid = digit_crops(grey.reshape(n * f, *grey.shape[2:]), crop)
-    pred = digits_logits(crops, model).argmax(1).view(n, f)
+    flat = grey.reshape(n * f, *grey.shape[2:])
+    centroid, origin = locate_digits(flat, crop)
+    probs = digits_logits(_windows(flat, origin, crop), model).softmax(1)
+    confidence, pred = (t.view(n, f) for t in probs.max(1))
+    digit = shows_one_digit(flat, origin, crop).view(n, f)
     centroid = centroid.view(n, f, 2)
     displacement = (centroid - centroid[:, :1]).norm(dim=-1).amax(dim=1)
     majority = pred.mode(dim=1).values
@@ -269,8 +297,10 @@ def frame_consistency(videos: torch.Tensor, labels: torch.Tensor | None = None,
         right = pred == labels[:, None]
         out["frame_consistency"] = right.float().mean().item()
         out["clip_consistency"] = right.all(dim=1).float().mean().item()
-    out["label_agreement"] = (pred == majority[:, None]).float().mean().item()
-    out["moving"] = (displacement >= MOVING_PX).float().mean().item()
+    out["digit_frames"] = digit.float().mean().item()
+    agree = (pred == majority[:, None]) & (confidence >= CONFIDENT) & digit
+    out["label_agreement"] = agree.float().mean().item()
+    out["moving"] = ((displacement >= MOVING_PX) & digit.all(dim=1)).float().mean().item()
     out["mean_displacement_px"] = displacement.mean().item()
     return out
 

@@ -5,7 +5,9 @@ The archive holds ``arr_0`` (uint8 NHWC images or NFHWC videos, from clamp(127.5
 the Fréchet distance to the real digits in the classifier's feature space, and FID when torchmetrics and local
 Inception weights are available. For videos of one moving digit (Latte's ``moving-digits``), every frame's digit is
 located and classified (``dtx.evaluation.digits.frame_consistency``): the fraction of frames showing the requested
-digit, of clips right in every frame, and of clips whose digit moves; the Fréchet distance uses the located digits.
+digit, of clips right in every frame, of frames showing one digit on a dark background, of those frames confidently
+agreeing with their clip, and of clips whose one digit moves; the Fréchet distance uses the located digits. Every
+score is printed with the number of samples (images, frames or clips) it was computed on.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def evaluate_samples(path: str | Path, reference: str = "train",
     x = to_unit(images)
     test_x, test_y = digits_arrays("test", 8)
     real_stats = reference_stats(reference)
-    result: dict[str, Any] = {"path": str(archive), "kind": "images", "num_samples": n, "image_shape": [c, h, w]}
+    result: dict[str, Any] = {"path": str(archive), "kind": "images", "num_samples": n, "image_shape": [c, h, w],
+                              "reference_samples": len(digits_arrays(reference, 8)[1]), "test_samples": len(test_y)}
     if labels is not None:
         _check_labels(archive, labels, NUM_CLASSES)
         result["accuracy"] = digits_accuracy(x, labels)
@@ -153,7 +156,9 @@ def _evaluate_videos(archive: Path, videos: torch.Tensor, labels: torch.Tensor |
     scores = frame_consistency(x, labels)
     test_x, test_y = digits_arrays("test", 8)
     real_stats = reference_stats(reference)
-    result: dict[str, Any] = {"path": str(archive), "kind": "videos", "num_samples": n, "video_shape": [f, c, h, w]}
+    result: dict[str, Any] = {"path": str(archive), "kind": "videos", "num_samples": n, "num_frames": n * f,
+                              "video_shape": [f, c, h, w], "reference_samples": len(digits_arrays(reference, 8)[1]),
+                              "test_samples": len(test_y)}
     result.update({k: v for k, v in scores.items() if k not in ("num_videos", "frames")})
     result["accuracy"] = scores["frame_consistency"]  # per-frame accuracy on the requested labels
     result["classifier_test_accuracy"] = digits_accuracy(test_x, test_y)
@@ -167,23 +172,37 @@ def _evaluate_videos(archive: Path, videos: torch.Tensor, labels: torch.Tensor |
     return result
 
 
+def _fd_line(result: dict[str, Any], what: str) -> str:
+    """The Fréchet distance with both sample counts, the reference split and the real test digits' own score."""
+    fd = "n/a" if result["fd_digits"] is None else f"{result['fd_digits']:.4f}"
+    base = result.get("fd_real_test_baseline")
+    return (f"{fd}  ({what} vs {result['reference_samples']} real {result['fd_reference']}"
+            + (f"; the {result['test_samples']} real test digits score {base:.4f})" if base is not None else ")"))
+
+
+def _classifier(result: dict[str, Any]) -> str:
+    return f"classifier on the {result['test_samples']} real test digits: {result['classifier_test_accuracy']:.4f}"
+
+
 def _print_videos(result: dict[str, Any]) -> None:
+    from .digits import CONFIDENT, MOVING_PX
+
     f, c, h, w = result["video_shape"]
-    print(f"samples            {result['path']} ({result['num_samples']} videos, {f} frames of {c}x{h}x{w})")
+    clips, frames = f"{result['num_samples']} videos", f"{result['num_frames']} frames"
+    print(f"samples            {result['path']} ({clips}, {f} frames of {c}x{h}x{w})")
     if result["frame_consistency"] is None:
         print("frame_consistency  n/a (archive has no labels)")
         print("clip_consistency   n/a (archive has no labels)")
     else:
-        print(f"frame_consistency  {result['frame_consistency']:.4f}  (frames classified as the requested digit; "
-              f"classifier on the real test digits: {result['classifier_test_accuracy']:.4f})")
-        print(f"clip_consistency   {result['clip_consistency']:.4f}  (clips right in every frame)")
-    print(f"label_agreement    {result['label_agreement']:.4f}  (frames agreeing with their clip's majority class)")
-    print(f"moving             {result['moving']:.4f}  (clips whose digit moves >= 1 px; mean largest "
-          f"displacement {result['mean_displacement_px']:.2f} px)")
-    fd = "n/a" if result["fd_digits"] is None else f"{result['fd_digits']:.4f}"
-    base = result.get("fd_real_test_baseline")
-    print(f"fd_digits          {fd}  (located digits) vs {result['fd_reference']}"
-          + (f" (real test digits score {base:.4f})" if base is not None else ""))
+        print(f"frame_consistency  {result['frame_consistency']:.4f}  ({frames} classified as the requested digit; "
+              f"{_classifier(result)})")
+        print(f"clip_consistency   {result['clip_consistency']:.4f}  ({clips}: right in every frame)")
+    print(f"digit_frames       {result['digit_frames']:.4f}  ({frames}: one digit on a dark background)")
+    print(f"label_agreement    {result['label_agreement']:.4f}  ({frames}: one digit, classified with probability "
+          f">= {CONFIDENT:g} as their clip's majority class)")
+    print(f"moving             {result['moving']:.4f}  ({clips}: one digit in every frame, its centre of mass moving "
+          f">= {MOVING_PX:g} px; mean largest displacement {result['mean_displacement_px']:.2f} px)")
+    print(f"fd_digits          {_fd_line(result, frames + ' (located digits)')}")
     print(f"fid                skipped: {result['fid_skipped']}")
 
 
@@ -205,13 +224,12 @@ def run(args: argparse.Namespace) -> int:
         _print_videos(result)
         return 0
     c, h, w = result["image_shape"]
+    n = f"{result['num_samples']} samples"
     print(f"samples    {result['path']} ({result['num_samples']} images, {c}x{h}x{w})")
     acc = "n/a (archive has no labels)" if result["accuracy"] is None else f"{result['accuracy']:.4f}"
-    print(f"accuracy   {acc}  (classifier on the real test digits: {result['classifier_test_accuracy']:.4f})")
-    fd = "n/a" if result["fd_digits"] is None else f"{result['fd_digits']:.4f}"
-    base = result.get("fd_real_test_baseline")
-    print(f"fd_digits  {fd}  vs {result['fd_reference']}"
-          + (f" (real test digits score {base:.4f})" if base is not None else ""))
-    fid = f"{result['fid']:.4f}" if result["fid"] is not None else f"skipped: {result['fid_skipped']}"
+    print(f"accuracy   {acc}  ({n}; {_classifier(result)})")
+    print(f"fd_digits  {_fd_line(result, n)}")
+    fid = (f"{result['fid']:.4f}  ({n} vs {result['reference_samples']} real {result['fd_reference']})"
+           if result["fid"] is not None else f"skipped: {result['fid_skipped']}")
     print(f"fid        {fid}")
     return 0
