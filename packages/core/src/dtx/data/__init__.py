@@ -5,11 +5,16 @@ Every item is a dict: ``x`` is a float tensor ``[C, H, W]`` (or ``[F, C, H, W]``
 add keys such as ``text``. Every built-in dataset describes itself with ``info`` (a ``DataInfo``; ``data_info(ds)``
 also derives one for third-party datasets) and still exposes the older ``num_classes`` (0 if none), ``channels`` and
 ``image_size`` (of ``x``), ``is_latent`` and, when latent, ``latent_scale``.
+
+Loaders wrap their dataset in ``CarryErrors`` and batch with ``collate_carrying``: a user error raised in a DataLoader
+worker process then reaches the main process as it was raised (``raise_carried``), one line, instead of torch's
+re-raised copy whose message holds the worker's whole traceback.
 """
 
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -62,4 +67,47 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DataInfo", "build_dataset", "collate", "data_info", "list_datasets"]
+@dataclass
+class Carried:
+    """A user error raised while a batch was built, in place of the batch."""
+
+    error: DtxError
+
+
+class CarryErrors(Dataset):
+    """``dataset`` whose items return a user error (``DtxError``) as a ``Carried`` instead of raising it, so that it
+    crosses from a DataLoader worker to the main process unchanged."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except DtxError as exc:
+            return Carried(exc)
+
+
+def collate_carrying(batch: Sequence[Any]) -> Any:
+    """``collate`` for a ``CarryErrors`` dataset: the first carried error (or collate's own) stands for the batch."""
+    carried = next((item for item in batch if isinstance(item, Carried)), None)
+    if carried is not None:
+        return carried
+    try:
+        return collate(batch)
+    except DtxError as exc:
+        return Carried(exc)
+
+
+def raise_carried(batch: Any) -> Any:
+    """The batch, or the user error carried in its place raised as it was (no worker traceback in its message)."""
+    if isinstance(batch, Carried):
+        raise batch.error
+    return batch
+
+
+__all__ = ["CarryErrors", "DataInfo", "build_dataset", "collate", "collate_carrying", "data_info", "list_datasets",
+           "raise_carried"]

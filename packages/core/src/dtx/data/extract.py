@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import DataError
-from . import collate
+from . import CarryErrors, collate_carrying, raise_carried
 from .images import ImageFolderDataset
 from .latents import SHARD_GLOB, read_shard_metadata, shard_name, write_shard
 from .vae import encode, load_vae, vae_factors  # their home is dtx.data.vae; still importable from here
@@ -69,9 +69,10 @@ def extract_latents(vae: Any, data: ImageFolderDataset | VideoFolderDataset, out
             bar.update(len(indices))
             continue
         generator = torch.Generator(vae.device).manual_seed(seed + k)
-        loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        loader = DataLoader(CarryErrors(Subset(data, indices)), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_carrying)
         parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": [], "labels": []}
-        for batch in loader:
+        for batch in map(raise_carried, loader):
             x = batch["x"]
             parts["latents"].append(encode(vae, x, sample_posterior, generator).to(DTYPES[dtype]).cpu())
             if flips:

@@ -1,19 +1,26 @@
 """Rules between the config, the data and the model, checked when the run is built and before anything is written:
 labels against ``num_classes`` and the null class, and every sampling setting of the periodic and final grids
 (classes or prompts the model reads, guidance, ``guide_channels``, the sampler and its options' types and ranges),
-so no error waits until after training has written checkpoints."""
+so no error waits until after training has written checkpoints; and, on resume, what the checkpoint's run meant
+(data classes, data description, objective) against this run's."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..conditioning import ConditioningStage, SampleRequest
 from ..data.info import DataInfo
 from ..errors import ConfigError
-from .config import TrainConfig
+from .config import TrainConfig, config_dict
 
 #: the parts of a sampling request a recipe's ``sample`` section sets (``sample.classes`` ...)
 SAMPLE_PARTS = ("classes", "prompts", "negative_prompt")
+#: ``DataInfo`` fields a resumed run must share with its checkpoint (the VAE folder may move: its path is not one)
+RESUME_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(DataInfo) if f.name != "vae")
 
 
 def check_labels(info: DataInfo, model: nn.Module) -> None:
@@ -68,3 +75,44 @@ def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: Conditi
     """All cross-field rules of a run (see the module docstring)."""
     check_labels(info, model)
     check_sampling(cfg, stage, info)
+
+
+def data_classes(dataset: Any) -> list[str] | None:
+    """A dataset's class names in label order (its ``classes``), or None when it names none."""
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
+
+
+def _changes(saved: dict[str, Any], now: dict[str, Any], prefix: str) -> list[str]:
+    """``KEY was A, is now B`` for every key in both mappings whose value differs."""
+    return [f"{prefix}{k} was {saved[k]!r}, is now {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+
+
+def _class_changes(saved: list[str], now: list[str]) -> list[str]:
+    if len(saved) != len(now):
+        return [f"{len(saved)} classes {saved[:8]} became {len(now)} {now[:8]}"]
+    return [f"label {i} was {a!r}, is now {b!r}" for i, (a, b) in enumerate(zip(saved, now)) if a != b]
+
+
+def check_resume(state: dict[str, Any], path: Path, cfg: TrainConfig, info: DataInfo,
+                 classes: list[str] | None) -> None:
+    """A resumed run must mean what its checkpoint's run meant: the same data classes in label order (a renamed
+    class folder would permute the labels), the same data description and the same objective. Otherwise a
+    ``ConfigError`` naming what changed, raised before anything is written; what a checkpoint does not record
+    (older ones) is not compared."""
+    found: list[tuple[str, list[str], str]] = []  # (what differs, the changes, what to restore)
+    saved_classes = state.get("data_classes")
+    if isinstance(saved_classes, list) and classes is not None:
+        found.append(("data classes differ", _class_changes(list(saved_classes), classes), "data"))
+    if isinstance(state.get("data_info"), dict):
+        saved_info, now_info = dataclasses.asdict(DataInfo.from_dict(state["data_info"])), dataclasses.asdict(info)
+        found.append(("data differ", _changes({k: saved_info[k] for k in RESUME_INFO_FIELDS},
+                                              {k: now_info[k] for k in RESUME_INFO_FIELDS}, "data "), "data"))
+    saved_objective = (state.get("config") or {}).get("objective")
+    if isinstance(saved_objective, dict):
+        found.append(("objective differs", _changes(saved_objective, config_dict(cfg)["objective"], "objective."),
+                      "objective config"))
+    for what, changes, original in found:
+        if changes:
+            raise ConfigError(f"{what} from the checkpoint's ({path}): {'; '.join(changes[:5])}; use a new --out "
+                              f"or the original {original}")

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import collate
+from ..data import CarryErrors, collate_carrying, raise_carried
 from ..errors import ConfigError
 from .config import TrainConfig
 from .context import RunContext
@@ -50,7 +50,7 @@ class DataStream:
     def __init__(self, dataset: Dataset, cfg: TrainConfig, ctx: RunContext, micro_batch: int,
                  position: DataPosition) -> None:
         self.dataset, self.cfg, self.ctx, self.micro_batch = dataset, cfg, ctx, micro_batch
-        self.collate = collate
+        self.collate = collate_carrying  # with CarryErrors: worker errors arrive as raised
         self.pos = position
         n = len(dataset)  # type: ignore[arg-type]
         if n < micro_batch * ctx.world_size:
@@ -60,7 +60,7 @@ class DataStream:
     def _open(self) -> None:
         sampler = EpochBatches(len(self.dataset), self.micro_batch, self.ctx.rank,  # type: ignore[arg-type]
                                self.ctx.world_size, self.cfg.seed, self.pos.epoch, self.pos.batch)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
+        loader = DataLoader(CarryErrors(self.dataset), batch_sampler=sampler, collate_fn=self.collate,
                             num_workers=self.cfg.data.num_workers,
                             generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, LOADER, self.pos.epoch)),
                             pin_memory=self.ctx.device.type == "cuda")
@@ -71,7 +71,7 @@ class DataStream:
             if self._it is None:
                 self._open()
             try:
-                batch = next(self._it)  # type: ignore[arg-type]
+                batch = raise_carried(next(self._it))  # type: ignore[arg-type]
             except StopIteration:
                 self._it = None
                 self.pos = DataPosition(self.pos.epoch + 1, 0)

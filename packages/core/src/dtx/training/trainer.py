@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import atomic_write_text, refuse_link
 from ..models import create_model, load_state_dict_strict, model_spec
 from ..preemption import stop_on_signals
-from .checks import check_run, check_sampler
+from .checks import check_resume, check_run, check_sampler, data_classes
 from .config import TrainConfig, config_dict
 from .compile import compile_model
 from .context import RunContext
@@ -83,6 +83,7 @@ class Trainer:
 
         self.data = build_run_data(cfg, self.device)
         self.info = self.data.info
+        self.data_classes = data_classes(self.data.dataset)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, **model_overrides(cfg, self.info))
         self.model_spec = model_spec(model)
@@ -135,7 +136,8 @@ class Trainer:
                 "step": self.step, "ema_updates": self.ema.updates, "rng": rng_state(),
                 "data": {"epoch": self.position.epoch, "batch": self.position.batch},
                 "nonfinite_total": self.nonfinite_total, "model_spec": self.model_spec,
-                "data_info": self.info.to_dict(), "conditioners": self.stage.describe(),
+                "data_info": self.info.to_dict(), "data_classes": self.data_classes,
+                "conditioners": self.stage.describe(),
                 "config": config_dict(self.cfg)}
 
     def _restore(self, path: Path) -> None:
@@ -144,6 +146,7 @@ class Trainer:
         if saved_spec is not None and saved_spec != self.model_spec:
             raise CheckpointError(f"{path} was trained with model {saved_spec}, but this config builds "
                                   f"{self.model_spec}; use another --out or the original config")
+        check_resume(state, path, self.cfg, self.info, self.data_classes)
         load_model_state(self.raw, state["model"], f"{path} (model)")
         self.ema.load_state_dict(state["ema"], int(state.get("ema_updates", state["step"])))
         try:
