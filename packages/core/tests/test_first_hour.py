@@ -221,3 +221,20 @@ def test_eval_prints_the_sample_count_with_every_metric(tmp_path, capsys):
     assert main(["eval", str(archive), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["num_samples"], result["reference_samples"], result["test_samples"]) == (40, 1442, 355)
+
+
+def test_loss_means_one_thing_in_metrics_progress_and_summary(tiny_models, tmp_path, capsys):
+    """``loss`` is the mean over the steps since the previous metrics line in metrics.jsonl, the progress bar and the
+    final summary alike; ``batch_loss`` is the newest step's own, also in both files."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", tiny_recipe(tmp_path / "recipe.yaml", max_steps=6, log_every=3), "--runner", "local",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert summary["loss"] == rows[-1]["loss"] and summary["batch_loss"] == rows[-1]["batch_loss"]
+    assert rows[-1]["loss"] != rows[-1]["batch_loss"]  # steps 4-6 averaged against step 6 alone
+    assert f"loss={summary['loss']:.4f}" in captured.err

@@ -1,4 +1,9 @@
-"""Run metrics: ``metrics.jsonl`` (one JSON object per line, rewound on resume) and the ``loss.png`` plot."""
+"""Run metrics: ``metrics.jsonl`` (one JSON object per line, rewound on resume) and the ``loss.png`` plot.
+
+A line every ``log_every`` steps holds ``loss``, the mean training loss over the steps since the line before (what
+the progress bar shows and the run's final summary repeats), and ``batch_loss``, the newest step's own batch loss
+(noisier: one batch, one draw of noise levels); both names mean the same in the final summary.
+"""
 
 from __future__ import annotations
 

@@ -54,17 +54,23 @@ def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in grads])  # type: ignore[misc]
 
 
+def _finite_or_none(value: float) -> float | None:
+    """``value``, or None where no step ran (NaN): the summary stays valid JSON."""
+    return value if value == value else None
+
+
 @dataclass
 class Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines, and the newest step's batch loss."""
 
     t0: float
     steps: int = 0
     loss: float = 0.0
     norm: float = 0.0
+    last: float = float("nan")
 
     def add(self, loss: float, norm: float) -> None:
-        self.steps, self.loss, self.norm = self.steps + 1, self.loss + loss, self.norm + norm
+        self.steps, self.loss, self.norm, self.last = self.steps + 1, self.loss + loss, self.norm + norm, loss
 
 
 class Trainer:
@@ -254,8 +260,9 @@ class Trainer:
     def _log(self, window: Window, elapsed: float, metrics: MetricsLog, save: bool) -> dict[str, Any]:
         cfg, now = self.cfg, time.perf_counter()
         rate = window.steps / max(now - window.t0, 1e-9)
-        record = {"step": self.step, "loss": window.loss / window.steps, "lr": lr_at(self.step - 1, cfg.optim, cfg.max_steps),
-                  "grad_norm": window.norm / window.steps, "steps_per_s": rate,
+        record = {"step": self.step, "loss": window.loss / window.steps, "batch_loss": window.last,
+                  "lr": lr_at(self.step - 1, cfg.optim, cfg.max_steps), "grad_norm": window.norm / window.steps,
+                  "steps_per_s": rate,
                   "samples_per_s": rate * cfg.data.batch_size, "nonfinite_skipped": self.nonfinite_total,
                   "time_s": elapsed}
         metrics.write(record)
@@ -282,6 +289,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0)
         start_step, t0 = self.step, time.perf_counter()
         window, streak, last_loss, stopped_by = Window(t0), 0, float("nan"), "max_steps"
+        logged_loss = float("nan")  # the newest metrics line's loss (mean since the line before), as the bar shows
         with stop_on_signals() as guard:
             try:
                 while self.step < cfg.max_steps:
@@ -301,9 +309,10 @@ class Trainer:
                         record = self._log(window, time.perf_counter() - t0, metrics,
                                            save=self.step % cfg.ckpt_every == 0 or last)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                        logged_loss = record["loss"]
                         window = Window(time.perf_counter())
                     elif self.step % cfg.ckpt_every == 0:
-                        ctx.report({"step": self.step, "loss": loss}, self.save_checkpoint())
+                        ctx.report({"step": self.step, "batch_loss": loss}, self.save_checkpoint())
                     if cfg.sample.every and self.step % cfg.sample.every == 0 and not last:
                         self.sample_grid()
                     if stop:
@@ -319,7 +328,8 @@ class Trainer:
                     plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
             if guard.stop_requested():
                 stopped_by = "signal"
-        return {"step": self.step, "steps_run": self.step - start_step, "loss": last_loss, "train_time_s": train_time,
+        return {"step": self.step, "steps_run": self.step - start_step, "loss": _finite_or_none(logged_loss),
+                "batch_loss": _finite_or_none(last_loss), "train_time_s": train_time,
                 "stopped_by": stopped_by, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "samples": str(grid) if grid else None, "nonfinite_skipped": self.nonfinite_total,
                 "out_dir": str(self.out)}
