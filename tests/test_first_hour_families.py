@@ -89,3 +89,48 @@ def test_video_metrics_fail_on_noise_and_pass_on_moving_digits(tmp_path, capsys)
     table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"({n} videos: one digit in every frame, its centre of mass moving >= 1 px;" in table["moving"]
     assert f"({n * 8} frames: one digit, classified with probability >= 0.5" in table["label_agreement"]
+
+
+def _dit_folder(path: Path, objective: dict) -> Path:
+    """A small pixel-space class-conditional DiT saved as a dtx folder with a run's data facts and objective."""
+    from dtx.data.info import DataInfo
+    from dtx.models import create_model, save_model
+
+    model = create_model("DiT", input_size=8, in_channels=1, num_classes=10, patch_size=2, hidden_size=32, depth=1,
+                         num_heads=2, learn_sigma=False)
+    info = DataInfo(channels=1, height=8, width=8, num_classes=10, fields=("y",))
+    return save_model(model, path, extra={"data_info": info.to_dict(), "objective": objective,
+                                          "sample": {"sampler": "ddim", "steps": 3, "cfg": 1.5}})
+
+
+def test_convert_refusal_of_an_edm_dit_names_the_recipe_variant_that_exports(host, tmp_path, capsys):
+    source = _dit_folder(tmp_path / "edm", {"kind": "karras"})
+    out = tmp_path / "hf"
+    assert main(["convert", str(source), "--to", "diffusers", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dtx: error: this model was trained in sigma space")
+    assert "To export, train with the DDPM objective and a DDPM sampler" in err
+    assert ("`dtx train dit-digits objective.kind=gaussian sample.sampler=ddim --out runs/dit-digits-ddpm`, then "
+            f"`dtx convert runs/dit-digits-ddpm --to diffusers {out}`") in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_pixel_dit_round_trip_through_diffusers_samples_without_a_vae(host, tmp_path, capsys):
+    """The exported config.json keeps dtx's data facts and sampling settings (`_dtx`), so the diffusers folder and
+    the dtx folder converted back from it sample pixels as the run did, without --vae."""
+    import numpy as np
+    import yaml
+
+    source = _dit_folder(tmp_path / "ddpm", {"kind": "gaussian", "diffusion_steps": 1000})
+    assert main(["convert", str(source), "--to", "diffusers", str(tmp_path / "hf")]) == 0
+    stored = json.loads((tmp_path / "hf" / "config.json").read_text())["_dtx"]
+    assert stored["data_info"]["is_latent"] is False and stored["sample"]["cfg"] == 1.5
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = yaml.safe_load((tmp_path / "back" / "config.yaml").read_text())
+    assert back["data_info"]["is_latent"] is False and back["sample"]["steps"] == 3
+    for folder in ("hf", "back"):
+        png = tmp_path / f"{folder}.png"
+        assert main(["sample", str(tmp_path / folder), "--classes", "3", "--n-per-class", "2", "--out", str(png)]) == 0
+        with np.load(png.with_suffix(".npz")) as archive:
+            assert archive["arr_0"].shape == (2, 8, 8, 1) and archive["labels"].tolist() == [3, 3]
+    capsys.readouterr()

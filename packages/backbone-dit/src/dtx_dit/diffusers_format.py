@@ -1,11 +1,11 @@
 """DiT <-> diffusers ``DiTTransformer2DModel``: folders (and DiT pipeline folders) load into dtx's DiT, and dtx DiTs
 export to folders diffusers' ``from_pretrained`` and ``DiTPipeline`` read.
 
-The key map is diffusers' ``scripts/convert_dit_to_diffusers.py`` (spec dit.md 8.2): DiT's one timestep and label
+The key map is diffusers' ``scripts/convert_dit_to_diffusers.py``: DiT's one timestep and label
 embedder is copied into every block's ``norm1.emb``, ``qkv`` is split into ``to_q``/``to_k``/``to_v``, and the
 position table (a non-persistent buffer in diffusers) is rebuilt with DiT's own construction on load.
 
-Numerics (dit.md 8.3): dtx keeps the official DiT's. Loading a diffusers folder therefore gives the official DiT's
+Numerics: dtx keeps the official DiT's. Loading a diffusers folder therefore gives the official DiT's
 outputs, not diffusers': diffusers' timestep features divide the frequency exponent by 127 where DiT divides by 128,
 and its MLP-branch norm uses ``norm_eps`` (1e-5 unless the config says otherwise) where DiT uses 1e-6. Exports set
 ``norm_eps`` to 1e-6, so the timestep features are the only difference left; both differences are stated in the
@@ -36,10 +36,11 @@ _EMB = "norm1.emb."
 T_EMBEDDING_NOTE = (
     "diffusers' DiT timestep embedding (CombinedTimestepLabelEmbeddings: Timesteps(256, flip_sin_to_cos=True, "
     "downscale_freq_shift=1)) divides the frequency exponent by 127 where the official DiT and dtx divide by 128, "
-    "so diffusers' forward pass differs from dtx's at every timestep but 0 (dit.md 8.3)")
+    "so diffusers' forward pass differs from dtx's at every timestep but 0")
 GUIDANCE_NOTE = (
     "DiTPipeline guides all 4 latent channels; the official DiT guides 3 (dtx: --guide-channels 3), so FIDs "
-    "reported with DiT's sample.py are not reproduced by DiTPipeline at the same scale (dit.md 2.9)")
+    "reported with DiT's sample.py (which guides the first 3 of the 4 latent channels and passes the 4th through "
+    "from the conditional half) are not reproduced by DiTPipeline at the same scale")
 EPS_NOTE = ("diffusers applies norm_eps (default 1e-5) to the MLP-branch LayerNorm (norm3); DiT uses 1e-6, which "
             "this folder's config sets")
 
@@ -225,7 +226,9 @@ def diffusers_config(model: DiT) -> dict[str, Any]:
 
 def _readme(title: str, notes: list[str]) -> str:
     lines = [f"# {title}", "", "Exported by `dtx convert --to diffusers` from a dtx DiT (official DiT key layout and "
-             "numerics).", "", "## Numerical differences", ""]
+             "numerics). The `_dtx` entry of the transformer's `config.json` keeps the run's data facts and sampling "
+             "settings, so `dtx sample` and `dtx convert` read the folder as the run was (diffusers ignores config "
+             "keys that start with `_`).", "", "## Numerical differences", ""]
     return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -237,6 +240,9 @@ def export(model: nn.Module, facts: dict[str, Any], out: Path) -> list[str] | No
         return None
     config = diffusers_config(model)
     objective = dict(facts.get("objective") or {})
+    example = (f"`dtx train dit-digits objective.kind=gaussian sample.sampler=ddim --out runs/dit-digits-ddpm`, then "
+               f"`dtx convert runs/dit-digits-ddpm --to diffusers {out}` (the dit-digits recipe's DDPM variant, "
+               f"README: Performance)")
     notes = [T_EMBEDDING_NOTE, GUIDANCE_NOTE, EPS_NOTE]
     if model.num_classes != 1000:
         notes.append(f"DiTPipeline's guidance labels the unconditional half with class 1000 (hard-coded); this "
@@ -247,16 +253,16 @@ def export(model: nn.Module, facts: dict[str, Any], out: Path) -> list[str] | No
     vae = info.get("vae")
     if not vae:
         if objective.get("kind") == "karras":  # same refusal as for the pipeline: the folder alone would mislead
-            dfi.scheduler_config(objective)
-        dfi.write_model(out, CLASS, config, state, _readme(f"{CLASS} exported from dtx", notes))
+            dfi.scheduler_config(objective, example=example)
+        dfi.write_model(out, CLASS, config, state, _readme(f"{CLASS} exported from dtx", notes), facts=facts)
         return notes
-    scheduler = dfi.scheduler_config(objective)
+    scheduler = dfi.scheduler_config(objective, example=example)
     vae_dir = Path(str(vae))
     if (vae_dir / "vae" / dfi.CONFIG).is_file():
         vae_dir = vae_dir / "vae"
     if not (vae_dir / dfi.CONFIG).is_file():
         raise ConfigError(f"the run's VAE folder {vae} has no {dfi.CONFIG}; cannot write a {PIPELINE} folder")
-    dfi.write_model(out / dfi.TRANSFORMER, CLASS, config, state)
+    dfi.write_model(out / dfi.TRANSFORMER, CLASS, config, state, facts=facts)
     dfi.copy_component(vae_dir, out / "vae")
     dfi.write_pipeline(out, PIPELINE, {"transformer": ("diffusers", CLASS), "vae": dfi.component_class(vae_dir)},
                        scheduler=scheduler, readme=_readme(f"{PIPELINE} exported from dtx", notes))

@@ -34,6 +34,12 @@ TRANSFORMER = "transformer"
 #: PixArt-alpha repos were saved as) by ``norm_type``
 _LEGACY_CLASSES = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
 
+#: the key of an exported model's ``config.json`` that holds what diffusers' config has no place for: the run's data
+#: facts (a pixel-space model's channels and classes, no VAE), objective, conditioning and sampling settings, so that
+#: ``dtx sample`` on the folder (or on a dtx folder converted back from it) samples as the run did. diffusers ignores
+#: config keys that start with ``_``.
+DTX_FACTS = "_dtx"
+
 
 @dataclass(frozen=True)
 class DiffusersSource:
@@ -104,6 +110,37 @@ def config_value(source: DiffusersSource, key: str, default: Any = ...) -> Any:
     return default
 
 
+def stored_facts(source: DiffusersSource) -> dict[str, dict[str, Any]]:
+    """The dtx sections an export recorded under ``DTX_FACTS`` in ``config.json`` (empty for other folders); a
+    CheckpointError naming the file when they are not JSON objects."""
+    facts = source.config.get(DTX_FACTS)
+    if facts is None:
+        return {}
+    if not isinstance(facts, dict) or not all(isinstance(v, dict) for v in facts.values()):
+        raise CheckpointError(f"{source.model_dir / CONFIG}: {DTX_FACTS} must map section names to JSON objects")
+    return facts
+
+
+def export_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """What an export records under ``DTX_FACTS``: a run's data facts (without the local VAE path, which the
+    pipeline's ``vae/`` replaces) and its objective, conditioning and sampling sections, as plain JSON."""
+    out = {k: facts[k] for k in ("data_info", "objective", "conditioning", "sample") if facts.get(k) is not None}
+    if "data_info" in out:
+        out["data_info"] = {k: v for k, v in dict(out["data_info"]).items() if k != "vae"}
+    return json.loads(json.dumps(out, default=list))
+
+
+def _stored_data_info(source: DiffusersSource, stored: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The data facts an export recorded, checked against the model's own shape facts (``info``)."""
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{source.model_dir / CONFIG}: {DTX_FACTS}.data_info must be a JSON object")
+    for key in ("channels", "height", "width", "frames", "num_classes"):
+        if stored.get(key) != info[key]:
+            raise CheckpointError(f"{source.model_dir / CONFIG}: {DTX_FACTS}.data_info.{key} is "
+                                  f"{stored.get(key)!r}, but the model's config gives {info[key]!r}")
+    return {k: v for k, v in stored.items() if k != "vae"}
+
+
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """The state dict of a diffusers model folder, unsharded or sharded (every shard the index names)."""
     from safetensors.torch import load_file
@@ -157,15 +194,17 @@ def write_json(path: Path, data: Mapping[str, Any]) -> Path:
 
 
 def write_model(out: Path, class_name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                readme: str | None = None) -> Path:
-    """Write a diffusers model folder (``config.json``, one ``diffusion_pytorch_model.safetensors``, README)."""
+                readme: str | None = None, facts: Mapping[str, Any] | None = None) -> Path:
+    """Write a diffusers model folder (``config.json``, one ``diffusion_pytorch_model.safetensors``, README);
+    ``facts`` (a run's sampling facts, see ``export_facts``) go under ``DTX_FACTS`` in ``config.json``."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_json(out / CONFIG, {"_class_name": class_name, "_diffusers_version": diffusers_version(), **config})
+    dtx = {DTX_FACTS: export_facts(facts)} if facts else {}
+    write_json(out / CONFIG, {"_class_name": class_name, "_diffusers_version": diffusers_version(), **config, **dtx})
     if readme:
         atomic_write_text(out / README, readme)
     return out
@@ -219,13 +258,14 @@ def component_class(model_dir: Path) -> tuple[str, str]:
 _PREDICTIONS = {"epsilon": (False, False), "sample": (True, False), "v_prediction": (False, True)}
 
 
-def scheduler_config(objective: Mapping[str, Any], why_not: str = "") -> tuple[str, dict[str, Any]]:
+def scheduler_config(objective: Mapping[str, Any], why_not: str = "", example: str = "") -> tuple[str, dict[str, Any]]:
     """``(class, config)`` of the diffusers scheduler that samples a model trained with ``objective`` (a dtx
     ``objective`` section): DDIMScheduler with the same betas and prediction type for the Gaussian objective.
 
     Sigma-space (``karras``) models are refused: diffusers' EDM schedulers give the network ``c_noise =
     ln(sigma)/4`` as its timestep, while dtx feeds timestep-conditioned transformers the DDPM index of each sigma;
-    ``why_not`` lets the family add what its own layout cannot hold.
+    ``why_not`` lets the family add what its own layout cannot hold, ``example`` a command that trains an
+    exportable variant (the refusal says what to do).
     """
     kind = str(objective.get("kind", "gaussian"))
     if kind == "karras":
@@ -234,7 +274,9 @@ def scheduler_config(objective: Mapping[str, Any], why_not: str = "") -> tuple[s
                           "c_noise = ln(sigma)/4 to the network as its timestep, but dtx conditions this "
                           "timestep model on the DDPM index of each sigma (log-sigma interpolation on DiT's linear "
                           "schedule), which no diffusers scheduler computes, so a diffusers pipeline would sample "
-                          "it with the wrong noise level" + (f"; {why_not}" if why_not else ""))
+                          "it with the wrong noise level" + (f"; {why_not}" if why_not else "")
+                          + ". To export, train with the DDPM objective and a DDPM sampler (objective.kind=gaussian "
+                          "sample.sampler=ddim) and convert that run" + (f": {example}" if example else ""))
     if kind != "gaussian":
         raise ConfigError(f"objective.kind {kind!r} has no diffusers scheduler (only gaussian)")
     steps = int(objective.get("diffusion_steps", 1000))
@@ -313,6 +355,9 @@ def latent_facts(source: DiffusersSource, channels: int, size: tuple[int, int], 
     info: dict[str, Any] = {"channels": channels, "height": size[0], "width": size[1], "frames": frames,
                             "num_classes": num_classes, "is_latent": True, "fields": list(fields)}
     vae = source.component("vae")
+    stored = stored_facts(source).get("data_info")
+    if vae is None and stored is not None:  # a dtx export: its own data facts (a pixel-space model needs no VAE)
+        return _stored_data_info(source, stored, info)
     if vae is not None:
         cfg = read_json(vae / CONFIG)
         info.update(vae=str(vae), latent_scale=float(cfg.get("scaling_factor", 0.18215)),
@@ -324,10 +369,15 @@ def latent_facts(source: DiffusersSource, channels: int, size: tuple[int, int], 
 def sampling_config(source: DiffusersSource, data_info: dict[str, Any], sample: Mapping[str, Any] | None = None,
                     conditioning: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The stored config ``dtx sample`` reads for a diffusers folder: data facts, the objective of the pipeline's
-    scheduler (DDPM linear without one), the family's conditioning and sampling defaults."""
+    scheduler (without one: the objective a dtx export recorded, else DDPM linear), the family's conditioning and
+    sampling defaults, overridden by the sections a dtx export recorded (``DTX_FACTS``)."""
+    stored = stored_facts(source)
     scheduler = source.component("scheduler")
     objective = (objective_from_scheduler(scheduler / SCHEDULER_CONFIG)
-                 if scheduler is not None and (scheduler / SCHEDULER_CONFIG).is_file() else {"kind": "gaussian"})
+                 if scheduler is not None and (scheduler / SCHEDULER_CONFIG).is_file()
+                 else dict(stored.get("objective") or {"kind": "gaussian"}))
+    sample = {**(sample or {}), **stored.get("sample", {})}
+    conditioning = stored.get("conditioning") or conditioning
     cfg: dict[str, Any] = {"data_info": data_info, "objective": objective}
     if sample:
         cfg["sample"] = dict(sample)
