@@ -5,6 +5,7 @@ the package READMEs'."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,12 @@ def test_recipes_lists_every_shipped_recipe(host, capsys):
         row = rows[name]
         assert row["family"] == family and row["plugin"] == family and "error" not in row
         assert row["data"] and row["max_steps"] >= 1
-    assert rows["latte-moving-digits"]["max_minutes"] > 0 and rows["dit-digits"]["max_minutes"] is None
+    from dtx.commands.train import resolve_train_config
+
+    for name, row in rows.items():
+        cfg = resolve_train_config(name, out="unused")
+        assert (row["data"], row["max_steps"], row["max_minutes"]) == \
+            (cfg.data.name, cfg.max_steps, cfg.max_minutes or None)
 
 
 def test_bench_memory_of_a_dit_s2_forward_matches_a_hand_estimate(host, capsys):
@@ -134,3 +140,35 @@ def test_a_pixel_dit_round_trip_through_diffusers_samples_without_a_vae(host, tm
         with np.load(png.with_suffix(".npz")) as archive:
             assert archive["arr_0"].shape == (2, 8, 8, 1) and archive["labels"].tolist() == [3, 3]
     capsys.readouterr()
+
+
+def test_convert_notes_and_the_exported_readme_cite_no_document_users_lack(host, tmp_path, capsys):
+    source = _dit_folder(tmp_path / "ddpm", {"kind": "gaussian"})
+    assert main(["convert", str(source), "--to", "diffusers", str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr().out
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    citation = re.compile(r"\b[\w-]+\.md\b")  # e.g. "dit.md 8.3": a spec file that ships with no package
+    assert "note:" in printed and not citation.search(printed), printed
+    assert "divides the frequency exponent by 127" in readme and not citation.search(readme), readme
+
+
+FIGURE = re.compile(r"<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", re.S)
+
+
+def test_root_readme_figures_equal_the_package_readmes(host):
+    """Every result the root README states (family table, demo figures) is marked ``<!--fig:KEY-->TEXT<!--/fig-->``
+    and equals the one figure of that key in the package READMEs, where the measurements are reported."""
+    root = FIGURE.findall((ROOT / "README.md").read_text())
+    source: dict[str, set[str]] = {}
+    for readme in sorted((ROOT / "packages").glob("*/README.md")):
+        for key, text in FIGURE.findall(readme.read_text()):
+            source.setdefault(key, set()).add(text)
+    keys = {key for key, _ in root}
+    assert {"dit-digits.accuracy", "dit-digits.fd", "hdit-digits.accuracy", "latte-moving-digits.frame_consistency",
+            "gentron-digits.all"} <= keys
+    for key, text in root:
+        assert source.get(key) == {text}, f"root README {key} = {text!r}, package READMEs: {source.get(key)}"
+    table = (ROOT / "README.md").read_text().split("## Quick start")[0]
+    for family in ("HDiT", "Latte", "GenTron"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| **{family}**"))
+        assert "<!--fig:" in row and "do not yet reach" not in row and "does not yet reach" not in row, row
