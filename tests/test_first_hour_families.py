@@ -140,6 +140,14 @@ def test_a_pixel_dit_round_trip_through_diffusers_samples_without_a_vae(host, tm
         with np.load(png.with_suffix(".npz")) as archive:
             assert archive["arr_0"].shape == (2, 8, 8, 1) and archive["labels"].tolist() == [3, 3]
     capsys.readouterr()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for bad, key in (({**stored, "data_info": {**stored["data_info"], "num_classes": 5}}, "_dtx.data_info.num_classes"),
+                     ({"data_info": [1]}, "_dtx must map section names to JSON objects")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "_dtx": bad}))
+        assert main(["sample", str(tmp_path / "hf"), "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and key in err and "config.json" in err, err
+        assert not (tmp_path / "bad.png").exists()
 
 
 def test_convert_notes_and_the_exported_readme_cite_no_document_users_lack(host, tmp_path, capsys):
