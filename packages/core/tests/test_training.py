@@ -394,7 +394,7 @@ def test_train_and_sample_commands_write_the_run_folder_grid_and_npz(tmp_path, c
     archive = np.load(tmp_path / "grid.npz")
     assert archive["arr_0"].dtype == np.uint8 and archive["arr_0"].shape == (6, SIZE, SIZE, 1)
     assert archive["labels"].dtype == np.int64 and archive["labels"].tolist() == [2, 2, 2, 0, 0, 0]
-    zoom = math.ceil(32 / SIZE)  # tiles are enlarged to at least 32 px, 1 px gaps
+    zoom = math.ceil(64 / SIZE)  # tiles are enlarged to at least 64 px (dtx.writers.GRID_TILE_MIN), 1 px gaps
     assert Image.open(grid).size == (3 * (SIZE * zoom + 1) + 1, 2 * (SIZE * zoom + 1) + 1)
 
     again = tmp_path / "again.png"
