@@ -146,17 +146,17 @@ def dit_options(source: dfi.DiffusersSource) -> tuple[str, dict[str, Any]]:
     _require(source, "activation_fn", ("gelu-approximate",))
     _require(source, "attention_bias", (True,))
     _require(source, "norm_elementwise_affine", (False,))
-    heads = int(dfi.config_value(source, "num_attention_heads", 16))
-    d = heads * int(dfi.config_value(source, "attention_head_dim", 72))
-    c = int(dfi.config_value(source, "in_channels", 4))
-    out = int(dfi.config_value(source, "out_channels", c))
+    heads = dfi.config_int(source, "num_attention_heads", 16)
+    d = heads * dfi.config_int(source, "attention_head_dim", 72)
+    c = dfi.config_int(source, "in_channels", 4)
+    out = dfi.config_int(source, "out_channels", c)
     if out not in (c, 2 * c):
         raise CheckpointError(f"{source.model_dir / dfi.CONFIG}: out_channels {out} is neither in_channels {c} nor "
                               f"twice it (eps and learned variance)")
-    arch = {"depth": int(dfi.config_value(source, "num_layers", 28)), "hidden_size": d, "num_heads": heads,
-            "patch_size": int(dfi.config_value(source, "patch_size", 2))}
-    options = {"input_size": int(dfi.config_value(source, "sample_size", 32)), "in_channels": c,
-               "learn_sigma": out == 2 * c, "num_classes": int(dfi.config_value(source, "num_embeds_ada_norm", 1000)),
+    arch = {"depth": dfi.config_int(source, "num_layers", 28), "hidden_size": d, "num_heads": heads,
+            "patch_size": dfi.config_int(source, "patch_size", 2)}
+    options = {"input_size": dfi.config_int(source, "sample_size", 32), "in_channels": c,
+               "learn_sigma": out == 2 * c, "num_classes": dfi.config_int(source, "num_embeds_ada_norm", 1000),
                "class_dropout_prob": 0.1}
     name = next((n for n, preset in DIT_PRESETS.items() if preset == arch), None)
     return (name, options) if name else ("DiT", {**arch, **options})
@@ -188,9 +188,9 @@ def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = L
     config = dfi.sampling_config(source, info, sample={"sampler": "ddim", "steps": 50, "cfg": 4.0,
                                                                  **dfi.scheduler_sampling(source)})
     notes = [T_EMBEDDING_NOTE.replace("so diffusers'", "dtx keeps 128, so diffusers'")]
-    if float(source.config.get("norm_eps", 1e-5)) != 1e-6:
-        notes.append(f"this folder's norm_eps {source.config.get('norm_eps', 1e-5)} is not used: dtx keeps DiT's "
-                     f"1e-6 in every LayerNorm")
+    eps = dfi.json_number(source.config.get("norm_eps", 1e-5), "norm_eps", source.model_dir / dfi.CONFIG, float)
+    if eps != 1e-6:
+        notes.append(f"this folder's norm_eps {eps} is not used: dtx keeps DiT's 1e-6 in every LayerNorm")
     return model, {"source": str(path), "config": config, "notes": notes,
                    "pipeline": str(source.pipeline_dir) if source.pipeline_dir else None}
 

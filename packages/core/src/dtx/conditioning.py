@@ -27,6 +27,9 @@ from .errors import ConfigError, ShapeError
 from .options import check_options
 
 RESERVED = ("y", "context", "context_mask", "pooled")
+#: most samples one request may ask for (subjects x samples per subject): ``--n-per-class 100000000000`` is refused
+#: before any label or noise tensor is allocated
+MAX_SAMPLES = 1 << 20
 Fields = dict[str, Any]
 #: what each part of a ``SampleRequest`` asks for, in words (``flags.NAME``: "the flag 'NAME'")
 REQUEST_NOUNS = {"classes": "class labels", "prompts": "text prompts", "negative_prompt": "a negative prompt"}
@@ -411,6 +414,9 @@ class ConditioningStage:
             raise ConfigError(f"the request names different numbers of subjects per conditioner: {counts}")
         k = next(iter(counts.values()), 1)
         n = k * per_subject
+        if n > MAX_SAMPLES:
+            raise ConfigError(f"{per_subject} samples for each of {k} subject(s) is {n} samples, over the "
+                              f"{MAX_SAMPLES} one request may ask for")
         parts: list[Fields] = []
         for m in self.members:
             subjects = listed[m.key]

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
@@ -93,7 +93,7 @@ _ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
 def _reject_env(src: Any, where: str = "") -> None:
     """Environment interpolation (``${oc.env:VAR}``) is off: its value would be written into config.yaml and every
     checkpoint. Raise a ConfigError naming the first key that uses it."""
-    if isinstance(src, DictConfig):
+    if isinstance(src, (DictConfig, ListConfig)):
         src = OmegaConf.to_container(src, resolve=False)
     if isinstance(src, dict):
         for k, v in src.items():
@@ -105,6 +105,34 @@ def _reject_env(src: Any, where: str = "") -> None:
         raise ConfigError(f"config key {where!r} reads an environment variable ({src}); environment interpolation "
                           f"is off so that no variable's value is written into config.yaml or checkpoints: pass the "
                           f"value as an override instead (e.g. {where}=\"$VAR\" in the shell)")
+
+
+def reject_env(data: Any, source: str | os.PathLike) -> None:
+    """Refuse environment interpolation anywhere in ``data`` read from ``source`` (a JSON file dtx reads, such as a
+    diffusers ``config.json``), naming the file and the key, so that no such string reaches a config.yaml dtx
+    writes."""
+    try:
+        _reject_env(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def read_config(src: Any, source: str | os.PathLike) -> dict[str, Any]:
+    """The one reader of configs that dtx stored or was handed as files (a dtx model folder's ``config.yaml``, a
+    run checkpoint's config, data facts and model spec): ``src`` (a YAML path, a DictConfig or a dict) as plain
+    containers, environment interpolation refused and interpolation between keys resolved. Every problem (an
+    environment variable, a recursive or dangling interpolation) is one ConfigError naming ``source`` and the key."""
+    if isinstance(src, (str, os.PathLike)):
+        src = read_yaml(src)
+    reject_env(src, source)
+    try:
+        cfg = src if isinstance(src, DictConfig) else OmegaConf.create(src)
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_wrap(exc, None)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def structured(schema: type[T] | T) -> DictConfig:
@@ -173,6 +201,44 @@ def parse_dotlist(items: Sequence[str]) -> DictConfig:
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` command-line items as a plain nested dict (values typed as YAML reads them)."""
     return OmegaConf.to_container(parse_dotlist(items), resolve=True)  # type: ignore[return-value]
+
+
+#: seeds are 64-bit signed integers wherever they reach a generator (``seed`` in a config, ``--seed``)
+SEED_RANGE = (0, 2**63)
+
+
+def seed_arg(text: str) -> int:
+    """An argparse ``type`` for ``--seed``: an integer in ``SEED_RANGE`` (a larger one overflows torch's
+    generators); argparse reports anything else as one line naming the option."""
+    import argparse
+
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return seed
+
+
+def parse_device(text: str | None, flag: str = "--device") -> Any:
+    """The ``torch.device`` a command-line option names (None: CUDA when available, else CPU): a name torch does
+    not know, a CUDA device this machine lacks or a device dtx does not run on is a ConfigError naming ``flag``."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {text!r}: dtx runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {text}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def to_yaml(cfg: Any) -> str:

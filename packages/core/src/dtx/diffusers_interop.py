@@ -19,8 +19,10 @@ from typing import Any, Collection, Mapping
 
 import torch
 
-from .errors import CheckpointError, ConfigError
-from .io import atomic_write, atomic_write_text
+from .config import reject_env
+from .diffusion.gaussian import MAX_DIFFUSION_STEPS
+from .errors import CheckpointError, ConfigError, one_line
+from .io import atomic_write, atomic_write_text, check_output_path
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -64,13 +66,15 @@ class DiffusersSource:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a CheckpointError naming the file when it is unreadable or not an object."""
+    """A JSON object from ``path``; a CheckpointError naming the file when it is unreadable or not an object, a
+    ConfigError when it reads an environment variable (``${oc.env:VAR}``, refused in every config dtx reads)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(exc).__name__}: {one_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    reject_env(data, path)
     return data
 
 
@@ -108,6 +112,26 @@ def config_value(source: DiffusersSource, key: str, default: Any = ...) -> Any:
     if default is ...:
         raise CheckpointError(f"{source.model_dir / CONFIG}: missing {key!r}")
     return default
+
+
+def config_int(source: DiffusersSource, key: str, default: Any = ...) -> int:
+    """``config.json[key]`` (or ``default``) as an integer: a missing required key, a string, a bool or a
+    fractional or non-finite number is a CheckpointError naming the file and the key."""
+    return json_number(config_value(source, key, default), key, source.model_dir / CONFIG)
+
+
+def json_number(value: Any, key: str, path: Path, kind: type = int) -> Any:
+    """``value`` read from key ``key`` of JSON file ``path`` as an int (an integral float such as ``32.0`` too) or,
+    with ``kind=float``, a finite float; anything else is a CheckpointError naming the file and the key."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and kind is int and value != int(value):
+        ok = False
+    if not ok:
+        what = "an integer" if kind is int else "a finite number"
+        raise CheckpointError(f"{path}: {key} must be {what}, got {value!r}")
+    return kind(value)
 
 
 def stored_facts(source: DiffusersSource) -> dict[str, dict[str, Any]]:
@@ -302,13 +326,16 @@ def scheduler_config(objective: Mapping[str, Any], why_not: str = "", example: s
 def objective_from_scheduler(path: Path) -> dict[str, Any]:
     """The dtx ``objective`` section equivalent to a diffusers ``scheduler_config.json`` (beta schedules only)."""
     cfg = read_json(path)
-    steps = int(cfg.get("num_train_timesteps", 1000))
+    steps = json_number(cfg.get("num_train_timesteps", 1000), "num_train_timesteps", path)
+    if not 1 <= steps <= MAX_DIFFUSION_STEPS:
+        raise CheckpointError(f"{path}: num_train_timesteps must be in [1, {MAX_DIFFUSION_STEPS}], got {steps}")
     if cfg.get("trained_betas") is not None:
         raise CheckpointError(f"{path}: trained_betas are not supported (use a named beta_schedule)")
     schedule = cfg.get("beta_schedule", "linear")
     if schedule == "linear":
         scale = 1000 / steps
-        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        start = json_number(cfg.get("beta_start", 1e-4), "beta_start", path, float)
+        end = json_number(cfg.get("beta_end", 0.02), "beta_end", path, float)
         if abs(start - scale * 1e-4) > 1e-9 or abs(end - scale * 0.02) > 1e-9:
             raise CheckpointError(f"{path}: linear betas {start}..{end} over {steps} steps are not DiT's "
                                   f"{scale * 1e-4:g}..{scale * 0.02:g}")
@@ -360,8 +387,9 @@ def latent_facts(source: DiffusersSource, channels: int, size: tuple[int, int], 
         return _stored_data_info(source, stored, info)
     if vae is not None:
         cfg = read_json(vae / CONFIG)
-        info.update(vae=str(vae), latent_scale=float(cfg.get("scaling_factor", 0.18215)),
-                    latent_shift=float(cfg.get("shift_factor") or 0.0),
+        info.update(vae=str(vae), latent_scale=json_number(cfg.get("scaling_factor", 0.18215), "scaling_factor",
+                                                           vae / CONFIG, float),
+                    latent_shift=json_number(cfg.get("shift_factor") or 0.0, "shift_factor", vae / CONFIG, float),
                     vae_downsample=2 ** (len(cfg.get("block_out_channels") or [0]) - 1))
     return info
 
@@ -391,4 +419,5 @@ def check_output_folder(out: Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} exists and is not an empty folder")
+    check_output_path(out, "output", folder=True)
     return out

@@ -396,14 +396,17 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
         raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
-def check_output_file(path: str | os.PathLike, what: str) -> None:
-    """Refuse a path a file is to be written at that can hold no file: an existing folder, or a path under something
-    that is not a folder; a ConfigError naming the option ``what`` (checked before anything is loaded or written)."""
+def check_output_path(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """Refuse a path dtx is to write a file (``folder``: a folder) at that cannot be one: an existing folder (an
+    existing file), or a path under a file; a ConfigError naming ``what`` (the option), checked before anything is
+    loaded or written."""
     from .errors import ConfigError
 
     path = Path(path)
-    if path.is_dir():
+    if not folder and path.is_dir():
         raise ConfigError(f"{what} {path} is a folder; name a file")
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a folder")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import plugins
 from .errors import CheckpointError, ConfigError, DtxError
@@ -35,18 +38,140 @@ def model_entry(name: str) -> plugins.Entry:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered architecture or preset, e.g. ``create_model("DiT-XL/2", input_size=32)``.
 
-    How it was built is remembered (``model_spec(model)``) so that it can be saved and rebuilt.
+    How it was built is remembered (``model_spec(model)``) so that it can be saved and rebuilt. Its size is checked
+    first (``check_model_size``), so that crafted options never allocate or hang.
     """
     entry = model_entry(name)
     factory = entry.obj
     check_options(f"model {entry.name!r}", factory, overrides)
+    probe = check_model_size(entry, overrides)
     try:
-        model = factory(**overrides)
+        on_meta = probe is not None and torch.get_default_device().type == "meta"
+        model = probe if on_meta else factory(**overrides)  # a meta build (dtx flops) is the probe itself
     except DtxError:
         raise
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build model {entry.name!r} with {overrides}: {exc}") from exc
     _SPECS[model] = {"name": entry.name, **overrides}
+    return model
+
+
+# -- size limits: checked on the meta device before a model is built ---------------------------------------------------
+
+#: most parameters (and buffers) of a model dtx builds; the largest first-party presets have a few billion
+MAX_MODEL_PARAMETERS = 1 << 34
+#: most tensors building one model may create (DiT-XL/2 creates about 300): bounds the time a crafted depth takes
+MAX_MODEL_TENSORS = 10_000
+#: a model loaded from a file may hold at most this many parameters per byte of its weights (1: 8-bit weights),
+#: or ``_WEIGHTS_FLOOR`` (a model that small is built, and its keys compared with the file's, in well under a
+#: second; the difference also covers tables that files need not store, such as position embeddings)
+_PARAMS_PER_WEIGHT_BYTE = 1.1
+_WEIGHTS_FLOOR = 1 << 26
+_WEIGHTS: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("dtx_weights", default=None)
+
+
+class _TooLarge(Exception):
+    """Raised inside a meta-device build that went over a limit (never leaves ``check_model_size``)."""
+
+
+class _SizeBudget(TorchFunctionMode):
+    """Counts the tensors (and their elements) that factory functions create while a model is built on the meta
+    device, and stops the build as soon as either count is over its limit."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
+                           torch.empty_strided, torch.tensor, torch.arange, torch.linspace, torch.eye})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors = self.elements = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES and isinstance(out, torch.Tensor):
+            self.tensors += 1
+            self.elements += out.numel()
+            if self.elements > MAX_MODEL_PARAMETERS or self.tensors > MAX_MODEL_TENSORS:
+                raise _TooLarge()
+        return out
+
+
+@contextlib.contextmanager
+def weights_of(source: str | os.PathLike, nbytes: int) -> Iterator[None]:
+    """Within this block every model built is checked against the ``nbytes`` of weights that ``source`` holds: a
+    model with far more parameters than those bytes can store cannot be that file's model, and is refused before
+    it is built."""
+    token = _WEIGHTS.set((str(source), int(nbytes)))
+    try:
+        yield
+    finally:
+        _WEIGHTS.reset(token)
+
+
+def _option_defaults(factory: Any) -> dict[str, Any]:
+    """Default values of a factory's options: its ``config_class`` fields, else its keyword parameters."""
+    import dataclasses
+    import inspect
+
+    cfg_cls = getattr(factory, "config_class", None)
+    if cfg_cls is not None and dataclasses.is_dataclass(cfg_cls):
+        return {f.name: f.default for f in dataclasses.fields(cfg_cls) if f.default is not dataclasses.MISSING}
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def _magnitude(value: Any) -> float | None:
+    """The largest number in an option value (a number, or a list of numbers); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return abs(float(value))
+    if isinstance(value, (list, tuple)):
+        found = [m for m in map(_magnitude, value) if m is not None]
+        return max(found) if found else None
+    return None
+
+
+def _culprit(factory: Any, options: Mapping[str, Any]) -> str:
+    """``key=value`` of the option furthest above its default: how a size error names the key to fix."""
+    defaults = _option_defaults(factory)
+    ranked = []
+    for key, value in options.items():
+        size = _magnitude(value)
+        if size is not None:
+            default = _magnitude(defaults.get(key))
+            ranked.append((size / default if default else size, key))
+    if not ranked:
+        return "its default options"
+    key = max(ranked)[1]
+    return f"{key}={options[key]!r}"
+
+
+def check_model_size(entry: plugins.Entry, options: Mapping[str, Any]) -> nn.Module | None:
+    """Build model ``entry`` with ``options`` on the meta device (no memory) within ``MAX_MODEL_PARAMETERS`` and
+    ``MAX_MODEL_TENSORS``, and, inside ``weights_of``, within what the weights file can hold; a ConfigError
+    (CheckpointError for a file) naming the option furthest above its default otherwise. Returns the meta model;
+    None when the build fails for another reason, which the real build then reports."""
+    weights = _WEIGHTS.get()
+    budget = _SizeBudget()
+    try:
+        with torch.device("meta"), budget:
+            model = entry.obj(**options)
+    except _TooLarge:
+        raise ConfigError(f"model {entry.name!r} is too large with {_culprit(entry.obj, options)}: building it "
+                          f"needs over {MAX_MODEL_PARAMETERS:,} parameters or {MAX_MODEL_TENSORS:,} tensors"
+                          + (f" (from {weights[0]})" if weights else "")) from None
+    except Exception:
+        return None
+    if not isinstance(model, nn.Module):
+        return None
+    count = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if weights is not None and count > max(weights[1] * _PARAMS_PER_WEIGHT_BYTE, _WEIGHTS_FLOOR):
+        raise CheckpointError(f"{weights[0]}: {_culprit(entry.obj, options)} makes model {entry.name!r} "
+                              f"{count:,} parameters, far more than its {weights[1]:,} bytes of weights hold; "
+                              f"the options cannot be this file's model")
     return model
 
 
@@ -177,6 +302,31 @@ def checkpoint_spec(name: str | None, family: str, base: str, inferred_name: str
     return entry.name, spec
 
 
+#: leading bytes of files that are often given by mistake, and what they are
+_FILE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG image", b"\xff\xd8\xff": "JPEG image", b"GIF8": "GIF image",
+               b"RIFF": "RIFF file (WebP, AVI or WAV)", b"\x1aE\xdf\xa3": "Matroska/WebM video",
+               b"%PDF": "PDF document", b"\x1f\x8b": "gzip archive", b"\x93NUMPY": "NumPy .npy array",
+               b"\x89HDF": "HDF5 file"}
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when its first bytes show it cannot be a torch.save checkpoint (a zip archive, or a pickle
+    of protocol 2 or later, as torch.save writes), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror or type(exc).__name__})") from None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    for magic, kind in _FILE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":
+        return "MP4/QuickTime video"
+    return "empty file" if not head else "unknown file type, neither a zip archive nor a pickle"
+
+
 def read_safe(path: Path, trust: bool = False) -> Any:
     """Read a checkpoint file without executing code: safetensors, or torch.load(weights_only=True)."""
     if path.suffix == ".safetensors":
@@ -186,6 +336,10 @@ def read_safe(path: Path, trust: bool = False) -> Any:
             return load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    kind = _not_a_checkpoint(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is not a model checkpoint: {kind} (dtx reads safetensors files and torch.save "
+                              f"archives)")
     try:
         # train scripts (DiT's train.py) store their argparse.Namespace under "args"; it holds plain values only
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -198,11 +352,9 @@ def read_safe(path: Path, trust: bool = False) -> Any:
 
 
 def _load_dtx_folder(path: Path, name: str | None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    from omegaconf import OmegaConf
+    from .config import read_config
 
-    from .config import read_yaml
-
-    cfg = OmegaConf.to_container(read_yaml(path / DTX_CONFIG), resolve=True)
+    cfg = read_config(path / DTX_CONFIG, path / DTX_CONFIG)
     spec = cfg.get("model")
     if not isinstance(spec, dict) or "name" not in spec:
         raise CheckpointError(f"{path / DTX_CONFIG} has no model.name")
@@ -219,9 +371,13 @@ def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, An
     """A training run folder (its newest valid checkpoint) or one checkpoint folder: EMA or raw weights."""
     from .checkpoint import load_training_state
 
+    from .config import read_config
+
     ckpt, state = load_training_state(path)
+    state.update(read_config({k: state[k] for k in ("model_spec", "config", "data_info")}, ckpt))
     spec = dict(state["model_spec"])
-    model = create_model(spec.pop("name"), **spec)
+    with weights_of(ckpt, weight_bytes(ckpt / DTX_WEIGHTS) if (ckpt / DTX_WEIGHTS).is_file() else weight_bytes(ckpt)):
+        model = create_model(spec.pop("name"), **spec)
     key = "ema" if options.weights == "ema" and "ema" in state else "model"
     load_state_dict_strict(model, state[key], f"{ckpt} ({key})")
     return model, {"format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
@@ -250,15 +406,33 @@ def load_model_with_info(source: str | os.PathLike, name: str | None = None, opt
         raise CheckpointError(f"checkpoint not found: {path}")
     from .checkpoint import is_run_folder
 
-    if path.is_dir() and (path / DTX_CONFIG).exists() and (path / DTX_WEIGHTS).exists():
-        model, info = _load_dtx_folder(path, name, **overrides)
-    elif is_run_folder(path):
-        model, info = _load_run(path, options)
-    elif path.is_dir():
-        model, info = _load_folder(path, name, options, **overrides)
-    else:
-        model, info = _load_file(path, name, options, **overrides)
+    with weights_of(path, weight_bytes(path)):
+        if path.is_dir() and (path / DTX_CONFIG).exists() and (path / DTX_WEIGHTS).exists():
+            model, info = _load_dtx_folder(path, name, **overrides)
+        elif is_run_folder(path):
+            model, info = _load_run(path, options)
+        elif path.is_dir():
+            model, info = _load_folder(path, name, options, **overrides)
+        else:
+            model, info = _load_file(path, name, options, **overrides)
     return model.eval(), info
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights at ``path``: a file's size, or the sizes of the weight files (``WEIGHT_SUFFIXES``) in a
+    folder and its subfolders (links not followed), the bound ``weights_of`` checks a model built from it against."""
+    if not path.is_dir():
+        return path.stat().st_size
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            file = Path(folder) / name
+            if name.endswith(WEIGHT_SUFFIXES) and not file.is_symlink():
+                total += file.stat().st_size
+    return total
 
 
 def _detects(entry: plugins.Entry, path: Path, obj: Any) -> bool:

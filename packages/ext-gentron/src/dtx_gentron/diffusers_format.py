@@ -140,10 +140,10 @@ def pixart_options(source: dfi.DiffusersSource) -> tuple[str, dict[str, Any]]:
     _require(source, "attention_bias", True, False, "(PixArt's attention has biases)")
     _require(source, "norm_elementwise_affine", False, True, "(PixArt's norms have no affine parameters)")
     _require(source, "norm_eps", 1e-6, 1e-5, "(PixArt's norms use eps 1e-6, which dtx keeps)")
-    heads = int(dfi.config_value(source, "num_attention_heads"))
-    d = heads * int(dfi.config_value(source, "attention_head_dim"))
+    heads = dfi.config_int(source, "num_attention_heads")
+    d = heads * dfi.config_int(source, "attention_head_dim")
     _require(source, "cross_attention_dim", d, None, f"differs from the width {d} (captions are projected to it)")
-    size = int(dfi.config_value(source, "sample_size"))
+    size = dfi.config_int(source, "sample_size")
     if not latte:
         extra = cfg.get("use_additional_conditions")
         if extra or (extra is None and size == 128):
@@ -154,14 +154,14 @@ def pixart_options(source: dfi.DiffusersSource) -> tuple[str, dict[str, Any]]:
     if scale != 1:
         raise CheckpointError(f"{source.model_dir / dfi.CONFIG}: interpolation_scale {scale} (position table "
                               f"over a {scale}x coarser grid) is not implemented in dtx; only 1")
-    c = int(dfi.config_value(source, "in_channels"))
-    out = int(dfi.config_value(source, "out_channels", c))
+    c = dfi.config_int(source, "in_channels")
+    out = dfi.config_int(source, "out_channels", c)
     if out not in (c, 2 * c):
         raise CheckpointError(f"{source.model_dir / dfi.CONFIG}: out_channels {out} is neither {c} nor {2 * c}")
-    options = {"depth": int(dfi.config_value(source, "num_layers")), "hidden_size": d, "num_heads": heads,
-               "patch_size": int(dfi.config_value(source, "patch_size")), "input_size": size, "in_channels": c,
-               "learn_sigma": out == 2 * c, "context_dim": int(dfi.config_value(source, "caption_channels")),
-               "num_frames": int(dfi.config_value(source, "video_length", 16)) if latte else 0}
+    options = {"depth": dfi.config_int(source, "num_layers"), "hidden_size": d, "num_heads": heads,
+               "patch_size": dfi.config_int(source, "patch_size"), "input_size": size, "in_channels": c,
+               "learn_sigma": out == 2 * c, "context_dim": dfi.config_int(source, "caption_channels"),
+               "num_frames": dfi.config_int(source, "video_length", 16) if latte else 0}
     return "PixArt", options
 
 

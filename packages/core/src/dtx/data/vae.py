@@ -89,6 +89,16 @@ def decode(vae: Any, z: torch.Tensor) -> torch.Tensor:
     return _per_frame(one, z, "decode")
 
 
+def check_decodes(vae: Any, channels: int, what: str) -> None:
+    """Refuse a VAE (named ``what``) whose latents do not have the ``channels`` of the samples it is to decode, such
+    as a VAE given to a model that samples pixels."""
+    latent = int(getattr(vae.config, "latent_channels", channels))
+    if latent != channels:
+        pixels = " (images: a pixel model needs no VAE)" if channels in (1, 3) else ""
+        raise ConfigError(f"{what} decodes {latent}-channel latents, but this model samples {channels} "
+                          f"channel(s){pixels}")
+
+
 def info_after_vae(info: DataInfo, vae: Any, vae_path: str) -> DataInfo:
     """The ``DataInfo`` of pixel data ``info`` once ``vae`` (loaded from ``vae_path``) encodes it on the fly."""
     if info.is_latent:
@@ -101,4 +111,5 @@ def info_after_vae(info: DataInfo, vae: Any, vae_path: str) -> DataInfo:
     return info.encoded(int(vae.config.latent_channels), vae_downsample(vae), scale, shift, str(vae_path))
 
 
-__all__ = ["FRAME_CHUNK", "decode", "encode", "info_after_vae", "load_vae", "vae_downsample", "vae_factors"]
+__all__ = ["FRAME_CHUNK", "check_decodes", "decode", "encode", "info_after_vae", "load_vae", "vae_downsample",
+           "vae_factors"]

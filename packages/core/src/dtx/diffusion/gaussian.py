@@ -48,6 +48,9 @@ def cosine_beta_schedule(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 SCHEDULES: dict[str, Callable[[int], np.ndarray]] = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+#: most diffusion steps a schedule may have (DDPM and DiT train with 1000): a larger count is a crafted value whose
+#: tables would take minutes and gigabytes to build
+MAX_DIFFUSION_STEPS = 100_000
 _SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}
 
 
@@ -57,8 +60,8 @@ def get_beta_schedule(name: str, num_steps: int) -> np.ndarray:
     if key not in SCHEDULES:
         allowed = ", ".join([*SCHEDULES, *_SCHEDULE_ALIASES])
         raise ConfigError(f"unknown noise schedule {name!r}; allowed: {allowed}")
-    if int(num_steps) < 1:
-        raise ConfigError(f"number of diffusion steps must be >= 1, got {num_steps}")
+    if not 1 <= int(num_steps) <= MAX_DIFFUSION_STEPS:
+        raise ConfigError(f"number of diffusion steps must be in [1, {MAX_DIFFUSION_STEPS}], got {num_steps}")
     return SCHEDULES[key](int(num_steps))
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
-from ..conditioning import ConditioningConfig, GuidanceStep
+from ..conditioning import MAX_SAMPLES, ConditioningConfig, GuidanceStep
 from ..config import check, check_finite, load_config
+from ..diffusion.gaussian import MAX_DIFFUSION_STEPS
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # AdamW's scalars (step size, decay factor) are applied in float32
@@ -178,14 +179,16 @@ class TrainConfig:
         check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (1: every block)")
         check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
         check(self.sample.every >= 0, "sample.every", "must be >= 0")
-        check(self.sample.n_per_class >= 1, "sample.n_per_class", "must be >= 1")
+        check(1 <= self.sample.n_per_class <= MAX_SAMPLES, "sample.n_per_class",
+              f"must be in [1, {MAX_SAMPLES}], got {self.sample.n_per_class}")
         check(self.sample.fps > 0, "sample.fps", "must be > 0")
         check(self.sample.guide_channels is None or self.sample.guide_channels >= 1, "sample.guide_channels",
               f"must be >= 1 (or null for all channels), got {self.sample.guide_channels}")
         check(all(c >= 0 for c in self.sample.classes), "sample.classes",
               f"class ids must be >= 0, got {list(self.sample.classes)}")
         o = self.objective
-        check(o.diffusion_steps >= 1, "objective.diffusion_steps", "must be >= 1")
+        check(1 <= o.diffusion_steps <= MAX_DIFFUSION_STEPS, "objective.diffusion_steps",
+              f"must be in [1, {MAX_DIFFUSION_STEPS}], got {o.diffusion_steps}")
         check(o.sigma_min > 0 and o.sigma_max > o.sigma_min, "objective.sigma_max", "needs 0 < sigma_min < sigma_max")
         check(o.sigma_data > 0, "objective.sigma_data", f"must be > 0, got {o.sigma_data}")
         check(o.p_std > 0, "objective.p_std", f"must be > 0, got {o.p_std}")
