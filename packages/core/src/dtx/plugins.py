@@ -215,22 +215,28 @@ class PluginHost:
         self._registrations: dict[str, list[Entry]] = {k: [] for k in KINDS}  # every register() call, in order
         self._loaded = False
         self._lock = threading.RLock()
+        self.skipped: dict[str, tuple[str | None, str]] = {}  # entry point -> (distribution, why it is not loaded)
 
     # -- loading -----------------------------------------------------------------------------------------------
     def load(self) -> "PluginHost":
         with self._lock:
             if self._loaded:
                 return self
-            self._loaded = True
             allow, deny = _split_env("DTX_PLUGINS"), _split_env("DTX_DISABLE_PLUGINS") or set()
+            points = sorted(md.entry_points(group=GROUP), key=lambda e: (e.name != BUILTIN, e.name))
+            _check_allow_list(allow, [ep.name for ep in points])
+            self._loaded = True
             seen: set[str] = set()
-            for ep in sorted(md.entry_points(group=GROUP), key=lambda e: (e.name != BUILTIN, e.name)):
+            for ep in points:
                 if ep.name in seen:
                     continue
                 seen.add(ep.name)
-                if ep.name != BUILTIN and ((allow is not None and ep.name not in allow) or ep.name in deny):
-                    continue
                 dist = getattr(ep, "dist", None)
+                if ep.name != BUILTIN and ((allow is not None and ep.name not in allow) or ep.name in deny):
+                    why = ("disabled by DTX_DISABLE_PLUGINS" if ep.name in deny else
+                           f"not loaded: DTX_PLUGINS={os.environ.get('DTX_PLUGINS', '')} does not name it")
+                    self.skipped[ep.name] = (dist.metadata["Name"] if dist else None, why)
+                    continue
                 rec = PluginRecord(ep.name, ep.value, dist.metadata["Name"] if dist else None,
                                    dist.version if dist else None)
                 self.records[ep.name] = rec
@@ -423,12 +429,24 @@ class PluginHost:
         providers = sorted({e.plugin for e in table.values()})
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         broken = [r.name for r in self.records.values() if r.error]
-        missing = install_hint(kind, name)
+        skipped = self._skipped_provider(kind, name)
+        missing = skipped or install_hint(kind, name)
+        hint = "" if skipped else hint  # a close name of another family ("did you mean 'HDiT'?") would mislead
         msg = (f"unknown {kind.replace('_', ' ')} {name!r}{f' ({missing})' if missing else ''}{hint} "
                f"(installed plugins providing {plural(kind)}: {', '.join(providers) or 'none'}")
         if broken:
             msg += f"; plugins that failed to load: {', '.join(broken)} -- see `dtx plugins`"
         raise UnknownNameError(msg + ")")
+
+    def _skipped_provider(self, kind: str, name: str) -> str:
+        """``plugin 'P', which registers it, is disabled by ...`` when an installed first-party plugin that
+        registers ``name`` as a ``kind`` was skipped by ``DTX_PLUGINS`` / ``DTX_DISABLE_PLUGINS``, else empty."""
+        bare = name.rpartition(":")[2].lower()
+        for plugin, (dist, why) in self.skipped.items():
+            names = FIRST_PARTY.get(dist or "", {}).get(kind, ())
+            if dist and bare in (n.lower() for n in names) and _version(dist) is not None:
+                return f"plugin {plugin!r}, which registers it, is {why}"
+        return ""
 
     def _get_qualified(self, kind: str, plugin: str, name: str) -> Entry:
         own = {}
@@ -463,6 +481,14 @@ class PluginHost:
     def __iter__(self) -> Iterator[PluginRecord]:
         self.load()
         return iter(self.records.values())
+
+
+def _check_allow_list(allow: set[str] | None, installed: list[str]) -> None:
+    """Refuse a ``DTX_PLUGINS`` that names a plugin no entry point provides (a typo would silently load nothing)."""
+    unknown = sorted((allow or set()) - set(installed))
+    if unknown:
+        raise PluginError(f"DTX_PLUGINS names unknown plugin {', '.join(map(repr, unknown))}; installed: "
+                          f"{', '.join(sorted(set(installed))) or 'none'}")
 
 
 def _version(dist: str) -> str | None:

@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from ..config import parse_device
 from ..errors import ConfigError
 
 MODES = ("forward", "train")
@@ -221,22 +222,6 @@ def build_workload(name: str, base_options: dict[str, Any], setup: Setup, device
 
 # -- measuring -------------------------------------------------------------------------------------------------
 
-def _device(text: str | None) -> Any:
-    import torch
-
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError(f"--device {text!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {text}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {text!r}: dtx bench runs on cpu or cuda")
-    return device
-
-
 def measurement_row(name: str, work: Workload, mode: str, times: list[tuple[float, float]], peak_mb: float,
                     device: Any, warmup: int) -> dict[str, Any]:
     """One JSON-ready measurement: medians, samples/s, memory, FLOPs, TFLOP/s, and MFU on a known GPU."""
@@ -295,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     from .flops import _input_size, _overrides
 
     # every check first: nothing is built before the input is known to be good
-    device = _device(args.device)
+    device = parse_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(_positive(args.threads, "--threads"))
     warmup = 1 if args.quick else 2

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import plugins
-from ..conditioning import GuidanceStep, SampleRequest
+from ..conditioning import MAX_SAMPLES, GuidanceStep, SampleRequest
+from ..config import parse_device, seed_arg
 from ..errors import ConfigError
 
 
@@ -116,7 +117,7 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
                    help="set a per-sample boolean condition field for every sample (repeatable)")
     p.add_argument("--n-per-class", type=int, default=8,
                    help="samples per class or prompt (the total when unconditional)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", help="PNG path; the .npz (and videos) go beside it (default: SOURCE/samples/sample.png)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling objects (trusted files only)")
@@ -137,6 +138,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.cfg is not None and not math.isfinite(args.cfg):
         raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
+    if args.n_per_class > MAX_SAMPLES:
+        raise ConfigError(f"--n-per-class must be at most {MAX_SAMPLES}, got {args.n_per_class}")
     for flag, (name, _) in plugin_scales().items():
         value = getattr(args, f"scale_{name.replace('-', '_')}", None)
         if value is not None and not math.isfinite(value):
@@ -151,6 +154,10 @@ def _check_args(args: argparse.Namespace) -> None:
         from ..checkpoint import checkpoints_holding
 
         holder = checkpoints_holding(args.out)
+        from ..io import check_output_path
+
+        check_output_path(args.out, "--out")
+        check_output_path(Path(args.out).with_suffix(".npz"), "--out (its .npz)")
         if holder is not None:
             raise ConfigError(f"--out {args.out} lies in the checkpoint folder {holder}, which holds only "
                               f"checkpoints; write samples elsewhere (default: the run's samples/)")
@@ -204,9 +211,11 @@ def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
     path = args.vae or setup.info.vae
     if not path:
         raise ConfigError("this model samples latents; pass --vae PATH (a local AutoencoderKL) to decode them")
-    from ..data.vae import load_vae
+    from ..data.vae import check_decodes, load_vae
 
-    return load_vae(path).to(device)
+    vae = load_vae(path)
+    check_decodes(vae, setup.info.channels, f"--vae {path}" if args.vae else f"the model's VAE {path}")
+    return vae.to(device)
 
 
 def _sampler_options(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
@@ -242,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     request = _request(args)
-    device = torch.device(args.device) if args.device else default_device()
+    device = parse_device(args.device) if args.device else default_device()
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
                               device=device)
     s = setup.cfg.sample

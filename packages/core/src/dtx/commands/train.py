@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..training.config import TrainConfig, load_train_config
 
 
+from ..io import check_output_path
 def recipe_source(spec: str) -> tuple[Any, str]:
     """(YAML path or dict, short name) for a recipe name or a config file path."""
     path = Path(spec)
@@ -85,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args.config, args.overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"run folder {cfg.out} exists and is not a folder")
+    check_output_path(cfg.out, "run folder", folder=True)
     entry = plugins.get("runner", args.runner or default_runner())
     summary = entry.obj(cfg, args)
     if summary:

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..config import parse_device, seed_arg
 from ..errors import DataError
+from ..io import check_output_path
 from . import CarryErrors, collate_carrying, raise_carried
 from .images import ImageFolderDataset
 from .latents import SHARD_GLOB, read_shard_metadata, shard_name, write_shard
-from .vae import encode, load_vae, vae_factors  # their home is dtx.data.vae; still importable from here
+from .vae import encode, info_after_vae, load_vae, vae_factors  # their home is dtx.data.vae; still importable here
 from .videos import VideoFolderDataset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,7 +111,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of the latents")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the posterior samples")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("image_size", "batch_size", "shard_size", "frames", "frame_interval"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_output_path(args.out, "--out", folder=True)
     frames = getattr(args, "frames", None)
     if frames is None:
         if getattr(args, "frame_interval", None) is not None:
@@ -125,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = VideoFolderDataset(args.data, image_size=args.image_size, frames=frames,
                                   frame_interval=args.frame_interval or 1, unconditional=args.unconditional)
+    device = parse_device(args.device)
     vae = load_vae(args.vae)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info_after_vae(data.info, vae, args.vae)  # the VAE takes the data's channels (one ConfigError otherwise)
     vae.to(device)
     paths = extract_latents(vae, data, args.out, vae_name=str(Path(args.vae).expanduser().resolve()),
                             batch_size=args.batch_size, shard_size=args.shard_size,

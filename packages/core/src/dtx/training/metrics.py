@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
 from ..io import atomic_write, atomic_write_text, naming_file, open_no_follow, refuse_link
 
 
@@ -36,22 +37,44 @@ class MetricsLog:
         refuse_link(self.path)
         if not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-            except (ValueError, AttributeError):
-                continue
+        kept = [json.dumps(r) + "\n" for r in read_records(self.path) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(kept))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``: one JSON object per line whose ``step`` is an integer and whose ``loss``
+    is a number or null. A torn last line (a process killed mid-write) is dropped; any other malformed line is a
+    ``DataError`` naming the file and the line, as every reader of the file (resume, the loss plot) sees it."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            if number == len(lines):  # no newline after it: torn by a kill mid-write
+                continue
+            raise DataError(f"{path} line {number}: not a JSON object (fix or remove the line)") from None
+        if not (isinstance(record, dict) and isinstance(record.get("step", 0), int)
+                and not isinstance(record.get("step", 0), bool)
+                and (record.get("loss") is None or _is_number(record["loss"]))):
+            raise DataError(f"{path} line {number}: not a metrics record (an object with an integer step and a "
+                            f"numeric or null loss); fix or remove the line")
+        records.append(record)
+    return records
 
 
 def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     """``loss.png``: logged loss against step (log scale), from ``metrics.jsonl``."""
     if not metrics_path.is_file():
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and r["loss"] is not None and math.isfinite(r["loss"])]
+    rows = [r for r in read_records(metrics_path) if r.get("loss") is not None and math.isfinite(r["loss"])]
     if not rows:
         return None
     import matplotlib
