@@ -281,6 +281,8 @@ class Trainer:
 
         cfg, ctx = self.cfg, self.ctx
         self.stream = DataStream(self.data.dataset, cfg, ctx, self.micro_batch, self.position)
+        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
+        metrics.rewind(self.step)  # first: a malformed metrics.jsonl stops the run before config.yaml is written
         if ctx.is_main:
             atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step",
@@ -313,8 +315,6 @@ class Trainer:
                         ctx.report({"step": self.step, "batch_loss": loss}, self.save_checkpoint())
                     if cfg.sample.every and self.step % cfg.sample.every == 0 and not last:
                         self.sample_grid()
-        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
-        metrics.rewind(self.step)  # first: a malformed metrics.jsonl stops the run before config.yaml is written
                     if stop:
                         stopped_by = "signal" if guard.stop_requested() else "max_minutes"
                         break
