@@ -136,10 +136,10 @@ def _check_args(args: argparse.Namespace) -> None:
                         ("--guide-channels", args.guide_channels), ("--n-per-class", args.n_per_class)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if args.cfg is not None and not math.isfinite(args.cfg):
-        raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
     if args.n_per_class > MAX_SAMPLES:
         raise ConfigError(f"--n-per-class must be at most {MAX_SAMPLES}, got {args.n_per_class}")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise ConfigError(f"--cfg must be a finite number, got {args.cfg}")
     for flag, (name, _) in plugin_scales().items():
         value = getattr(args, f"scale_{name.replace('-', '_')}", None)
         if value is not None and not math.isfinite(value):
@@ -152,12 +152,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
     if args.out:
         from ..checkpoint import checkpoints_holding
-
-        holder = checkpoints_holding(args.out)
         from ..io import check_output_path
 
         check_output_path(args.out, "--out")
         check_output_path(Path(args.out).with_suffix(".npz"), "--out (its .npz)")
+
+        holder = checkpoints_holding(args.out)
         if holder is not None:
             raise ConfigError(f"--out {args.out} lies in the checkpoint folder {holder}, which holds only "
                               f"checkpoints; write samples elsewhere (default: the run's samples/)")

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 from .. import plugins
 from ..config import read_yaml
 from ..errors import ConfigError
+from ..io import check_output_path
 from ..training.config import TrainConfig, load_train_config
 
 
-from ..io import check_output_path
 def recipe_source(spec: str) -> tuple[Any, str]:
     """(YAML path or dict, short name) for a recipe name or a config file path."""
     path = Path(spec)
