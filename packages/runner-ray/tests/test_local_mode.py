@@ -164,11 +164,11 @@ def test_job_dir_and_entrypoint(tiny, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_job_main_runs_the_run_file(tiny, tmp_path, capsys, losses):
     cfg = tiny("job", max_steps=3)
-    folder = jobs.write_job_dir(cfg, RayOptions(workers=0), tmp_path / "job")
+    folder = jobs.write_job_dir(cfg, RayOptions(workers=0), tmp_path / "job-dir")  # a job's own working dir
     assert jobs.main([str(folder / "run.json")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 3 and [s for s, _ in losses(cfg.out)] == [1, 2, 3]
     bad = tiny("job-bad", data={"name": "image-folder", "options": {"root": "/nonexistent/x"}})
-    folder = jobs.write_job_dir(bad, RayOptions(workers=0), tmp_path / "job-bad")
+    folder = jobs.write_job_dir(bad, RayOptions(workers=0), tmp_path / "job-bad-dir")
     assert jobs.main([str(folder / "run.json")]) == 2
     assert capsys.readouterr().err.strip().startswith("dtx: error:")

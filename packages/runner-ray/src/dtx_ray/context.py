@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp", "none"]
 RESTORE_DIR = "ray_restore"  # where checkpoints from remote Ray storage are downloaded inside the run folder
+POINTER_PREFIX = "dtx-ray-pointer-"  # temporary folders holding a pointer while Ray copies it into its storage
 POINTER = "dtx-checkpoint.json"  # what Ray stores of a checkpoint whose only full copy is in the run folder
 
 
@@ -112,11 +113,11 @@ class RayContext:
         metrics = _plain_metrics(metrics)
         if checkpoint_dir is None:
             ray.train.report(metrics)
-        elif self.full_copies:
+        elif self.full_copies or Path(checkpoint_dir).resolve().parent != self._home():
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                              checkpoint_dir_name=Path(checkpoint_dir).name)
         else:
-            with tempfile.TemporaryDirectory(prefix="dtx-ray-pointer-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=POINTER_PREFIX) as tmp:
                 (Path(tmp) / POINTER).write_text(json.dumps({"checkpoint": str(Path(checkpoint_dir).resolve())}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=Path(checkpoint_dir).name)
@@ -157,6 +158,8 @@ class RayContext:
             path = self.out_dir / RESTORE_DIR / Path(checkpoint.path).name
             if verify(path) is not None:
                 checkpoint.to_directory(str(path))
+        if path.name.startswith(POINTER_PREFIX) and not path.exists():
+            return None  # Ray Train's local mode hands back the reported folder itself: a pointer already removed
         if (path / POINTER).is_file():
             path = self._follow_pointer(path / POINTER)
             if path is None:
@@ -167,6 +170,9 @@ class RayContext:
             return None
         return path
 
+    def _home(self) -> Path:
+        return (self.out_dir / RUN_CHECKPOINTS).resolve()
+
     def _follow_pointer(self, pointer: Path) -> Path | None:
         """The run-folder checkpoint a Ray pointer names; only one inside this run's checkpoints folder counts."""
         try:
@@ -174,7 +180,7 @@ class RayContext:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring Ray checkpoint pointer %s: %s", pointer, exc)
             return None
-        home = (self.out_dir / RUN_CHECKPOINTS).resolve()
+        home = self._home()
         if target.parent != home or target.is_symlink():
             log.warning("ignoring Ray checkpoint pointer %s: %s is not a checkpoint of %s", pointer, target, home)
             return None
