@@ -185,15 +185,23 @@ def test_activation_checkpointing_keeps_the_loss_curve(tmp_path):
     assert all(math.isclose(a[s], b[s], rel_tol=1e-5) for s in (1, 2, 3))
 
 
-def test_cpu_bf16_runs_the_step_in_bfloat16_only_when_asked(tmp_path, monkeypatch):
-    """cpu_bf16 turns on bf16 autocast on CPU (the matmuls see bfloat16), and only with precision bf16."""
+def test_cpu_bf16_runs_the_step_in_bfloat16_where_the_cpu_has_it_or_when_asked(tmp_path, monkeypatch):
+    """cpu_bf16 (auto by default: the CPU's native bf16 flags; true/false force) turns on bf16 autocast on CPU (the
+    matmuls see bfloat16), and only with precision bf16."""
+    import dtx.cpu
+
+    with_bf16, without = dtx.cpu.parse_cpuinfo("flags: avx512f avx512_bf16"), dtx.cpu.parse_cpuinfo("flags: avx2")
     seen: list[torch.dtype] = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.modules.linear.F, "linear",
                         lambda x, w, b=None: seen.append(x.dtype if not torch.is_autocast_enabled("cpu")
                                                          else torch.get_autocast_dtype("cpu")) or linear(x, w, b))
-    for name, flags, dtype in (("fp32", [], torch.float32), ("bf16", ["cpu_bf16=true"], torch.bfloat16),
-                               ("off", ["cpu_bf16=true", "precision=fp32"], torch.float32)):
+    for name, flags, info, dtype in (("auto-none", [], without, torch.float32),
+                                     ("auto-native", [], with_bf16, torch.bfloat16),
+                                     ("forced-off", ["cpu_bf16=false"], with_bf16, torch.float32),
+                                     ("bf16", ["cpu_bf16=true"], without, torch.bfloat16),
+                                     ("off", ["cpu_bf16=true", "precision=fp32"], with_bf16, torch.float32)):
+        monkeypatch.setattr(dtx.cpu, "cpu_info", lambda info=info: info)
         seen.clear()
         summary = run_local(cfg_for(tmp_path, name, "max_steps=2", "sample.every=0", *flags))
         assert summary["step"] == 2 and math.isfinite(summary["loss"])

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -128,7 +129,8 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, help="enlarge each sample in the PNG grid by this integer factor, nearest "
                                             "neighbour (default: to at least 64 px; 1: actual size)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the sampler's progress bar (default: when stderr is a terminal)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -272,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
                        steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
                        guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
                        guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
-                       progress=args.progress, sampler_options=options, guidance_scales=scales)
+                       progress=sys.stderr.isatty() if args.progress is None else args.progress,
+                       sampler_options=options, guidance_scales=scales)
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps,
                             scale=args.scale)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))

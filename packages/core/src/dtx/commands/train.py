@@ -1,16 +1,19 @@
 """``dtx train PRESET_OR_CONFIG.yaml [key=value ...]``: a registered recipe (or a YAML file) plus overrides becomes a
-validated ``TrainConfig`` that a runner executes: ``ray`` when dtx-runner-ray is installed, else ``local``."""
+validated ``TrainConfig`` that a runner executes: one process (``local``) unless more workers or a cluster are asked
+for (``ray``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .. import plugins
 from ..config import read_yaml
+from ..cpu import requested_threads
 from ..errors import ConfigError
 from ..io import check_output_path
 from ..training.config import TrainConfig, load_train_config
@@ -60,7 +63,15 @@ def _overrides_anywhere(p: argparse.ArgumentParser) -> None:
     p.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
+RECIPE_KEYS = ("recipe keys (in the YAML or as key=value): model.name/options, data.name/options/batch_size, "
+               "conditioning.*, objective.*, optim.lr/warmup_steps/decay_steps, ema.*, sample.*, max_steps, "
+               "max_minutes (a time cap: the run stops early when it is reached, with a warning; 0 = none), seed, "
+               "precision (fp32|bf16), cpu_bf16 (auto: bf16 on CPUs with native bf16|true|false), compile, "
+               "log_every, ckpt_every, keep_last; `dtx recipes` lists the shipped recipes")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
+    p.epilog = RECIPE_KEYS
     p.add_argument("config", metavar="PRESET_OR_CONFIG.yaml", help="a recipe name (see `dtx plugins`) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-3")
     p.add_argument("--out", help="run folder (default runs/<recipe>); re-running with the same folder resumes")
@@ -69,7 +80,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="training workers (ray runner)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 forces CPU)")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: RAY_ADDRESS or local")
-    p.add_argument("--runner", help="ray or local (default: ray when dtx-runner-ray is installed)")
+    p.add_argument("--runner", default="auto",
+                   help="auto (default: one process for one worker; ray for --workers > 1, --address or "
+                        "RAY_ADDRESS), local or ray")
+    p.add_argument("--max-minutes", type=float, help="time cap: stop early after this much training time, with a "
+                                                     "warning (recipe key max_minutes; 0 = none)")
+    p.add_argument("--threads", type=int, help="fixed torch CPU threads per worker (also DTX_THREADS; default: the "
+                                               "cores other processes leave free, re-checked as the run goes)")
     p.add_argument("--resume", action="store_true", help="require resuming from the newest checkpoint in --out")
     for entry in plugins.host().table("runner").values():  # runner-specific flags, e.g. the ray runner's
         configure = entry.meta.get("configure_parser")
@@ -78,16 +95,29 @@ def configure(p: argparse.ArgumentParser) -> None:
     _overrides_anywhere(p)
 
 
-def default_runner() -> str:
-    return "ray" if "ray" in plugins.names("runner") else "local"
+def choose_runner(requested: str | None, workers: int | None, address: str | None) -> str:
+    """The runner ``--runner auto`` means: one process for one worker on this machine, Ray when more is asked for
+    (``--workers > 1``, ``--address`` or ``RAY_ADDRESS``); any other name is taken as given."""
+    if requested not in (None, "auto"):
+        return requested
+    wants_ray = (workers or 1) > 1 or bool(address) or bool(os.environ.get("RAY_ADDRESS"))
+    if not wants_ray:
+        return "local"
+    if "ray" not in plugins.names("runner"):
+        why = f"--workers {workers}" if (workers or 1) > 1 else "--address" if address else "RAY_ADDRESS"
+        raise ConfigError(f"{why} needs the ray runner: pip install dtx-runner-ray")
+    return "ray"
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_train_config(args.config, args.overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
+    overrides = list(args.overrides) + ([f"max_minutes={args.max_minutes}"] if args.max_minutes is not None else [])
+    cfg = resolve_train_config(args.config, overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
+    if args.threads is not None:
+        os.environ["DTX_THREADS"] = str(requested_threads(args.threads))  # workers (local or Ray) read it
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     check_output_path(cfg.out, "run folder", folder=True)
-    entry = plugins.get("runner", args.runner or default_runner())
+    entry = plugins.get("runner", choose_runner(args.runner, args.workers, args.address))
     summary = entry.obj(cfg, args)
     if summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "loss" or v == v}, default=str))

@@ -7,7 +7,7 @@ saved in the run folder and inside every checkpoint so that ``dtx sample`` can r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 from ..conditioning import MAX_SAMPLES, ConditioningConfig, GuidanceStep
 from ..config import check, check_finite, load_config
@@ -127,11 +127,11 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     out: str = "runs/default"
     max_steps: int = 1000
-    max_minutes: float = 0.0  # stop after this much training time as well (0 = no limit)
+    max_minutes: float = 0.0  # safety net: stop after this much training time, with a warning (0 = no limit)
     seed: int = 0
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on CUDA only, unless cpu_bf16
-    cpu_bf16: bool = False  # with precision bf16: autocast on CPU too (native bf16 matmuls: ~1.6x faster steps here)
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; on CPU as cpu_bf16 says
+    cpu_bf16: Union[bool, str] = "auto"  # with precision bf16, autocast on CPU too; auto: where it has native bf16
     tf32: bool = True
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # with activation_checkpointing: recompute every k-th transformer block (1: all)
@@ -149,6 +149,8 @@ class TrainConfig:
         check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
         check(self.max_steps >= 1, "max_steps", "must be >= 1")
         check(self.max_minutes >= 0, "max_minutes", "must be >= 0")
+        check(isinstance(self.cpu_bf16, bool) or self.cpu_bf16 == "auto", "cpu_bf16",
+              f"must be true, false or auto, got {self.cpu_bf16!r}")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         check(self.data.batch_size % self.grad_accum == 0, "data.batch_size",

@@ -20,13 +20,14 @@ from torch import nn
 from ..checkpoint import LATEST, RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..conditioning import ConditioningStage, SampleRequest
 from ..config import to_yaml
+from ..cpu import ThreadGovernor, cpu_info, requested_threads, resolve_cpu_bf16
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import atomic_write_text, refuse_link
 from ..models import create_model, load_state_dict_strict, model_spec
 from ..preemption import stop_on_signals
 from .checks import check_resume, check_run, check_sampler, data_classes
 from .config import TrainConfig, config_dict
-from .compile import compile_model
+from .compile import CompiledModel, compile_model
 from .context import RunContext
 from .data_stream import DataPosition, DataStream
 from .ema import EMA
@@ -85,7 +86,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.autocast = cfg.precision == "bf16" and (self.device.type == "cuda"
-                                                      or (self.device.type == "cpu" and cfg.cpu_bf16))
+                                                      or (self.device.type == "cpu" and resolve_cpu_bf16(cfg.cpu_bf16)))
+        self.threads = ThreadGovernor(torch.get_num_threads(), fixed=requested_threads()) \
+            if self.device.type == "cpu" else None
 
         self.data = build_run_data(cfg, self.device)
         self.info = self.data.info
@@ -265,9 +268,40 @@ class Trainer:
                   "steps_per_s": rate,
                   "samples_per_s": rate * cfg.data.batch_size, "nonfinite_skipped": self.nonfinite_total,
                   "time_s": elapsed}
+        if self.threads is not None:
+            record["threads"] = self.threads.threads
         metrics.write(record)
         self.ctx.report(record, self.save_checkpoint() if save else None)
         return record
+
+    def _say(self, message: str) -> None:
+        """One phase line on stderr from the main rank (what the run is doing while the bar cannot show it)."""
+        if self.ctx.is_main:
+            print(f"train: {message}", file=sys.stderr, flush=True)
+
+    def _announce(self) -> None:
+        """Say what runs where, and any time cap that could end the run before ``max_steps``."""
+        cfg = self.cfg
+        where = self.device.type
+        if self.device.type == "cpu":
+            threads = self.threads.threads if self.threads is not None else torch.get_num_threads()
+            where = f"cpu ({cpu_info().describe()}, {threads} threads, {'bf16' if self.autocast else 'fp32'})"
+        self._say(f"{cfg.model.name}, {sum(p.numel() for p in self.params) / 1e6:.2f}M trained parameters, steps "
+                  f"{self.step} -> {cfg.max_steps}, batch {cfg.data.batch_size}, on {where}")
+        if cfg.max_minutes > 0:
+            self._say(f"time cap: max_minutes={cfg.max_minutes:g} stops the run early if it takes longer "
+                      f"(a warning says so)")
+
+    def _first_step(self) -> tuple[float, float, bool]:
+        """The first step of this process, announced when it compiles the model (minutes on CPU)."""
+        if not isinstance(self.model, CompiledModel):
+            return self.train_step()
+        self._say("compiling the model (first step" + ("; about a minute on CPU)" if self.device.type == "cpu" else ")"))
+        start = time.perf_counter()
+        out = self.train_step()
+        how = "compiled" if self.model.eager_reason is None else "running eager"
+        self._say(f"{how} in {time.perf_counter() - start:.0f} s")
+        return out
 
     def _should_stop(self, guard: Any, elapsed: float) -> bool:
         cfg = self.cfg
@@ -285,6 +319,7 @@ class Trainer:
         metrics.rewind(self.step)  # first: a malformed metrics.jsonl stops the run before config.yaml is written
         if ctx.is_main:
             atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+        self._announce()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not ctx.is_main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         start_step, t0 = self.step, time.perf_counter()
@@ -293,7 +328,9 @@ class Trainer:
         with stop_on_signals() as guard:
             try:
                 while self.step < cfg.max_steps:
-                    loss, norm, finite = self.train_step()
+                    loss, norm, finite = self._first_step() if self.step == start_step else self.train_step()
+                    if self.threads is not None:
+                        self.threads.update()
                     self.position = self.stream.pos
                     if not finite:
                         streak += 1
@@ -320,6 +357,9 @@ class Trainer:
                         break
             finally:
                 bar.close()
+            if stopped_by == "max_minutes" and ctx.is_main and self.step < cfg.max_steps:
+                log.warning("time cap max_minutes=%g ended the run at step %d of max_steps=%d",
+                            cfg.max_minutes, self.step, cfg.max_steps)
             train_time = time.perf_counter() - t0
             grid = None
             if not guard.stop_requested():  # a preempted run exits at once: its checkpoint is saved
