@@ -19,8 +19,8 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                        PatchGridConfig, TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps,
-                        sincos_2d_torch, unpatchify)
+                        PatchGridConfig, TimestepEmbedder, check_label_range, dit_base_init, layer_norm,
+                        per_sample_timesteps, sincos_2d_torch, unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
 BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
@@ -197,11 +197,7 @@ class DiT(nn.Module):
             y = torch.zeros(n, dtype=torch.long, device=device)
         if y.shape != (n,) or y.dtype.is_floating_point:
             raise ShapeError(f"DiT expects integer class labels y of shape [{n}], got {y.dtype} {list(y.shape)}")
-        rows = self.y_embedder.embedding_table.num_embeddings
-        # on GPU this would sync, and under torch.compile it would break the graph
-        if y.device.type == "cpu" and n and not torch.compiler.is_compiling() and \
-                (int(y.min()) < 0 or int(y.max()) >= rows):
-            raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
+        check_label_range(y, self.y_embedder.embedding_table.num_embeddings)
         return self.y_embedder(y, train=False)  # labels arrive already dropped (dtx.conditioning)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dtx.attention import attention, neighborhood_attention
 from dtx.config import check
 from dtx.errors import ConfigError, ShapeError
 from dtx.layers import (AdaRMSNorm, AxialRoPE, FourierFeatures, Linear, LinearGEGLU, RMSNorm, apply_rotary,
-                        make_axial_pos)
+                        check_label_range, make_axial_pos)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
@@ -658,9 +658,7 @@ class HDiT(nn.Module):
                                  f"(y={self.null_class} for unconditional outputs)")
             if y.shape != (n,) or y.dtype.is_floating_point:
                 raise ShapeError(f"HDiT expects integer class labels y of shape [{n}], got {y.dtype} {list(y.shape)}")
-            if y.device.type == "cpu" and n and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-                raise ShapeError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
-                                 f"got {int(y.min())}..{int(y.max())}")
+            check_label_range(y, self.num_classes + 1, f" ({self.num_classes} = null)")
             emb = emb + self.class_emb(y)
         if self.mapping_cond_in_proj is not None:
             if mapping_cond is None or mapping_cond.shape != (n, self.mapping_cond_dim):

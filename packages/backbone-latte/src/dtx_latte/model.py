@@ -55,8 +55,8 @@ from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
 from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Linear, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, apply_rotary, dit_base_init, layer_norm, make_axial_pos, modulate,
-                        per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
+                        TimestepEmbedder, apply_rotary, check_label_range, dit_base_init, layer_norm, make_axial_pos,
+                        modulate, per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
@@ -570,9 +570,7 @@ class Latte(nn.Module):
         if tuple(y.shape) != shape or y.dtype.is_floating_point:
             raise ShapeError(f"Latte expects integer class labels of shape {list(shape)}, got {y.dtype} "
                              f"{list(y.shape)}")
-        rows = self.y_embedder.embedding_table.num_embeddings
-        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= rows):
-            raise ShapeError(f"class labels must lie in [0, {rows - 1}], got {int(y.min())}..{int(y.max())}")
+        check_label_range(y, self.y_embedder.embedding_table.num_embeddings)
         return self.y_embedder(y, train=False)  # labels arrive already dropped (dtx.conditioning)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,16 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from .linear import Linear
+
+
+def check_label_range(y: torch.Tensor, rows: int, note: str = "") -> None:
+    """Refuse class labels outside ``[0, rows)`` where that costs nothing: CPU tensors in eager mode (on GPU the
+    check would synchronise, and under torch.compile ``int(y.min())`` would break the graph)."""
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and \
+            (int(y.min()) < 0 or int(y.max()) >= rows):
+        raise ShapeError(f"class labels must lie in [0, {rows - 1}]{note}, got {int(y.min())}..{int(y.max())}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
