@@ -1,18 +1,22 @@
-"""Fixtures for the plugin-host and CLI tests: a fresh host, a run-time plugin, and installed-looking plugins."""
+"""Fixtures for the plugin-host and CLI tests: a fresh host, a run-time plugin, and installed-looking plugins; and
+for the training and reliability tests, a tiny denoiser and its images registered as a run-time plugin."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import textwrap
 import types
 
 import pytest
 import torch
+from torch import nn
 
 import dtx
 from dtx import plugins
 from dtx.errors import ConfigError
+from dtx.layers import timestep_embedding
 from dtx.testing import fresh_plugin_host
 
 
@@ -109,3 +113,77 @@ def dist_plugins(tmp_path, monkeypatch, fresh_host):
     yield tmp_path
     for _, module, _ in _DIST_PLUGINS.values():
         sys.modules.pop(module, None)
+
+
+# -- the tiny denoiser: a model and images small enough that a CLI training run takes a moment ----------------------
+
+TINY_SIZE, TINY_CLASSES = 4, 3
+
+
+class TinyDenoiser(nn.Module):
+    """MLP on flattened 1x4x4 images, conditioned on a sinusoidal t/sigma embedding plus a class embedding, with
+    ``depth`` residual blocks of ``width`` features."""
+
+    def __init__(self, input_size: int = TINY_SIZE, in_channels: int = 1, num_classes: int = TINY_CLASSES,
+                 width: int = 48, depth: int = 2, learn_sigma: bool = False) -> None:
+        super().__init__()
+        d = in_channels * input_size * input_size
+        self.in_channels, self.learn_sigma, self.width = in_channels, learn_sigma, width
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
+        self.null_class = num_classes
+        self.inp = nn.Linear(d, width)
+        self.t_proj = nn.Linear(width, width)
+        self.y_embed = nn.Embedding(num_classes + 1, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU())
+                                    for _ in range(depth))
+        self.out = nn.Linear(width, d * (2 if learn_sigma else 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
+        h = self.inp(x.flatten(1)) + self.t_proj(timestep_embedding(t, self.width))
+        if y is not None:
+            h = h + self.y_embed(y)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).view(x.shape[0], self.out_channels, *x.shape[2:])
+
+
+class TinyData(torch.utils.data.Dataset):
+    """``n`` fixed 1x4x4 images in [-1, 1] in three classes: class c lights up row c, with a little per-image jitter
+    (``ramp``: one ramp from -1 to 1 over all pixels instead; ``poison``: every pixel NaN)."""
+
+    num_classes, channels, image_size, is_latent = TINY_CLASSES, 1, TINY_SIZE, False
+
+    def __init__(self, n: int = 24, ramp: bool = False, poison: bool = False) -> None:
+        self.y, shape = torch.arange(n) % TINY_CLASSES, (n, 1, TINY_SIZE, TINY_SIZE)
+        if ramp:
+            self.x = torch.linspace(-1, 1, n * TINY_SIZE * TINY_SIZE).view(shape)
+        else:
+            g = torch.Generator().manual_seed(123)
+            self.x = torch.full(shape, -0.8) + 0.1 * torch.rand(shape, generator=g)
+            for i, c in enumerate(self.y.tolist()):
+                self.x[i, 0, c] = 0.8
+        if poison:
+            self.x[:] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.fixture
+def tiny_denoiser(fresh_host, monkeypatch):
+    """A function registering ``TinyDenoiser`` and ``TinyData`` variants (name: options) as a run-time plugin, under
+    the names a test module's messages use; the host is fresh for each test, and one thread keeps runs light."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def register(plugin: str, model: str, datasets: dict[str, dict] | None = None) -> None:
+        data = {name: functools.partial(TinyData, **options) for name, options in (datasets or {}).items()}
+        module = types.SimpleNamespace(
+            dtx_register_models=dtx.hookimpl(lambda register: register(model, TinyDenoiser, family="test")),
+            dtx_register_datasets=dtx.hookimpl(lambda register: [register(k, v) for k, v in data.items()]))
+        plugins.register_plugin(module, plugin)
+
+    return register

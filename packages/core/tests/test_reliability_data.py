@@ -2,14 +2,13 @@
 corrupt videos skipped as corrupt images are, errors from DataLoader workers as one line, and resumes that refuse
 changed data classes or a changed objective (docs/reliability.md).
 
-A tiny MLP denoiser is registered as a run-time plugin, so the training tests need no backbone.
+conftest's tiny denoiser is registered as a run-time plugin, so the training tests need no backbone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,45 +16,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
 
-from dtx import plugins
 from dtx.cli import main
 from dtx.errors import DataError
-from dtx.hookspecs import hookimpl
-from dtx.layers import timestep_embedding
-
-
-class TinyDenoiser(nn.Module):
-    """An MLP on flattened images, conditioned on a t/sigma embedding plus a class embedding."""
-
-    def __init__(self, input_size: int = 4, in_channels: int = 1, num_classes: int = 3) -> None:
-        super().__init__()
-        d, self.hidden = in_channels * input_size * input_size, 32
-        self.null_class = num_classes
-        self.inp, self.t_proj = nn.Linear(d, self.hidden), nn.Linear(self.hidden, self.hidden)
-        self.y_embed = nn.Embedding(num_classes + 1, self.hidden)
-        self.out = nn.Linear(self.hidden, d)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
-        h = self.inp(x.flatten(1)) + self.t_proj(timestep_embedding(t, self.hidden))
-        if y is not None:
-            h = h + self.y_embed(y)
-        return self.out(torch.nn.functional.silu(h)).view(x.shape)
 
 
 @pytest.fixture(autouse=True)
-def tiny_plugin(monkeypatch):
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plugins.reset()
-    plugin = types.SimpleNamespace(
-        dtx_register_models=hookimpl(lambda register: register("tiny-mlp", TinyDenoiser, family="test")))
-    plugins.register_plugin(plugin, "tiny-data-test")
-    yield
-    plugins.reset()
+def tiny_plugin(tiny_denoiser):
+    tiny_denoiser("tiny-data-test", "tiny-mlp")
 
 
 def recipe(tmp_path: Path, data: dict, **extra) -> Path:

@@ -2,7 +2,7 @@
 before any layer is built or table allocated, bad input as one ``dtx: error:`` line (exit 2) instead of a foreign
 exception, and messages that say what is wrong.
 
-A tiny MLP denoiser (``width`` x ``depth`` hidden layers) and a 24-image dataset are registered as a run-time
+conftest's tiny denoiser (``width`` x ``depth`` blocks) and its 24 ramp images are registered as a run-time
 plugin, so these tests need no backbone; ``tests/test_reliability_inputs_families.py`` covers the DiT folders.
 """
 
@@ -11,70 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from dtx import plugins
 from dtx.cli import main
 from dtx.errors import CheckpointError, ConfigError, DataError
-from dtx.hookspecs import hookimpl
-
-SIZE, CLASSES = 4, 3
-
-
-class TinyDenoiser(nn.Module):
-    """MLP on flattened 1x4x4 images with a class embedding (the time step is ignored: only inputs matter here)."""
-
-    def __init__(self, input_size: int = SIZE, in_channels: int = 1, num_classes: int = CLASSES, width: int = 16,
-                 depth: int = 1) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.learn_sigma = in_channels, in_channels, False
-        self.null_class = num_classes
-        self.y_embed = nn.Embedding(num_classes + 1, width)
-        self.inp = nn.Linear(in_channels * input_size * input_size, width)
-        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.out = nn.Linear(width, in_channels * input_size * input_size)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.inp(x.flatten(1)) + (self.y_embed(y) if y is not None else 0)
-        for layer in self.hidden:
-            h = layer(torch.tanh(h))
-        return self.out(torch.tanh(h)).view_as(x)
-
-
-class TinyData(torch.utils.data.Dataset):
-    """24 fixed 1x4x4 images in [-1, 1] in three classes."""
-
-    num_classes, channels, image_size, is_latent = CLASSES, 1, SIZE, False
-
-    def __init__(self) -> None:
-        self.y = torch.arange(24) % CLASSES
-        self.x = torch.linspace(-1, 1, 24 * SIZE * SIZE).view(24, 1, SIZE, SIZE)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 @pytest.fixture(autouse=True)
-def tiny_plugin(monkeypatch):
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plugins.reset()
-    plugin = types.SimpleNamespace(
-        dtx_register_models=hookimpl(lambda register: register("tiny-mlp-denoiser", TinyDenoiser, family="test")),
-        dtx_register_datasets=hookimpl(lambda register: register("tiny-inputs-data", TinyData)),
-    )
-    plugins.register_plugin(plugin, "tiny-inputs")
-    yield
-    plugins.reset()
+def tiny_plugin(tiny_denoiser):
+    tiny_denoiser("tiny-inputs", "tiny-mlp-denoiser", {"tiny-inputs-data": {"ramp": True}})
 
 
 @pytest.fixture
@@ -205,7 +154,7 @@ def test_crafted_model_sizes_are_refused_by_name_before_building(options, key):
 
 
 def test_a_model_folder_whose_sizes_its_weights_cannot_hold_is_refused(folder, tmp_path, capsys):
-    edit_yaml(folder / "config.yaml", lambda cfg: cfg["model"].update(width=16384))  # 268M parameters
+    edit_yaml(folder / "config.yaml", lambda cfg: cfg["model"].update(width=16384))  # 805M parameters
     before = digest(folder)
     assert main(["convert", str(folder), str(tmp_path / "converted")]) == 2
     line = error_line(capsys)

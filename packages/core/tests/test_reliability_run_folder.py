@@ -3,7 +3,8 @@ no run file is opened through a symbolic link, ``train --out`` and ``convert`` n
 theirs, crafted steps are damage, nothing is read from outside a checkpoint or model folder, and the files of one
 sample land together or not at all on a full disk.
 
-A tiny MLP denoiser and a 24-image dataset are registered as a run-time plugin, so these tests need no backbone.
+conftest's tiny denoiser and its 24 ramp images are registered as a run-time plugin, so these tests need no
+backbone.
 """
 
 from __future__ import annotations
@@ -19,61 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from dtx import plugins
 from dtx.cli import main
 from dtx.errors import CheckpointError, ConfigError
-from dtx.hookspecs import hookimpl
-
-SIZE, CLASSES = 4, 3
-
-
-class TinyDenoiser(nn.Module):
-    """MLP on flattened 1x4x4 images with a class embedding (the time step is ignored: only files matter here)."""
-
-    def __init__(self, input_size: int = SIZE, in_channels: int = 1, num_classes: int = CLASSES) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.learn_sigma = in_channels, in_channels, False
-        self.null_class = num_classes
-        self.y_embed = nn.Embedding(num_classes + 1, 16)
-        self.inp = nn.Linear(in_channels * input_size * input_size, 16)
-        self.out = nn.Linear(16, in_channels * input_size * input_size)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.inp(x.flatten(1)) + (self.y_embed(y) if y is not None else 0)
-        return self.out(torch.tanh(h)).view_as(x)
-
-
-class TinyData(torch.utils.data.Dataset):
-    """24 fixed 1x4x4 images in [-1, 1] in three classes."""
-
-    num_classes, channels, image_size, is_latent = CLASSES, 1, SIZE, False
-
-    def __init__(self) -> None:
-        self.y = torch.arange(24) % CLASSES
-        self.x = torch.linspace(-1, 1, 24 * SIZE * SIZE).view(24, 1, SIZE, SIZE)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 @pytest.fixture(autouse=True)
-def tiny_plugin(monkeypatch):
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plugins.reset()
-    plugin = types.SimpleNamespace(
-        dtx_register_models=hookimpl(lambda register: register("tiny-denoiser", TinyDenoiser, family="test")),
-        dtx_register_datasets=hookimpl(lambda register: register("tiny-data", TinyData)),
-    )
-    plugins.register_plugin(plugin, "tiny-test")
-    yield
-    plugins.reset()
+def tiny_plugin(tiny_denoiser):
+    tiny_denoiser("tiny-test", "tiny-denoiser", {"tiny-data": {"ramp": True}})
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The training loop, its pieces (EMA, AdamW groups, lr warm-up) and the ``train``/``sample`` commands.
 
-A tiny MLP denoiser and a 24-image dataset are registered as a run-time plugin, so these tests need no backbone.
+conftest's tiny denoiser and its 24 images are registered as a run-time plugin, so these tests need no backbone.
 Expected values come from closed forms or hand loops written here, never from the code under test.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,81 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from dtx import plugins
 from dtx.cli import main
-from dtx.hookspecs import hookimpl
-from dtx.layers import timestep_embedding
 
-SIZE, CLASSES = 4, 3
-
-
-class TinyDenoiser(nn.Module):
-    """MLP on flattened 1x4x4 images, conditioned on a sinusoidal t/sigma embedding plus a class embedding."""
-
-    def __init__(self, input_size: int = SIZE, in_channels: int = 1, num_classes: int = CLASSES, hidden: int = 48,
-                 learn_sigma: bool = False) -> None:
-        super().__init__()
-        d = in_channels * input_size * input_size
-        self.in_channels, self.learn_sigma, self.hidden = in_channels, learn_sigma, hidden
-        self.out_channels = in_channels * (2 if learn_sigma else 1)
-        self.null_class = num_classes
-        self.inp = nn.Linear(d, hidden)
-        self.t_proj = nn.Linear(hidden, hidden)
-        self.y_embed = nn.Embedding(num_classes + 1, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU())
-                                    for _ in range(2))
-        self.out = nn.Linear(hidden, d * (2 if learn_sigma else 1))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0])
-        h = self.inp(x.flatten(1)) + self.t_proj(timestep_embedding(t, self.hidden))
-        if y is not None:
-            h = h + self.y_embed(y)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.out(h).view(x.shape[0], self.out_channels, *x.shape[2:])
-
-
-def tiny(input_size: int = SIZE, in_channels: int = 1, num_classes: int = CLASSES, hidden: int = 48,
-         learn_sigma: bool = False) -> TinyDenoiser:
-    return TinyDenoiser(input_size, in_channels, num_classes, hidden, learn_sigma)
-
-
-class TinyData(torch.utils.data.Dataset):
-    """24 fixed 1x4x4 images in [-1, 1]: class c lights up row c, with a little per-image jitter."""
-
-    num_classes, channels, image_size, is_latent = CLASSES, 1, SIZE, False
-
-    def __init__(self, n: int = 24, poison: bool = False) -> None:
-        g = torch.Generator().manual_seed(123)
-        self.y = torch.arange(n) % CLASSES
-        self.x = torch.full((n, 1, SIZE, SIZE), -0.8) + 0.1 * torch.rand(n, 1, SIZE, SIZE, generator=g)
-        for i, c in enumerate(self.y.tolist()):
-            self.x[i, 0, c] = 0.8
-        if poison:
-            self.x[:] = float("nan")
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i]}
+SIZE = 4  # the side of conftest's TinyData images
 
 
 @pytest.fixture(autouse=True)
-def tiny_plugin(monkeypatch):
-    monkeypatch.delenv("DTX_PLUGINS", raising=False)
-    monkeypatch.delenv("DTX_DISABLE_PLUGINS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plugins.reset()
-    plugin = types.SimpleNamespace(
-        dtx_register_models=hookimpl(lambda register: register("tiny-denoiser", tiny, family="test")),
-        dtx_register_datasets=hookimpl(lambda register: (register("tiny-data", TinyData),
-                                                         register("tiny-nan", lambda: TinyData(poison=True)))),
-    )
-    plugins.register_plugin(plugin, "tiny-test")
-    yield
-    plugins.reset()
+def tiny_plugin(tiny_denoiser):
+    tiny_denoiser("tiny-test", "tiny-denoiser", {"tiny-data": {}, "tiny-nan": {"poison": True}})
 
 
 def write_recipe(path: Path, **extra) -> Path:
@@ -373,7 +305,7 @@ def test_resuming_with_another_architecture_is_a_checkpoint_error(tmp_path, caps
     out = str(tmp_path / "run")
     assert main(["train", str(recipe), "--runner", "local", "--out", out, "--max-steps", "3"]) == 0
     capsys.readouterr()
-    assert main(["train", str(recipe), "--runner", "local", "--out", out, "model.options={hidden: 32}"]) == 2
+    assert main(["train", str(recipe), "--runner", "local", "--out", out, "model.options={width: 32}"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert "was trained with model" in err and len(err.splitlines()) == 1
 
