@@ -11,24 +11,13 @@ import pytest
 import torch
 
 from dtx.cli import main
-from dtx.testing import fresh_plugin_host
-from dtx_gentron.text import save_tiny_text_encoder
 
 TINY = ["model.options.hidden_size=32", "model.options.depth=2", "model.options.num_heads=2",
         "model.options.context_dim=16", "model.options.text_length=20", "data.batch_size=4", "sample.steps=2",
         "sample.n_per_class=1", "log_every=2", "ckpt_every=2", "compile=false"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with fresh_plugin_host():
-        yield
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return save_tiny_text_encoder(tmp_path_factory.mktemp("enc") / "bert", "bert", hidden_size=16)
+pytestmark = pytest.mark.usefixtures("dtx_plugin_host")  # each test rediscovers the installed plugins
 
 
 def text_options(encoder) -> list[str]:

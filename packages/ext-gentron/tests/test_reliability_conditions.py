@@ -12,7 +12,7 @@ import pytest
 from dtx.cli import main
 from dtx.testing import fresh_plugin_host
 from dtx_gentron.conditioning import MotionConditioner
-from dtx_gentron.text import TextConditioner, save_tiny_text_encoder
+from dtx_gentron.text import TextConditioner
 from dtx_gentron.text_cache import PrecomputedTextConditioner
 
 TINY = ["model.options.hidden_size=32", "model.options.depth=1", "model.options.num_heads=2",
@@ -20,16 +20,7 @@ TINY = ["model.options.hidden_size=32", "model.options.depth=1", "model.options.
         "sample.steps=2", "sample.n_per_class=1", "compile=false", "--max-steps", "1"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with fresh_plugin_host():
-        yield
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> Path:
-    return save_tiny_text_encoder(tmp_path_factory.mktemp("enc") / "bert", "bert", hidden_size=16)
+pytestmark = pytest.mark.usefixtures("dtx_plugin_host")  # each test rediscovers the installed plugins
 
 
 @pytest.fixture(scope="module")
