@@ -1,8 +1,8 @@
 """diffusers interop for DiT: DiTTransformer2DModel folders built and saved by diffusers itself load through
-dtx.load_model and match diffusers' own forward pass wherever the numerics agree; the documented differences
-(timestep features /127 vs /128, norm3 eps 1e-5 vs 1e-6; dit.md 8.3) are measured; dtx DiTs exported with
-``dtx convert --to diffusers`` load with diffusers' from_pretrained and match; a Gaussian-trained DiT samples
-through DiTPipeline; a sigma-space DiT is refused with the reason."""
+dtx.load_model and match diffusers' own forward pass wherever the numerics agree; the known differences of
+diffusers' DiTTransformer2DModel from facebookresearch/DiT (timestep features /127 vs /128, norm3 eps 1e-5 vs 1e-6)
+are measured; dtx DiTs exported with ``dtx convert --to diffusers`` load with diffusers' from_pretrained and match;
+a Gaussian-trained DiT samples through DiTPipeline; a sigma-space DiT is refused with the reason."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def diffusers_out(model: DiTTransformer2DModel, x, t, y, *, divisor_128: bool = 
 
 
 def test_t_embedding_difference_is_measured():
-    """dit.md 8.3: diffusers' features (/127) against DiT's (/128, dtx's), for every DDPM index."""
+    """diffusers' timestep features (downscale_freq_shift=1: /127) against DiT's (/128, dtx's), for every DDPM
+    index."""
     from dtx.layers import timestep_embedding
 
     t = torch.arange(1000)
@@ -90,8 +91,8 @@ def test_t_embedding_difference_is_measured():
     print(f"t-embedding /127 vs /128: max |diff| {float(diff.max()):.3f} over t in [0, 999], "
           f"relative L2 at t=999 {rel_999:.3f}, at t=0 {float(diff[0].max()):.1e}")
     assert float(diff[0].max()) == 0.0
-    assert 1.9 < float(diff.max()) < 2.0  # the spec's 1.98
-    assert 0.9 < rel_999 < 1.1  # the spec's ~1.0
+    assert 1.9 < float(diff.max()) < 2.0  # derived: max |diff| is 1.98 over t in [0, 999]
+    assert 0.9 < rel_999 < 1.1  # derived: the relative L2 difference at t = 999 is ~1.0
 
 
 def test_diffusers_folder_loads_and_matches_diffusers_where_numerics_agree(diffusers_dit):

@@ -66,7 +66,7 @@ def test_closed_form_equals_torch_flop_counter(block, num_classes, hw):
 
 
 def test_cost_of_a_non_square_latent_follows_the_token_count():
-    # 16x48 latents at patch 2 give 8*24 = 192 tokens; dit.md section 4.3's formula with T = 192
+    # 16x48 latents at patch 2 give 8*24 = 192 tokens; the DiT paper's MAC count (its "Gflops") with T = 192
     wide = dit_cost(DiTConfig(input_size=[16, 48], depth=1, hidden_size=64, num_heads=1)).macs
     t = 192
     expected = t * 4 * 4 * 64 + 256 * 64 + 64 ** 2 + (12 * t * 64 ** 2 + 2 * t * t * 64 + 6 * 64 ** 2) \

@@ -1,7 +1,7 @@
-"""Official-format checkpoints load through dtx.load_model and match DiT's forward pass as written from the spec.
+"""Official-format checkpoints load through dtx.load_model and match DiT's forward pass as written from models.py.
 
-The reference below is an independent re-implementation of facebookresearch/DiT's forward (dit.md sections 2-3) in
-plain torch ops on a raw state dict; it shares no code with dtx_dit.
+The reference below is an independent re-implementation of facebookresearch/DiT's forward (models.py, on the key
+layout of the released checkpoints) in plain torch ops on a raw state dict; it shares no code with dtx_dit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dtx.models import load_model_with_info, model_spec
 D, DEPTH, P, C, CLASSES = 128, 2, 2, 4, 10
 
 
-# -- independent reference (dit.md sections 2.2-2.9) -------------------------------------------------------------
+# -- independent reference (after facebookresearch/DiT models.py) ------------------------------------------------------
 
 def ref_sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
     """Token k = i*gw + j gets [sin/cos table of column j (dim/2), sin/cos table of row i (dim/2)]."""
@@ -91,7 +91,7 @@ def ref_dit(sd: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, 
 
 def official_state_dict(seed: int, grid: tuple[int, int] = (4, 4), classes: int | None = CLASSES,
                         learn_sigma: bool = True) -> dict[str, torch.Tensor]:
-    """Random weights with the official key names and shapes (dit.md section 3)."""
+    """Random weights with the key names and shapes of facebookresearch/DiT's released checkpoints."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, scale: float | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""k-diffusion checkpoints: a state dict with image_transformer_v2's key names, written here from the spec's key
-table, loads through dtx.load_model and matches an independent float64 forward written here from the spec's math
-(no dtx_hdit code); train.py checkpoints, inference .safetensors and bare state dicts; the errors."""
+"""k-diffusion checkpoints: a state dict with image_transformer_v2's key names, written here from
+``ImageTransformerDenoiserModelV2``'s modules, loads through dtx.load_model and matches an independent float64 forward
+written here from k-diffusion's image_transformer_v2.py (no dtx_hdit code); train.py checkpoints, inference
+.safetensors and bare state dicts; the errors."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def kd_config(depths, widths, self_attns, *, input_size=32, patch=2, channels=3,
 
 
 def kd_state_dict(config, seed=0):
-    """Random weights under image_transformer_v2's key names and shapes (spec section 3.1), every Linear
+    """Random weights under image_transformer_v2's key names and shapes (ImageTransformerDenoiserModelV2), every Linear
     bias-free; zero-initialised layers get random values too, so every path contributes to the output."""
     g = torch.Generator().manual_seed(seed)
     m = config["model"]
@@ -90,7 +91,7 @@ def kd_state_dict(config, seed=0):
     return state
 
 
-# -- the independent forward (spec sections 2.1-2.7), in float64 -------------------------------------------------
+# -- the independent forward (after k-diffusion's image_transformer_v2.py), in float64 ---------------------------------
 
 def rms(x, scale, eps=1e-6):
     return x * scale / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -15,7 +15,7 @@ from dtx_hdit.model import HDIT_PRESETS, HDiTConfig
 # Published (paper Table 7 / the issue; flowers: k-diffusion's config): parameters (M), GFLOP (= MACs / 1e9)
 PUBLISHED = {"HDiT-ImageNet128": (117.0, 31.4), "HDiT-FFHQ1024": (85.1, 206.1), "HDiT-ImageNet256": (557.4, 197.6),
              "HDiT-Flowers256": (22.4, 11.6)}
-# Exact trainable counts derived from k-diffusion's modules (spec section 4)
+# Exact trainable counts derived from k-diffusion's modules (image_transformer_v2.py, at the paper's Table 7 configs)
 EXACT_PARAMS = {"HDiT-ImageNet128": 117_003_805, "HDiT-FFHQ1024": 85_079_300, "HDiT-ImageNet256": 557_416_522,
                 "HDiT-Flowers256": 22_361_274}
 

@@ -17,12 +17,13 @@ from dtx.models import load_model_with_info
 from dtx_dit.checkpoint import detect as dit_detect
 from dtx_latte.checkpoint import detect, infer_config
 
-# -- an official models/latte.py (latte_img.py) state dict and forward, written from the spec (section 4) ----------
+# -- an official models/latte.py (latte_img.py) state dict and forward, written from Vchitect/Latte's code -------------
 
 
 def official_state(depth: int = 4, d: int = 128, c: int = 4, p: int = 2, grid: int = 2, frames: int = 3,
                    classes: int = 0, out: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the key names and shapes of spec section 5.1 (extras 1, or 2 with ``classes``)."""
+    """Random tensors under the key names and shapes of Vchitect/Latte's models/latte.py (extras 1, or 2 with
+    ``classes``)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int) -> torch.Tensor:

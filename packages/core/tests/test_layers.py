@@ -1,4 +1,5 @@
-"""Shared layers against the spec formulas (dit.md 2.2-2.7, hdit.md 2.3-2.7), each written out here independently."""
+"""Shared layers against the formulas of facebookresearch/DiT models.py and k-diffusion's image_transformer_v2.py
+and axial_rope.py, each written out here independently."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# -- timestep and label embeddings (dit.md 2.4, 2.5) -------------------------------------------------------------
+# -- timestep and label embeddings (DiT's TimestepEmbedder, LabelEmbedder) ---------------------------------------------
 
 def test_timestep_embedding_formula():
     ts = [0.0, 1.0, 17.5, 250.0, 999.0]
@@ -100,7 +101,7 @@ def test_fourier_features_cos_first():
         FourierFeatures(1, 5)
 
 
-# -- sin-cos position tables (dit.md 2.3) ------------------------------------------------------------------------
+# -- sin-cos position tables (DiT's get_2d_sincos_pos_embed) -----------------------------------------------------------
 
 def test_sincos_2d_layout_on_a_non_square_grid():
     dim, gh, gw = 16, 3, 5
@@ -134,7 +135,7 @@ def test_sincos_1d_table():
             assert t[0, p, dim // 2 + m].item() == pytest.approx(math.cos(p * w), abs=1e-6)
 
 
-# -- patch embedding (dit.md 2.2, 2.7) ---------------------------------------------------------------------------
+# -- patch embedding (timm's PatchEmbed; DiT's FinalLayer and unpatchify) ----------------------------------------------
 
 @pytest.mark.parametrize("patch", [2, (2, 3)])
 def test_patch_embed_unpatchify_round_trip_non_square(patch):
@@ -168,7 +169,7 @@ def test_patch_shape_errors():
         unpatchify(torch.zeros(1, 6, 16), 2, 4, 2, 2)
 
 
-# -- norms, modulation, GEGLU (dit.md 2.6, hdit.md 2.5, 2.7) -----------------------------------------------------
+# -- norms, modulation, GEGLU (DiT's modulate; k-diffusion's RMSNorm, AdaRMSNorm, LinearGEGLU) -------------------------
 
 def test_modulate():
     x, shift, scale = (torch.randn(*s, generator=gen(n)) for n, s in enumerate([(2, 3, 4), (2, 4), (2, 4)]))
@@ -218,7 +219,7 @@ def test_linear_geglu_value_then_gate_exact_gelu():
     assert LinearGEGLU(4, 3, bias=False).bias is None
 
 
-# -- axial RoPE and positions (hdit.md 2.3, 2.6 step 5) ----------------------------------------------------------
+# -- axial RoPE and positions (k-diffusion's make_axial_pos and AxialRoPE) ---------------------------------------------
 
 def test_axial_rope_freqs_layout():
     d_head, n_heads = 16, 3
@@ -285,7 +286,7 @@ def test_make_axial_pos_bin_centres_and_aspect_ratio():
     torch.testing.assert_close(wide_pixels[0, :, 1], torch.tensor([-0.5, 0.5]))
 
 
-# -- transformer sub-blocks (timm key names, dit.md 2.6) ---------------------------------------------------------
+# -- transformer sub-blocks (timm key names, as in DiT's DiTBlock) -----------------------------------------------------
 
 def _naive_mha(q, k, v):
     """[B, N, heads, hd] inputs, softmax(q k^T / sqrt(hd)) v per head, heads re-joined."""

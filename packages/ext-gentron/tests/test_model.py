@@ -83,7 +83,8 @@ def test_motion_free_mask_makes_frames_independent():
 
 
 def test_motion_free_is_the_identity_mask_not_a_skipped_layer():
-    """Each frame attends to itself only: TempSelfAttn's output is proj(W_v LN(x)) per token (spec 6.1)."""
+    """Each frame attends to itself only: TempSelfAttn's output is proj(W_v LN(x)) per token (softmax over one key
+    is 1)."""
     model = perturbed(build_gentron(**SMALL, num_frames=3))
     block = model.blocks[0]
     h = torch.randn(2 * 3, 16, 32)  # [(B F), N, D]

@@ -1,4 +1,4 @@
-"""The class labels of the still images of Latte's image-video joint training (spec section 6).
+"""The class labels of the still images of Latte's image-video joint training (Vchitect/Latte's latte_img.py).
 
 A joint-training batch carries ``y_image`` [B, k]: the classes of the k still frames appended to each clip
 (``moving-digits`` with ``use_image_num = k``). Latte gives each image frame its own class embedding in the spatial

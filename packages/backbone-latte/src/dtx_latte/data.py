@@ -10,10 +10,10 @@ worker, whatever the order of access.
 
 Values are in [-1, 1] (background -1), as in the image digits. ``x`` is ``[F, 1, 32, 32]`` and ``y`` the digit.
 
-Image-video joint training (Latte's ``use_image_num``, spec section 6): with ``use_image_num = k > 0`` each item also
-carries k still frames, each a random frame of another random clip of the same split (seeded per item), appended
-to ``x`` along the frame axis (``[F + k, 1, 32, 32]``), and their labels as ``y_image`` (int64 ``[k]``). ``info``
-describes the clip (``frames = F``, without the images).
+Image-video joint training (Latte's ``use_image_num``, Latte paper (Ma et al.) and Vchitect/Latte's latte_img.py):
+with ``use_image_num = k > 0`` each item also carries k still frames, each a random frame of another random clip of
+the same split (seeded per item), appended to ``x`` along the frame axis (``[F + k, 1, 32, 32]``), and their labels
+as ``y_image`` (int64 ``[k]``). ``info`` describes the clip (``frames = F``, without the images).
 """
 
 from __future__ import annotations

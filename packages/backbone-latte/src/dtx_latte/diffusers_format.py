@@ -1,7 +1,8 @@
 """Latte (dtx-backbone-latte) and diffusers: why ``dtx convert --to diffusers`` refuses these models.
 
 diffusers has one Latte class, ``LatteTransformer3DModel``: Latte-1's text-to-video layout (Variant 1 order with
-PixArt-alpha's adaLN-single blocks, cross-attention to T5 captions and a caption projection; latte.md 10.2). dtx
+PixArt-alpha's adaLN-single blocks, cross-attention to T5 captions and a caption projection; diffusers'
+``latte_transformer_3d.py``). dtx
 holds that model as dtx-ext-gentron's ``PixArt`` architecture with ``num_frames`` (preset ``Latte-1``), which loads
 from and exports to diffusers. The models of this package are the class-conditional/unconditional Latte of
 ``models/latte.py`` and the paper's other variants, which that layout cannot hold; the reasons are given here.

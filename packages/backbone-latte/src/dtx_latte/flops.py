@@ -3,8 +3,9 @@
 MACs are per sample (one clip) and forward pass, counted as DiT's paper counts them: matmuls, convolutions and
 attention (QK^T and AV), no elementwise work; real FLOPs are twice that. The adaLN linears run once per sequence, as
 the official code repeats the condition per frame (spatial) or per position (temporal) before them, so Latte-XL/2
-over 16 frames of 32x32 latents costs 1892.96 GMACs (spec section 11). ``latte_counter`` is the closed form behind
-the core's counter interface (``dtx.costs``, ``dtx flops``), registered with every Latte model.
+over 16 frames of 32x32 latents costs 1892.96 GMACs (derived from the code: DiT's MAC formula on Latte's layout; the
+paper gives no FLOPs). ``latte_counter`` is the closed form behind the core's counter interface (``dtx.costs``,
+``dtx flops``), registered with every Latte model.
 """
 
 from __future__ import annotations

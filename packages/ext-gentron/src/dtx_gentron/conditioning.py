@@ -1,4 +1,5 @@
-"""The motion condition of GenTron-T2V: the per-sample motion-free mask as a guidable condition (spec section 6).
+"""The motion condition of GenTron-T2V: the per-sample motion-free mask as a guidable condition (motion-free
+guidance, GenTron paper (Chen et al.)).
 
 ``motion_free`` [B] bool is the model keyword (True = TempSelfAttn attends each frame to itself only). Its *null*
 condition is "motion-free", so the conditioning stage's dropout of this conditioner is GenTron's ``p_motion_free``

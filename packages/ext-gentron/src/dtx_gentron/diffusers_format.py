@@ -2,8 +2,8 @@
 into dtx's ``PixArt`` (text-to-image) and ``PixArt`` with ``num_frames`` (Latte-1 text-to-video), and those export
 back; GenTron models are refused with the reason.
 
-The key map is diffusers' ``scripts/convert_pixart_alpha_to_diffusers.py`` (gentron.md 7.8), which Latte's
-``LatteTransformer3DModel`` shares for its spatial blocks (latte.md 10.2); its temporal blocks
+The key map is diffusers' ``scripts/convert_pixart_alpha_to_diffusers.py``, which Latte's
+``LatteTransformer3DModel`` (diffusers' ``latte_transformer_3d.py``) shares for its spatial blocks; its temporal blocks
 (``temporal_transformer_blocks.{i}``) map to dtx's ``temporal_blocks.{i}`` with the same sub-module names. The
 position tables are not stored by diffusers and are rebuilt on load. Timestep features agree (both divide by 128).
 

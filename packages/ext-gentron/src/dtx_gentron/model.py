@@ -17,7 +17,7 @@ GenTron has no official code, so every choice the paper leaves open is made here
   ``context_2``. ``learned_null`` adds a learned null caption (``null_context``, PixArt's ``randn / sqrt(dim)`` init)
   substituted where ``text_null`` is True; otherwise the null caption is the encoder's output for "".
 - **Motion-free mask** (``motion_free`` [B] bool): TempSelfAttn attends each frame to itself only, so its output is
-  the per-token map proj(W_v LN(x)) -- the layer is not skipped (spec section 6.1).
+  the per-token map proj(W_v LN(x)) -- the layer is not skipped (softmax over a single key is 1).
 - **Prepared conditions**: ``prepare_conditions`` returns the text part of c and every block's cross-attention K/V,
   which samplers compute once per run instead of once per step. A clip's frames share its text, so in T2V they
   attend to it as one query sequence ``(b f) n d -> b (f n) d``: the K/V are never repeated per frame.

@@ -1,13 +1,13 @@
-"""PixArt-alpha's text-conditioned DiT (gentron.md 7) and, with temporal blocks, Latte-1's text-to-video model
-(latte.md 10): the adaLN-single design that diffusers' ``PixArtTransformer2DModel`` and ``LatteTransformer3DModel``
-hold, with PixArt's original state-dict names.
+"""PixArt-alpha's text-conditioned DiT (PixArt-alpha/PixArt-alpha ``PixArt.py``) and, with temporal blocks, Latte-1's
+text-to-video model (Vchitect/Latte ``latte_t2v.py``): the adaLN-single design that diffusers'
+``PixArtTransformer2DModel`` and ``LatteTransformer3DModel`` hold, with PixArt's original state-dict names.
 
-- **adaLN-single** (7.3): one ``t_block`` (SiLU -> Linear(D, 6D)) of the timestep embedding, plus each block's
+- **adaLN-single**: one ``t_block`` (SiLU -> Linear(D, 6D)) of the timestep embedding, plus each block's
   learnable ``scale_shift_table`` (6, D); the final layer adds its own table (2, D) to the raw timestep embedding.
-- **Block** (7.2): gated self-attention, then cross-attention to the projected caption (no norm, no gate:
+- **Block** (``PixArtBlock``): gated self-attention, then cross-attention to the projected caption (no norm, no gate:
   ``cross_attn.q_linear``/``kv_linear``/``proj``), then the gated MLP. Norms are non-affine, eps 1e-6.
-- **Caption** (7.4): ``y_embedder.y_proj`` (fc1 -> GELU(tanh) -> fc2) maps encoder tokens (T5-XXL: 4096) to D.
-  There is no learned null caption: as in diffusers, guidance uses the encoder's output for "" (the text
+- **Caption** (``CaptionEmbedder``): ``y_embedder.y_proj`` (fc1 -> GELU(tanh) -> fc2) maps encoder tokens (T5-XXL:
+  4096) to D. There is no learned null caption: as in diffusers, guidance uses the encoder's output for "" (the text
   conditioner's null).
 - **Text-to-video** (``num_frames > 0``, Latte-1): ``blocks.{i}`` are the spatial blocks, each followed by
   ``temporal_blocks.{i}`` (self-attention over the frames of each patch position, adaLN-single on the clip's
