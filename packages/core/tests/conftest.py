@@ -8,6 +8,7 @@ import functools
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,21 @@ def tiny_denoiser(fresh_host, monkeypatch):
         plugins.register_plugin(module, plugin)
 
     return register
+
+
+@pytest.fixture
+def write_tiny_recipe(tmp_path):
+    """A function writing ``tmp_path/recipe.yaml``: the tiny model and data names given, DDPM with 100 steps, 2 DDIM
+    sampling steps, checkpoints every 2 steps; ``extra`` top-level keys override (e.g. ``max_steps``)."""
+    import yaml
+
+    def write(model: str, data: str, sample: dict | None = None, **extra) -> Path:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"name": model, "options": {}}, "data": {"name": data, "batch_size": 8},
+            "objective": {"kind": "gaussian", "diffusion_steps": 100}, "optim": {"lr": 1e-3},
+            "sample": {"sampler": "ddim", "steps": 2, "n_per_class": 1, **(sample or {})}, "log_every": 1,
+            "ckpt_every": 2, **extra}))
+        return path
+
+    return write

@@ -27,16 +27,8 @@ def tiny_plugin(tiny_denoiser):
 
 
 @pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    import yaml
-
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": "tiny-mlp-denoiser", "options": {}}, "data": {"name": "tiny-inputs-data", "batch_size": 8},
-        "objective": {"kind": "gaussian", "diffusion_steps": 100}, "optim": {"lr": 1e-3},
-        "sample": {"sampler": "ddim", "steps": 2, "n_per_class": 1, "every": 0}, "max_steps": 2, "log_every": 1,
-        "ckpt_every": 2}))
-    return path
+def recipe(write_tiny_recipe) -> Path:
+    return write_tiny_recipe("tiny-mlp-denoiser", "tiny-inputs-data", sample={"every": 0}, max_steps=2)
 
 
 def train(recipe: Path, out: Path, *extra: str) -> int:

@@ -31,16 +31,8 @@ def tiny_plugin(tiny_denoiser):
 
 
 @pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    import yaml
-
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": "tiny-denoiser", "options": {}}, "data": {"name": "tiny-data", "batch_size": 8},
-        "objective": {"kind": "gaussian", "diffusion_steps": 100}, "optim": {"lr": 1e-3},
-        "sample": {"sampler": "ddim", "steps": 2, "n_per_class": 1}, "max_steps": 4, "log_every": 1,
-        "ckpt_every": 2, "keep_last": 5}))
-    return path
+def recipe(write_tiny_recipe) -> Path:
+    return write_tiny_recipe("tiny-denoiser", "tiny-data", max_steps=4, keep_last=5)
 
 
 def train(recipe: Path, out: Path, *extra: str) -> int:
