@@ -11,7 +11,8 @@ from PIL import Image
 from dtx import writers
 from dtx.errors import ConfigError, ShapeError
 from dtx.evaluation import report
-from dtx.writers import save_frame_grid, save_gif, save_grid, save_mp4, save_npz, save_videos, to_uint8
+from dtx.writers import (save_frame_grid, save_gif, save_gif_grid, save_grid, save_mp4, save_npz, save_videos,
+                         to_uint8)
 
 
 def unit(u: np.ndarray) -> torch.Tensor:
@@ -172,6 +173,25 @@ def test_gif_rgb_few_colours_survive_exactly(tmp_path):
     assert frames.shape == (3, 64, 64, 3)
     for f in range(3):
         assert np.array_equal(frames[f], blocks(u[f].transpose(1, 2, 0), 2)), f
+
+
+def test_gif_grid_plays_videos_side_by_side(tmp_path):
+    import imageio.v3 as iio
+
+    colours = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 128, 255]], dtype=np.uint8)
+    idx = np.random.default_rng(5).integers(0, 4, size=(5, 3, 32, 32))  # 5 videos of 3 frames
+    u = colours[idx].transpose(0, 1, 4, 2, 3)  # [N, F, 3, 32, 32]
+    frames = iio.imread(save_gif_grid(unit(u), tmp_path / "g.gif", per_row=3, fps=4), index=None)
+    assert frames.shape == (3, 2 * 65 + 1, 3 * 65 + 1, 3)  # 2 rows x 3 columns of 64 px tiles, 1 px gaps
+    for f in range(3):
+        for i in range(5):
+            r, q = divmod(i, 3)
+            tile = frames[f, 1 + r * 65:1 + r * 65 + 64, 1 + q * 65:1 + q * 65 + 64]
+            assert np.array_equal(tile, blocks(u[i, f].transpose(1, 2, 0), 2)), (f, i)
+        assert (frames[f, 0] == 128).all() and (frames[f, :, 65] == 128).all()  # grey gaps
+        assert (frames[f, 66:, 131:] == 128).all()  # the missing sixth tile stays grey
+    with pytest.raises(ShapeError):
+        save_gif_grid(unit(u)[0], tmp_path / "bad.gif", per_row=2)
 
 
 def test_mp4_frames_size_and_error(tmp_path):

@@ -84,6 +84,26 @@ def test_real_clips_score_direction_and_reversed_clips_fail(clips):
     assert as_still.summary()["still"] == 0.0
 
 
+def test_direction_is_the_displacement_from_first_to_last_frame(clips):
+    x, scenes = clips
+    i = next(k for k, sc in enumerate(scenes) if sc.direction == "right")
+    there_and_back = torch.cat([x[i, :4], x[i, :4].flip(0)])  # right for 3 frames, then back to the start
+    middle_shuffled = torch.cat([x[i, :1], x[i, 1:-1].flip(0), x[i, -1:]])  # same first and last frame
+    s = score_videos(torch.stack([there_and_back, middle_shuffled]), [scenes[i]] * 2)
+    assert s.direction_pred == (None, "right") and s.direction_ok.tolist() == [False, True]
+
+
+def test_held_out_test_clips_count_as_held_out(clips):
+    x, scenes = clips
+    s = score_videos(x, scenes)
+    assert torch.equal(s.held_out, s.moving)  # every moving test clip is a held-out triple, stills never are
+    assert s.summary()["all_held_out"] == _mean_of(s.all_ok[s.moving])
+
+
+def _mean_of(t: torch.Tensor) -> float:
+    return t.float().mean().item()
+
+
 def test_scoring_checks_shapes_and_scene_kinds(test_set, clips):
     _, x, scenes = test_set
     with pytest.raises(ShapeError):

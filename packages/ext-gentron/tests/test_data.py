@@ -3,7 +3,8 @@
 Checked against the image digits they are made of: the split's 2x digit in the named colour's channels at rows 8..23
 of its half, black elsewhere; the held-out (colour, digit, side) rule and how the splits use it; captions that read
 back to their scenes in every phrasing; items fixed by (seed, index); clips that keep the whole sprite inside while
-moving one way at 1-2 px/frame, and motion-free stills for joint training.
+moving one way at 1-2 px/frame, and motion-free stills for joint training; the held-out (colour, digit, direction)
+rule of moving clips and how the splits use it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from dtx.data.digits import digits_arrays
 from dtx.errors import ConfigError
 from dtx_gentron.data import (COLOURS, DIRECTIONS, NUM_PHRASINGS, CaptionedDigits, CaptionedMovingDigits, Half,
-                              Scene, caption_of, held_out, parse_caption)
+                              Scene, caption_of, held_out, held_out_motion, parse_caption)
 
 
 def _all_image_scenes() -> list[Scene]:
@@ -81,6 +82,31 @@ def test_held_out_rule_and_splits():
         assert s.is_held_out
     seen = {(h.colour, h.digit, side) for i in range(len(train)) for side, h in enumerate(train.scene(i).halves) if h}
     assert len(seen) > 80  # the 100 allowed triples are actually used
+
+
+def test_held_out_motion_rule_and_splits():
+    triples = [(c, d, m) for c in COLOURS for d in range(10) for m in DIRECTIONS if held_out_motion(c, d, m)]
+    assert len(triples) == 40
+    for d, m in itertools.product(range(10), DIRECTIONS):  # every digit and direction misses exactly one colour
+        assert sum(held_out_motion(c, d, m) for c in COLOURS) == 1
+    for c, d in itertools.product(COLOURS, range(10)):  # a colour and digit miss at most one direction
+        assert sum(held_out_motion(c, d, m) for m in DIRECTIONS) <= 1
+    assert held_out_motion("green", 0, "left") and held_out_motion("red", 2, "down")
+    assert not held_out_motion("red", 0, "left")
+
+    train = CaptionedMovingDigits("train", size=1442, still_fraction=0.25)
+    test = CaptionedMovingDigits("test")
+    train_scenes = [train.scene(i) for i in range(len(train))]
+    moving = [s for s in train_scenes if s.direction]
+    assert not any(s.is_held_out for s in train_scenes)
+    assert len({(s.free.colour, s.free.digit, s.direction) for s in moving}) > 180  # the 200 allowed triples
+    stills = {(s.free.colour, s.free.digit) for s in train_scenes if s.direction is None}
+    assert any(held_out_motion(c, d, m) for c, d in stills for m in DIRECTIONS)  # stills take any colour
+    # only triples are held out: every pair of (colour, digit, direction) still trains
+    assert {(s.free.colour, s.free.digit) for s in moving} == set(itertools.product(COLOURS, range(10)))
+    assert {(s.free.digit, s.direction) for s in moving} == set(itertools.product(range(10), DIRECTIONS))
+    assert {(s.free.colour, s.direction) for s in moving} == set(itertools.product(COLOURS, DIRECTIONS))
+    assert len(test) == 355 and all(test.scene(i).direction and test.scene(i).is_held_out for i in range(len(test)))
 
 
 def test_captions_round_trip_in_every_phrasing():

@@ -64,3 +64,15 @@ def test_a_text_recipe_sampling_class_labels_is_refused_before_writing(tmp_path,
     assert ("bad value for config key 'sample.classes': this model takes text prompts (sample.prompts)"
             in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_t2v_recipe_without_its_t2i_run_names_the_command_that_makes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "gentron-moving-digits", "--runner", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("dtx: error: ") == 1
+    assert "'model.init_from': runs/gentron-digits not found" in err and "`dtx train gentron-digits`" in err
+    assert not list(tmp_path.iterdir())  # nothing written, not even runs/
+    assert main(["train", "gentron-moving-digits", "--runner", "local", "model.init_from=elsewhere/t2i"]) == 2
+    assert "'model.init_from': elsewhere/t2i not found; point it at" in capsys.readouterr().err

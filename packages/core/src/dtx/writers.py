@@ -22,7 +22,7 @@ from .io import atomic_write
 
 __all__ = [
     "GRID_TILE_MIN", "VIDEO_SIDE_MIN", "MACRO_BLOCK", "quantize", "to_uint8", "grid_scale", "save_grid", "save_npz",
-    "save_gif", "save_mp4", "save_frame_grid", "save_videos",
+    "save_gif", "save_gif_grid", "save_mp4", "save_frame_grid", "save_videos",
 ]
 
 GRID_TILE_MIN = 64  # PNG grid tiles are enlarged (nearest, integer factor) to at least this many px on their long side
@@ -92,12 +92,13 @@ def _zoom_long_side(arr: np.ndarray, minimum: int) -> np.ndarray:
     return _resize_nearest(arr, h * k, w * k)
 
 
-def _tile(tiles: np.ndarray, per_row: int) -> np.ndarray:
-    """Tiles [N, h, w, c] laid out ``per_row`` to a row on black, with a 1-pixel gap between and around them."""
+def _tile(tiles: np.ndarray, per_row: int, fill: int = 0) -> np.ndarray:
+    """Tiles [N, h, w, c] laid out ``per_row`` to a row, with a 1-pixel gap of value ``fill`` (black) between and
+    around them."""
     n, h, w, c = tiles.shape
     per_row = max(1, min(per_row, n))
     rows = math.ceil(n / per_row)
-    grid = np.zeros((rows * (h + 1) + 1, per_row * (w + 1) + 1, c), dtype=np.uint8)
+    grid = np.full((rows * (h + 1) + 1, per_row * (w + 1) + 1, c), fill, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, per_row)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = tiles[i]
@@ -212,6 +213,18 @@ def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
     frames = [_pil_image(a) for a in _zoom_long_side(_video_frames(video), VIDEO_SIDE_MIN)]
     return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True,
                                                         append_images=frames[1:], duration=duration, loop=0))
+
+
+def save_gif_grid(videos: torch.Tensor, path: str | Path, per_row: int, fps: float = 8.0) -> Path:
+    """One looping GIF of videos [N, F, C, H, W] in [-1, 1] played side by side, ``per_row`` to a row with grey
+    1-pixel gaps, each enlarged as ``save_gif`` does (to compare videos drawn from the same seeds)."""
+    arr = to_uint8(_checked(videos, "videos", ("N", "F", "H", "W"), 2), 2)  # [N, F, H, W, C]
+    arr = _zoom_long_side(arr, VIDEO_SIDE_MIN)  # each video as large as save_gif draws it
+    frames = np.stack([_tile(arr[:, f], per_row, fill=128) for f in range(arr.shape[1])])  # [F, H', W', C]
+    duration = 1000.0 / _check_fps(fps)
+    images = [_pil_image(a) for a in frames]
+    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                        append_images=images[1:], duration=duration, loop=0))
 
 
 def _mp4_frames(arr: np.ndarray) -> np.ndarray:

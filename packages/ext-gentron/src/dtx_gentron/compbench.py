@@ -16,9 +16,10 @@ Digit and colour accuracies average over the halves the prompts fill; ``all_held
 by whether the prompt uses a held-out (colour, digit, side) triple (``dtx_gentron.data.held_out``).
 
 Videos ``[N, F, 3, 32, 32]``: *frame_consistency* (frames whose located digit is the prompt's), *colour* (over the ink
-of all frames), *direction* (the least-squares slope of the ink centroid over the frames, along its dominant axis,
-must move at least ``MOVING_PX`` over the clip in the prompt's direction; still prompts are skipped), *still* (still
-prompts whose digit stays within ``MOVING_PX`` of its first position) and *all*.
+of all frames), *direction* (the displacement of the digit's ink centroid from the first frame to the last, along its
+dominant axis, must be at least ``MOVING_PX`` in the prompt's direction; still prompts are skipped), *still* (still
+prompts whose digit stays within ``MOVING_PX`` of its first position), *all*, and *all* split by whether the prompt
+moves a digit in a held-out (colour, digit, direction) triple (``dtx_gentron.data.held_out_motion``).
 
 ``dtx compbench-digits SAMPLES`` scores a sample archive of ``dtx sample`` (``arr_0`` uint8 NHWC / NFHWC and
 ``prompts``).
@@ -155,24 +156,24 @@ class VideoScores:
     direction_ok: torch.Tensor  # [N] bool, False for still prompts
     still_ok: torch.Tensor  # [N] bool, False for moving prompts
     all_ok: torch.Tensor  # [N] bool
+    held_out: torch.Tensor  # [N] bool: the prompt moves a digit in a held-out triple
 
     def summary(self) -> dict[str, float | None]:
         """Accuracies by name (None where no prompt counts), for printing."""
         return {"frame_consistency": _mean(self.frame_ok), "colour": _mean(self.colour_ok),
                 "direction": _mean(self.direction_ok[self.moving]), "still": _mean(self.still_ok[~self.moving]),
-                "all": _mean(self.all_ok)}
+                "all": _mean(self.all_ok), "all_held_out": _mean(self.all_ok[self.held_out]),
+                "all_seen": _mean(self.all_ok[~self.held_out])}
 
 
 def _direction(centroids: torch.Tensor) -> list[str | None]:
-    """Direction of the least-squares motion of centroids ``[N, F, 2]`` (row, col) along its dominant axis."""
-    f = centroids.shape[1]
-    t = torch.arange(f, dtype=centroids.dtype) - (f - 1) / 2
-    slope = (centroids * t[None, :, None]).sum(1) / (t * t).sum()  # [N, 2] px/frame
+    """Direction of the displacement of centroids ``[N, F, 2]`` (row, col) from the first frame to the last, along
+    its dominant axis (None: less than ``MOVING_PX``)."""
     out: list[str | None] = []
-    for vr, vc in slope.tolist():
+    for vr, vc in (centroids[:, -1] - centroids[:, 0]).tolist():
         axis_row = abs(vr) > abs(vc)
         v = vr if axis_row else vc
-        if abs(v) * (f - 1) < MOVING_PX:
+        if abs(v) < MOVING_PX:
             out.append(None)
         else:
             out.append(("down" if v > 0 else "up") if axis_row else ("right" if v > 0 else "left"))
@@ -200,8 +201,9 @@ def score_videos(videos: torch.Tensor, scenes: Sequence[Scene]) -> VideoScores:
     frame_ok = pred == want_digit[:, None]
     colour_ok = colour_pred == want_colour
     all_ok = frame_ok.all(1) & colour_ok & (direction_ok | still_ok)
+    held = torch.tensor([s.is_held_out for s in scenes], dtype=torch.bool)
     return VideoScores(pred, frame_ok, colour_pred, colour_ok, moving, tuple(measured), direction_ok, still_ok,
-                       all_ok)
+                       all_ok, held)
 
 
 # -- dtx compbench-digits ----------------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ direction (left / right / up / down) at 1 or 2 px/frame (2 only while the whole 
 the start drawn so that the sprite is wholly inside the canvas in every frame (no bounce, so the direction can be
 measured). Item i shows digit image ``i % N`` of the split (default size N: 1442 / 355 / 1797). With probability
 ``still_fraction`` an item is a GenTron motion-free pseudo-video (image-video joint training): the digit still at a
-random position in every frame, a caption without motion and ``motion_free=True``.
+random position in every frame, a caption without motion and ``motion_free=True``. The (colour, digit, direction)
+triple of a moving clip is *held out* when ``colour_index == (digit + 1 + direction_index) % 6`` (``held_out_motion``;
+40 of the 240 triples, one colour per (digit, direction), at most one direction per (colour, digit)): ``"train"``
+never moves a digit in a held-out triple, ``"test"`` always does (every pair of the three still occurs in training);
+stills take any colour.
 
 Captions use a few fixed phrasings per layout (``caption_of``), all read back by ``parse_caption``; a ``Scene`` is
 either two halves (images) or one ``free`` digit with an optional direction (videos; ``None`` = still). Every item is
@@ -71,6 +75,12 @@ def held_out(colour: str, digit: int, side: int | str) -> bool:
     return COLOUR_NAMES.index(colour) == (int(digit) + 3 * s) % len(COLOURS)
 
 
+def held_out_motion(colour: str, digit: int, direction: str) -> bool:
+    """Whether the (colour, digit, direction) triple of a moving clip is kept out of ``captioned-moving-digits``'
+    train split."""
+    return COLOUR_NAMES.index(colour) == (int(digit) + 1 + DIRECTIONS.index(direction)) % len(COLOURS)
+
+
 @dataclass(frozen=True)
 class Half:
     """One coloured digit: its class (0..9) and colour name."""
@@ -114,7 +124,10 @@ class Scene:
 
     @property
     def is_held_out(self) -> bool:
-        """Whether a half uses a held-out (colour, digit, side) triple (free digits never do)."""
+        """Whether a half uses a held-out (colour, digit, side) triple, or a moving digit a held-out (colour, digit,
+        direction) triple."""
+        if self.free is not None:
+            return self.direction is not None and held_out_motion(self.free.colour, self.free.digit, self.direction)
         return any(h is not None and held_out(h.colour, h.digit, s) for s, h in enumerate(self.halves))
 
 
@@ -324,7 +337,8 @@ class CaptionedMovingDigits(Dataset):
         return self.size
 
     def clip(self, index: int) -> Clip:
-        """The seeded draw of item ``index``: colour, still or not, direction, speed, start and phrasing."""
+        """The seeded draw of item ``index``: still or not, direction, colour (by the split's rule), speed, start
+        and phrasing."""
         i = _index(index, len(self), "captioned-moving-digits")
         gen = _generator(self.seed, i)
 
@@ -332,13 +346,18 @@ class CaptionedMovingDigits(Dataset):
             return int(torch.randint(n, (1,), generator=gen))
 
         image = i % len(self.labels)
-        half = Half(int(self.labels[image]), COLOUR_NAMES[pick(len(COLOURS))])
+        digit = int(self.labels[image])
         still = bool(torch.rand((), generator=gen) < self.still_fraction)
         phrasing = pick(NUM_PHRASINGS)
         start = [pick(MAX_POS + 1), pick(MAX_POS + 1)]
+        direction = DIRECTIONS[pick(len(DIRECTIONS))]
+        colours = list(COLOUR_NAMES)
+        if not still and self.split in ("train", "test"):
+            keep = self.split == "test"
+            colours = [c for c in COLOUR_NAMES if held_out_motion(c, digit, direction) == keep]
+        half = Half(digit, colours[pick(len(colours))])
         if still:
             return Clip(Scene(free=half), image, (start[0], start[1]), (0, 0), phrasing)
-        direction = DIRECTIONS[pick(len(DIRECTIONS))]
         speed = self.speeds[pick(len(self.speeds))]
         axis = 0 if direction in ("up", "down") else 1
         step = VELOCITY[direction][axis] * speed

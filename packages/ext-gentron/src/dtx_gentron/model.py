@@ -436,10 +436,10 @@ def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: t
         free = torch.as_tensor(motion_free, device=device).bool().reshape(-1)
         if free.shape != (b,):
             raise ShapeError(f"motion_free must be [{b}] booleans, got {list(free.shape)}")
-        if bool(free.any()):
-            eye = torch.eye(f, dtype=torch.bool, device=device)  # [F, F]
-            per_clip = eye | ~free.view(b, 1, 1)  # [B, F, F]: identity where motion-free, all True elsewhere
-            mask = repeat(per_clip, "b i j -> (b n) 1 i j", n=tokens)  # [(B N), 1, F, F]
+        # built whenever motion_free is given (no branch on its values: one compiled graph for every batch)
+        eye = torch.eye(f, dtype=torch.bool, device=device)  # [F, F]
+        per_clip = eye | ~free.view(b, 1, 1)  # [B, F, F]: identity where motion-free, all True elsewhere
+        mask = repeat(per_clip, "b i j -> (b n) 1 i j", n=tokens)  # [(B N), 1, F, F]
     return Frames(batch=b, frames=f, theta=theta, mask=mask)
 
 

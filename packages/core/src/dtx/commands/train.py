@@ -15,6 +15,7 @@ from .. import plugins
 from ..config import read_yaml
 from ..cpu import requested_threads
 from ..errors import ConfigError
+from ..checkpoint import RUN_CHECKPOINTS
 from ..io import check_output_path
 from ..training.config import TrainConfig, load_train_config
 
@@ -109,6 +110,20 @@ def choose_runner(requested: str | None, workers: int | None, address: str | Non
     return "ray"
 
 
+def check_init_source(cfg: TrainConfig) -> None:
+    """``model.init_from`` must exist before anything is written, unless the run resumes (it holds its own weights);
+    a missing ``runs/NAME`` of a recipe NAME names the command that makes it."""
+    source = cfg.model.init_from
+    if not source or Path(source).exists() or (Path(cfg.out) / RUN_CHECKPOINTS).is_dir():
+        return
+    path = Path(source)
+    hint = "; point it at a training run, a dtx model folder or a weights file"
+    if path.parent == Path("runs") and path.name in plugins.names("recipe"):
+        hint = (f": it is the run `dtx train {path.name}` writes (this recipe starts from it), so run that first "
+                f"from this folder, or set model.init_from=PATH to another run")
+    raise ConfigError(f"bad value for config key 'model.init_from': {source} not found{hint}")
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"max_minutes={args.max_minutes}"] if args.max_minutes is not None else [])
     cfg = resolve_train_config(args.config, overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
@@ -117,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     check_output_path(cfg.out, "run folder", folder=True)
+    check_init_source(cfg)
     entry = plugins.get("runner", choose_runner(args.runner, args.workers, args.address))
     summary = entry.obj(cfg, args)
     if summary:
