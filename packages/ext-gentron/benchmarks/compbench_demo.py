@@ -27,15 +27,17 @@ import torch
 
 
 def sample(setup, prompts: list[str], cfg: float | None, steps: int | None, seed: int,
-           scales: dict[str, float] | None) -> tuple[torch.Tensor, float]:
+           scales: dict[str, float] | None, bf16: bool = False) -> tuple[torch.Tensor, float]:
     from dtx.conditioning import SampleRequest
     from dtx.training.sampling import generate
 
     s = setup.cfg.sample
     t0 = time.perf_counter()
-    out = generate(setup, SampleRequest(prompts=prompts), per_subject=1, sampler=s.sampler, steps=steps or s.steps,
-                   cfg_scale=s.cfg if cfg is None else cfg, seed=seed, batch_size=100, guidance_scales=scales)
-    return out.x, time.perf_counter() - t0
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = generate(setup, SampleRequest(prompts=prompts), per_subject=1, sampler=s.sampler,
+                       steps=steps or s.steps, cfg_scale=s.cfg if cfg is None else cfg, seed=seed, batch_size=100,
+                       guidance_scales=scales)
+    return out.x.float(), time.perf_counter() - t0
 
 
 def settings(video: bool, motion_scales: list[float]) -> dict[str, dict[str, float] | None]:
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true",
+                   help="sample under bfloat16 autocast (about 3x faster on CPUs with native bf16; dtx sample is fp32)")
     p.add_argument("--gif", type=Path, help="T2V: write a GIF grid of the first prompts, one column per setting")
     p.add_argument("--gif-rows", type=int, default=6)
     args = p.parse_args(argv)
@@ -83,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, object]] = {}
     clips = []
     for label, scales in settings(video, args.motion_cfg).items():
-        x, seconds = sample(setup, prompts, args.cfg, args.steps, args.seed, scales)
+        x, seconds = sample(setup, prompts, args.cfg, args.steps, args.seed, scales, args.bf16)
         scores = (score_videos if video else score_images)(x, scenes).summary()
         results[label] = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()},
                           "sample_s": round(seconds, 1)}
         print(json.dumps({"run": str(args.run), "step": setup.step, "prompts": n, "guidance": label,
-                          "cfg": setup.cfg.sample.cfg if args.cfg is None else args.cfg, **results[label]}),
+                          "cfg": setup.cfg.sample.cfg if args.cfg is None else args.cfg,
+                          "precision": "bf16" if args.bf16 else "fp32", **results[label]}),
               flush=True)
         clips.append(x[:args.gif_rows])
     if video and args.gif is not None:

@@ -55,10 +55,12 @@ def test_learn_sigma_doubles_channels_and_video_shapes():
     assert model.input_shape == (3, 3, 8, 8)
 
 
-def test_t2v_built_from_t2i_equals_t2i_per_frame():
-    """TempSelfAttn's zero output projection: at initialisation the T2V model is the T2I model on each frame."""
+@pytest.mark.parametrize("temporal_pos", ["rope", "sincos", "rope+sincos", "none"])
+def test_t2v_built_from_t2i_equals_t2i_per_frame(temporal_pos):
+    """TempSelfAttn's zero output projection: at initialisation the T2V model is the T2I model on each frame, with
+    any temporal positions."""
     t2i = perturbed(build_gentron(**SMALL)).double()
-    t2v = build_gentron(**SMALL, num_frames=4).double()
+    t2v = build_gentron(**SMALL, num_frames=4, temporal_pos=temporal_pos).double()
     missing, unexpected = t2v.load_state_dict(t2i.state_dict(), strict=False)
     assert not unexpected and all(".temp_" in k for k in missing)
     x = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64)
@@ -96,6 +98,30 @@ def test_motion_free_is_the_identity_mask_not_a_skipped_layer():
     torch.testing.assert_close(out, h + block.temp_attn.proj(v), rtol=1e-5, atol=1e-6)
     skipped = torch.zeros(())
     assert not torch.allclose(out, h + skipped)
+
+
+def test_sincos_temporal_positions_tell_the_frames_apart():
+    """``temporal_pos: sincos`` adds sin(f w_k), cos(f w_k) (w_k = 10000^(-k / (D/2))) of frame f to TempSelfAttn's
+    normalised input: on motion-free frames (each attends to itself) the output is proj(W_v (LN(x) + table[f]))."""
+    import math
+
+    model = perturbed(build_gentron(**SMALL, num_frames=3, temporal_pos="sincos"))
+    block, d = model.blocks[0], 32
+    from dtx_gentron.model import frame_layout
+    same = torch.randn(2, 1, 16, d).expand(2, 3, 16, d).reshape(6, 16, d)  # [(B F), N, D]: three equal frames
+    layout = frame_layout(model.config, 2, 3, 16, torch.tensor([True, True]), same.device)
+    out = block._between(same, None, layout).view(2, 3, 16, d)
+    omega = [10000 ** (-k / (d / 2)) for k in range(d // 2)]
+    table = torch.tensor([[math.sin(f * w) for w in omega] + [math.cos(f * w) for w in omega] for f in range(3)])
+    for f in range(3):
+        v = block.temp_attn.qkv(block.temp_norm(same.view(2, 3, 16, d)[:, f]) + table[f])[..., 2 * d:]
+        torch.testing.assert_close(out[:, f], same.view(2, 3, 16, d)[:, f] + block.temp_attn.proj(v),
+                                   rtol=1e-5, atol=1e-5)
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-3  # equal frames, different outputs: the index is seen
+    plain = perturbed(build_gentron(**SMALL, num_frames=3, temporal_pos="none"))
+    flat = plain.blocks[0]._between(same, None, frame_layout(plain.config, 2, 3, 16, torch.tensor([True, True]),
+                                                             same.device)).view(2, 3, 16, d)
+    torch.testing.assert_close(flat[:, 0], flat[:, 1], rtol=0, atol=1e-6)  # no positions: equal frames stay equal
 
 
 def test_padding_tokens_change_nothing():

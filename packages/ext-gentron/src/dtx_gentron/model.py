@@ -7,9 +7,11 @@ GenTron has no official code, so every choice the paper leaves open is made here
   - ``cross_attn``: PixArt-alpha's form (no norm, no gate, zero-initialised output projection) over the projected
     text tokens, with the padding mask (conditioning "cross-attention", the paper's winner);
   - T2V only, ``temp_norm`` + ``temp_attn`` = TempSelfAttn after the cross-attention: pre-LN self-attention over
-    the frames of each token position, ``(b f) n d -> (b n) f d``, with RoPE over the frame index (the paper is
-    silent on temporal positions; attention without them could not tell forward from backward motion) and its
-    output projection zero-initialised, so a T2V model built from a T2I model starts as the per-frame T2I model.
+    the frames of each token position, ``(b f) n d -> (b n) f d``, with temporal positions (the paper is silent on
+    them; attention without them could not tell forward from backward motion): RoPE over the frame index
+    (``temporal_pos: rope``, default), a sin-cos table of the frame index added to its normalised input (``sincos``,
+    as AnimateDiff's motion module), or both; its output projection is zero-initialised, so a T2V model built from
+    a T2I model starts as the per-frame T2I model with any of them.
 - **Condition** c = t_emb + pooled_embedder(pooled text) drives adaLN (both designs); conditioning "adaln" has no
   cross-attention (the paper's adaLN-Zero-with-text baseline).
 - **Text** ``context`` [B, L, context_dim] is projected once by ``y_proj`` (PixArt's caption MLP) to the model width;
@@ -41,11 +43,11 @@ from torch.utils.checkpoint import checkpoint
 from dtx.config import check
 from dtx.errors import ConfigError, ShapeError
 from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps, rope_angles, sincos_2d_torch,
-                        unpatchify)
+                        TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps, rope_angles,
+                        sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Conditioning = Literal["cross-attention", "adaln"]
-TemporalPos = Literal["rope", "none"]
+TemporalPos = Literal["rope", "sincos", "rope+sincos", "none"]
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
 
@@ -68,7 +70,7 @@ class GenTronConfig(PatchGridConfig):
     conditioning: Conditioning = "cross-attention"
     learned_null: bool = False  # a learned null caption, substituted where ``text_null`` is True
     num_frames: int = 0  # 0: text-to-image; > 0: text-to-video clips of this many frames (TempSelfAttn)
-    temporal_pos: TemporalPos = "rope"
+    temporal_pos: TemporalPos = "rope"  # RoPE over frames in TempSelfAttn; "sincos": absolute frame table on its input
     learn_sigma: bool = True
     grad_checkpointing: bool = False
 
@@ -95,7 +97,7 @@ class GenTronConfig(PatchGridConfig):
         check(self.num_frames >= 0, "num_frames", f"must be >= 0 (0 = text-to-image), got {self.num_frames}")
         check(self.temporal_pos in TEMPORAL_POS, "temporal_pos",
               f"{self.temporal_pos!r} is not one of {', '.join(TEMPORAL_POS)}")
-        check(self.temporal_pos != "rope" or (self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
+        check("rope" not in self.temporal_pos or (self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
               f"rope rotates pairs of head dimensions, so the head size must be even, got "
               f"{self.hidden_size // self.num_heads}")
         return self
@@ -129,12 +131,13 @@ class Text:
 
 @dataclass
 class Frames:
-    """T2V layout: clips, frames, the rotary angles over frames and the motion-free attention mask."""
+    """T2V layout: clips, frames, the rotary angles and absolute table over frames, the motion-free mask."""
 
     batch: int
     frames: int
     theta: torch.Tensor | None  # [F, head_dim / 2]
     mask: torch.Tensor | None  # [(B n), 1, F, F] bool: identity for motion-free samples, all True otherwise
+    pos: torch.Tensor | None = None  # [F, D] sin-cos table of the frame index, added to TempSelfAttn's input
 
 
 # -- block -------------------------------------------------------------------------------------------------------------
@@ -162,8 +165,10 @@ class GenTronBlock(AdaLNBlock):
         if self.cross_attn is not None and text is not None:
             x = x + self._cross(x, text, frames)  # [(B F), N, D]; PixArt: no norm, no gate
         if self.temp_attn is not None and frames is not None:
-            h = rearrange(x, "(b f) n d -> (b n) f d", b=frames.batch)  # [(B N), F, D]
-            h = self.temp_attn(self.temp_norm(h), mask=frames.mask, theta=frames.theta)  # [(B N), F, D]
+            h = self.temp_norm(rearrange(x, "(b f) n d -> (b n) f d", b=frames.batch))  # [(B N), F, D]
+            if frames.pos is not None:
+                h = h + frames.pos.to(h.dtype)  # [(B N), F, D]: each frame's absolute index
+            h = self.temp_attn(h, mask=frames.mask, theta=frames.theta)  # [(B N), F, D]
             x = x + rearrange(h, "(b n) f d -> (b f) n d", b=frames.batch)  # [(B F), N, D]
         return x
 
@@ -173,6 +178,7 @@ class GenTronBlock(AdaLNBlock):
 
 
 _sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
+_frame_table = functools.lru_cache(maxsize=16)(sincos_1d_torch)
 
 
 # -- model -------------------------------------------------------------------------------------------------------------
@@ -206,6 +212,9 @@ class GenTron(nn.Module):
         else:
             self.null_context = self.null_context_2 = None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
+        frame_pos = (_frame_table(d, cfg.num_frames)[0].clone()
+                     if cfg.num_frames > 0 and "sincos" in cfg.temporal_pos else None)
+        self.register_buffer("frame_pos", frame_pos, persistent=False)  # [F, D]; not in checkpoints
         self.blocks = nn.ModuleList([GenTronBlock(cfg, temporal=cfg.num_frames > 0) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, self.out_channels)
         self.gradient_checkpointing = cfg.grad_checkpointing
@@ -403,7 +412,8 @@ class GenTron(nn.Module):
         layout = None
         if video:
             c = repeat(c, "b d -> (b f) d", f=x.shape[1])  # [(B F), D]
-            layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device)
+            pos = self.frame_pos if self.frame_pos is not None and x.shape[1] == self.frame_pos.shape[0] else None
+            layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device, pos)
         stride = 2 if texts[1] is not None else 1
         for i, block in enumerate(self.blocks):
             text = texts[i % stride]
@@ -428,9 +438,14 @@ class GenTronT2V(GenTron):
 
 
 def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: torch.Tensor | None,
-                 device: torch.device) -> Frames:
-    """Rotary angles over the F frames and, for motion-free samples, TempSelfAttn's identity mask."""
-    theta = rope_angles(cfg.hidden_size // cfg.num_heads, f, device) if cfg.temporal_pos == "rope" else None
+                 device: torch.device, pos: torch.Tensor | None = None) -> Frames:
+    """Rotary angles and the sin-cos table over the F frames (as ``temporal_pos`` asks; ``pos``: the table when the
+    caller holds it) and, for motion-free samples, TempSelfAttn's identity mask."""
+    theta = rope_angles(cfg.hidden_size // cfg.num_heads, f, device) if "rope" in cfg.temporal_pos else None
+    if "sincos" not in cfg.temporal_pos:
+        pos = None
+    elif pos is None:
+        pos = _frame_table(cfg.hidden_size, f)[0].to(device)  # [F, D]
     mask = None
     if motion_free is not None:
         free = torch.as_tensor(motion_free, device=device).bool().reshape(-1)
@@ -440,7 +455,7 @@ def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: t
         eye = torch.eye(f, dtype=torch.bool, device=device)  # [F, F]
         per_clip = eye | ~free.view(b, 1, 1)  # [B, F, F]: identity where motion-free, all True elsewhere
         mask = repeat(per_clip, "b i j -> (b n) 1 i j", n=tokens)  # [(B N), 1, F, F]
-    return Frames(batch=b, frames=f, theta=theta, mask=mask)
+    return Frames(batch=b, frames=f, theta=theta, mask=mask, pos=pos)
 
 
 def build_gentron(config: GenTronConfig | None = None, **overrides: Any) -> GenTron:
