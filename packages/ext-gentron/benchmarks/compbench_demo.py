@@ -7,8 +7,9 @@
 
 T2I prompts are the captions of the first ``--n`` items of ``captioned-digits``' test split: every one uses a
 held-out (colour, digit, side) combination. T2V prompts are the captions of ``captioned-moving-digits``' test split,
-every one a held-out (colour, digit, direction) combination. A T2V run is sampled with text CFG alone (motion on in
-both terms) and with motion-free guidance at each ``--motion-cfg`` (the paper's lM, text guidance lT = ``--cfg``),
+every one a held-out (colour, digit, direction) combination. A T2V run is sampled with classic CFG ("cfg": text and
+motion both null in the unconditional term) and with motion-free guidance at each ``--motion-cfg`` (the paper's lM;
+text guidance lT = ``--cfg``; lM 1 is text CFG alone with motion on in both terms),
 all from the same seed, so the same prompt gets the same initial noise in every setting; ``--gif`` writes the first
 ``--gif-rows`` prompts as a grid, one row per prompt and one column per setting. Scores are those of
 ``dtx compbench-digits`` (digit, colour, position, all; videos: frame consistency, colour, direction, all). One JSON
