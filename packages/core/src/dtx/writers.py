@@ -209,10 +209,15 @@ def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
     Grayscale frames keep their exact values; RGB frames go through a 256-colour palette (exact for few colours).
     Pillow merges consecutive identical frames into one longer frame, so playback is the same but such a GIF
     holds fewer than F frames."""
+    return _write_gif(_zoom_long_side(_video_frames(video), VIDEO_SIDE_MIN), path, fps)
+
+
+def _write_gif(frames: np.ndarray, path: str | Path, fps: float) -> Path:
+    """uint8 frames [F, h, w, c] as a looping GIF at ``fps``, written atomically."""
     duration = 1000.0 / _check_fps(fps)
-    frames = [_pil_image(a) for a in _zoom_long_side(_video_frames(video), VIDEO_SIDE_MIN)]
-    return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True,
-                                                        append_images=frames[1:], duration=duration, loop=0))
+    images = [_pil_image(a) for a in frames]
+    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                        append_images=images[1:], duration=duration, loop=0))
 
 
 def save_gif_grid(videos: torch.Tensor, path: str | Path, per_row: int, fps: float = 8.0) -> Path:
@@ -221,10 +226,7 @@ def save_gif_grid(videos: torch.Tensor, path: str | Path, per_row: int, fps: flo
     arr = to_uint8(_checked(videos, "videos", ("N", "F", "H", "W"), 2), 2)  # [N, F, H, W, C]
     arr = _zoom_long_side(arr, VIDEO_SIDE_MIN)  # each video as large as save_gif draws it
     frames = np.stack([_tile(arr[:, f], per_row, fill=128) for f in range(arr.shape[1])])  # [F, H', W', C]
-    duration = 1000.0 / _check_fps(fps)
-    images = [_pil_image(a) for a in frames]
-    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
-                                                        append_images=images[1:], duration=duration, loop=0))
+    return _write_gif(frames, path, fps)
 
 
 def _mp4_frames(arr: np.ndarray) -> np.ndarray:
