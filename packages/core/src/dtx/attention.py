@@ -24,9 +24,8 @@ NA_BACKENDS = ("auto", "natten", "torch", "masked")
 #: beyond that it gathers windows, whose memory grows with n k^2 instead of n^2
 MASKED_MAX_LOGITS = 2 ** 27
 #: on CPU, "auto" runs attention whose logits per head hold at most this many elements as
-#: :func:`explicit_attention`: PyTorch's CPU flash kernel suits long sequences, but on short ones its forward + backward
-#: is slower, most in bf16 (48 against 9 ms for 768 heads of 64 tokens; 17 against 8 ms for 48 heads of 256 tokens),
-#: less in float32 (36 against 31 ms at 128 tokens, even at 256); from 1024 tokens it is 2x faster than explicit
+#: :func:`explicit_attention`: PyTorch's fused CPU kernel suits long sequences, but on short ones its forward +
+#: backward is slower, most in bf16 (benchmarks/cpu_attention.py measures the switch points; docs/perf/cpu_attention.md)
 CPU_EXPLICIT_MAX_LOGITS = {"float32": 128 * 128, "reduced": 256 * 256}
 
 
