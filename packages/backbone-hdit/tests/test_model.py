@@ -179,7 +179,7 @@ def test_gradient_checkpointing_per_level_gives_the_same_gradients():
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad)
     model = tiny((NA, GLOBAL))
-    model.set_grad_checkpointing(levels=[1])  # the core's activation_checkpointing switch calls it with no args
+    model.set_grad_checkpointing(levels=[1])  # k-diffusion's switch; the core's is set_recompute
     assert [layer.checkpointing for layer in model.mid_level] == [True]
     assert [layer.checkpointing for layer in model.down_levels[0]] == [False]
 

@@ -17,7 +17,7 @@ from torch import nn
 import dtx
 from dtx import plugins
 from dtx.errors import ConfigError
-from dtx.layers import timestep_embedding
+from dtx.layers import BlockStack, timestep_embedding
 from dtx.testing import fresh_plugin_host
 
 
@@ -121,6 +121,13 @@ def dist_plugins(tmp_path, monkeypatch, fresh_host):
 TINY_SIZE, TINY_CLASSES = 4, 3
 
 
+class Residual(nn.Sequential):
+    """``x + layers(x)`` (a Sequential's state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x + super().forward(x)
+
+
 class TinyDenoiser(nn.Module):
     """MLP on flattened 1x4x4 images, conditioned on a sinusoidal t/sigma embedding plus a class embedding, with
     ``depth`` residual blocks of ``width`` features."""
@@ -135,8 +142,8 @@ class TinyDenoiser(nn.Module):
         self.inp = nn.Linear(d, width)
         self.t_proj = nn.Linear(width, width)
         self.y_embed = nn.Embedding(num_classes + 1, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU())
-                                    for _ in range(depth))
+        self.blocks = BlockStack(Residual(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU())
+                                 for _ in range(depth))
         self.out = nn.Linear(width, d * (2 if learn_sigma else 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,8 +151,7 @@ class TinyDenoiser(nn.Module):
         h = self.inp(x.flatten(1)) + self.t_proj(timestep_embedding(t, self.width))
         if y is not None:
             h = h + self.y_embed(y)
-        for block in self.blocks:
-            h = h + block(h)
+        h = self.blocks(h)
         return self.out(h).view(x.shape[0], self.out_channels, *x.shape[2:])
 
 

@@ -1,5 +1,5 @@
 """``dtx bench`` and its pieces: peak table and MFU recomputed by hand, interleaved timing order and per-round
-ratios, checkpointing policies (which blocks, same gradients), the compile switch and its eager fallback, the CLI
+ratios, recomputation policies (which blocks, same gradients), the compile switch and its eager fallback, the CLI
 smoke run (no timing asserted) with FLOPs from the cost interface, and one-line errors naming the option."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dtx.cli import main
 from dtx.costs import (GPU_PEAK_TFLOPS, achieved_tflops, device_peak_tflops, gpu_peak_tflops, mfu, model_cost)
 from dtx.errors import ConfigError, ShapeError
 from dtx.training.compile import CompiledModel, check_compile_mode, compile_model, eager_reason
-from dtx.training.model_setup import checkpoint_policy, enable_activation_checkpointing
+from dtx.layers import BlockStack, recompute_policy, set_recompute
 
 TINY = ["DiT-S/2", "--input-size", "8", "--set", "depth=2", "hidden_size=64", "num_heads=2"]
 
@@ -90,51 +90,65 @@ def test_saved_activations_count_what_backward_keeps():
     assert saved_activations_mb(lambda: lin(a).sum(), list(lin.parameters())) == 1.0
 
 
-# -- activation checkpointing policy ---------------------------------------------------------------------------
+# -- activation recomputation policy ---------------------------------------------------------------------------
 
 class Blocks(nn.Module):
     def __init__(self, n: int = 5) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(n))
+        self.blocks = BlockStack(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.blocks(x)
 
 
 @pytest.mark.parametrize("text, every", [("none", 0), ("all", 1), (True, 1), (False, 0), ("every-3", 3), ("2", 2),
                                          (4, 4)])
-def test_checkpoint_policy_parses(text, every):
-    assert checkpoint_policy(text) == every
+def test_recompute_policy_parses(text, every):
+    assert recompute_policy(text) == every
 
 
 @pytest.mark.parametrize("bad", ["some", "every-x", "-1", "1.5"])
-def test_checkpoint_policy_rejects_with_the_option_name(bad):
-    with pytest.raises(ConfigError, match="--checkpointing"):
-        checkpoint_policy(bad, "--checkpointing")
+def test_recompute_policy_rejects_with_the_option_name(bad):
+    with pytest.raises(ConfigError, match="--recompute"):
+        recompute_policy(bad, "--recompute")
 
 
-@pytest.mark.parametrize("every, wrapped", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (3, [0, 3])])
-def test_every_kth_block_is_checkpointed_with_identical_gradients(every, wrapped):
+@pytest.mark.parametrize("every, rerun", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (3, [0, 3])])
+def test_every_kth_block_is_recomputed_with_identical_gradients(every, rerun):
     ref, model = Blocks(), Blocks()
-    assert enable_activation_checkpointing(model, every) == len(wrapped)
-    assert [i for i, b in enumerate(model.blocks) if "forward" in vars(b)] == wrapped
+    set_recompute(model, every)
+    calls: list[int] = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
     x = torch.randn(4, 8)
     ref(x).square().sum().backward()
     model(x).square().sum().backward()
+    assert sorted(calls) == sorted([*range(5), *rerun])  # a recomputed block runs again in the backward pass
     for p, q in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
-def test_every_block_uses_the_models_own_switch():
+def test_a_model_without_a_switch_is_refused_and_a_declared_switch_is_used():
     import dtx
 
-    model = dtx.create_model("DiT-S/2", input_size=8, depth=1)
-    assert enable_activation_checkpointing(model, 1) == -1 and model.gradient_checkpointing
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(ConfigError, match="recompute"):
+        set_recompute(Plain(), 1)
+    set_recompute(Plain(), 0)  # nothing asked, nothing needed
     model = dtx.create_model("DiT-S/2", input_size=8, depth=4)
-    assert enable_activation_checkpointing(model, 2) == 2 and not model.gradient_checkpointing
+    set_recompute(model, 2)
+    assert model.blocks.recompute_every == 2
+    hdit = dtx.create_model("HDiT", input_size=16, patch_size=2, in_channels=1, depths=[2, 1], widths=[32, 64],
+                            d_ffs=[48, 96], mapping_width=32, mapping_depth=1,
+                            self_attns=[{"type": "global", "d_head": 16}] * 2)
+    set_recompute(hdit, 2)  # HDiT's own switch: layers 0 and 2 in forward order (down 0, down 1, middle)
+    assert [layer.checkpointing for level in [*hdit.down_levels, hdit.mid_level] for layer in level] == [True, False,
+                                                                                                        True]
 
 
 # -- compile switch --------------------------------------------------------------------------------------------
@@ -219,13 +233,13 @@ def test_bench_recipe_takes_its_model_and_data_shape(capsys):
 
 def test_bench_compare_reports_the_interleaved_ratio(capsys):
     code = main(["bench", *TINY, "--quick", "--repeats", "3", "--mode", "train", "--json",
-                 "--compare", "checkpointing=none", "checkpointing=every-2,batch=3"])
+                 "--compare", "recompute=none", "recompute=every-2,batch=3"])
     rows = _json_lines(capsys.readouterr().out)
     assert code == 0
     a, b, ratio = rows
-    assert (a["checkpointing"], b["checkpointing"]) == (0, 2) and (a["batch"], b["batch"]) == (2, 3)
+    assert (a["recompute"], b["recompute"]) == (0, 2) and (a["batch"], b["batch"]) == (2, 3)
     assert ratio["bench"] == "dtx-compare" and ratio["rounds"] == 3
-    assert ratio["a"] == "checkpointing=none" and ratio["ratio"] > 0 and ratio["cpu_ratio"] > 0
+    assert ratio["a"] == "recompute=none" and ratio["ratio"] > 0 and ratio["cpu_ratio"] > 0
 
 
 def test_measurement_row_computes_mfu_against_the_peak(monkeypatch):
@@ -246,7 +260,8 @@ def test_measurement_row_computes_mfu_against_the_peak(monkeypatch):
     (["--repeats", "0"], ["--repeats"]),
     (["--compile", "fast"], ["--compile", "auto, on, off"]),
     (["--precision", "fp8"], ["--precision"]),
-    (["--checkpointing", "some"], ["--checkpointing"]),
+    (["--recompute", "some"], ["--recompute"]),
+    (["--checkpointing", "all"], ["--checkpointing", "renamed", "--recompute"]),
     (["--compare", "batch", "batch=2"], ["--compare", "key=value"]),
     (["--compare", "batch=0", "batch=2"], ["--compare batch", "positive"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),

@@ -1,5 +1,5 @@
 """Fast paths keep the numerics: fused adaLN modulate and gated residual equal the plain formulas (values and
-gradients), and the trainer's ``checkpoint_every`` and ``compile`` switches keep the loss curve of a plain run."""
+gradients), and the trainer's ``recompute`` and ``compile`` switches keep the loss curve of a plain run."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def _train(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_every_kth_block_checkpointing_keeps_the_loss_curve(tmp_path):
+def test_every_kth_block_recomputation_keeps_the_loss_curve(tmp_path):
     plain = _train(tmp_path, "plain")
-    every2 = _train(tmp_path, "every2", "activation_checkpointing=true", "checkpoint_every=2")
+    every2 = _train(tmp_path, "every2", "recompute=every-2")
     assert sorted(plain) == sorted(every2) == [1, 2, 3]
     assert all(math.isclose(plain[s], every2[s], rel_tol=1e-5) for s in plain)
 
@@ -76,7 +76,8 @@ def test_compiled_training_keeps_the_loss_curve(tmp_path):
     assert all(math.isclose(plain[s], compiled[s], rel_tol=1e-3) for s in plain)
 
 
-@pytest.mark.parametrize("override, key", [("checkpoint_every=0", "checkpoint_every"), ("compile=fast", "compile")])
+@pytest.mark.parametrize("override, key", [("recompute=sometimes", "recompute"), ("checkpoint_every=2", "recompute"),
+                                           ("compile=fast", "compile")])
 def test_bad_switches_are_one_line_errors(tmp_path, capsys, override, key):
     code = main(["train", "dit-digits", "--runner", "local", "--out", str(tmp_path / "r"), override])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtx: ")]

@@ -10,8 +10,8 @@ import torch
 
 from dtx.errors import ConfigError, ShapeError
 from dtx.layers import (AdaRMSNorm, Attention, AxialRoPE, CrossAttention, FourierFeatures, LabelEmbedder, LinearGEGLU,
-                        Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, make_axial_pos, modulate, sincos_1d_torch,
-                        sincos_2d, sincos_2d_torch, timestep_embedding, unpatchify)
+                        Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, frame_positions, grid_positions, make_axial_pos,
+                        modulate, sincos_1d_torch, sincos_2d, sincos_2d_torch, timestep_embedding, unpatchify)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -133,6 +133,21 @@ def test_sincos_1d_table():
             w = 10000 ** (-m / (dim / 2))
             assert t[0, p, m].item() == pytest.approx(math.sin(p * w), abs=1e-6)
             assert t[0, p, dim // 2 + m].item() == pytest.approx(math.cos(p * w), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positions_of_another_grid_or_length_follow_the_stored_tables_dtype(dtype):
+    stored = torch.full((1, 4 * 4, 8), 7.0, dtype=dtype)  # a model's table for a 4x4 grid (values only mark it)
+    assert grid_positions(stored, (4, 4), 4, 4) is stored
+    other = grid_positions(stored, (4, 4), 2, 8)  # same token count, another grid: built, not the stored one
+    assert other.dtype == dtype and other.shape == (1, 16, 8)
+    expected = torch.tensor([[math.sin(j * 10000 ** (-m / 2)) for m in range(2)] for i in range(2) for j in range(8)])
+    torch.testing.assert_close(other[0, :, :2].float(), expected.to(dtype).float())  # dims [0, D/4): sin(column)
+    frames = torch.full((1, 3, 8), 7.0, dtype=dtype)
+    assert frame_positions(frames, 3) is frames
+    five = frame_positions(frames, 5)
+    assert five.dtype == dtype and five.shape == (1, 5, 8)
+    torch.testing.assert_close(five[0, :, 0].float(), torch.tensor([math.sin(p) for p in range(5)]).to(dtype).float())
 
 
 # -- patch embedding (timm's PatchEmbed; DiT's FinalLayer and unpatchify) ----------------------------------------------

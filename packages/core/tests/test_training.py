@@ -109,9 +109,9 @@ def test_require_resume_without_checkpoint_is_an_error(tmp_path):
         run_local(cfg_for(tmp_path, "empty"), require_resume=True)
 
 
-def test_activation_checkpointing_keeps_the_loss_curve(tmp_path):
+def test_recomputation_keeps_the_loss_curve(tmp_path):
     plain = run_local(cfg_for(tmp_path, "plain", "max_steps=3"))
-    ckpt = run_local(cfg_for(tmp_path, "ckpt", "max_steps=3", "activation_checkpointing=true"))
+    ckpt = run_local(cfg_for(tmp_path, "ckpt", "max_steps=3", "recompute=all"))
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
     assert plain["step"] == ckpt["step"] == 3
     assert all(math.isclose(a[s], b[s], rel_tol=1e-5) for s in (1, 2, 3))

@@ -19,7 +19,7 @@ from torch import nn
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, per_sample_timesteps,
+from dtx.layers import (Attention, BlockStack, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, per_sample_timesteps,
                         sincos_2d_torch, unpatchify)
 
 
@@ -87,7 +87,7 @@ class TemplateViT(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, cfg.grid[0] * cfg.grid[1], d), persistent=False)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_torch(d, *cfg.grid))
-        self.blocks = nn.ModuleList([Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.blocks = BlockStack([Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])  # recompute switch
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_channels)
         nn.init.normal_(self.x_embedder.proj.weight, std=0.02)
@@ -117,7 +117,6 @@ class TemplateViT(nn.Module):
                 raise ShapeError(f"this TemplateViT has {self.num_classes} classes and needs labels y of shape [{b}]")
             tokens.append(self.y_embedder(y)[:, None])
         h = torch.cat([*tokens, self.x_embedder(x) + self.pos_embed.to(x.dtype)], dim=1)
-        for block in self.blocks:
-            h = block(h)
+        h = self.blocks(h)  # [B, n + T, D]
         h = self.head(self.norm(h[:, len(tokens):]))
         return unpatchify(h, self.config.patch_size, self.out_channels, *grid)

@@ -7,19 +7,17 @@ the original, latents may be non-square and of any size divisible by the patch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                        PatchGridConfig, TimestepEmbedder, check_label_range, dit_base_init, layer_norm,
+from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
+                        PatchGridConfig, TimestepEmbedder, check_label_range, dit_base_init, grid_positions, layer_norm,
                         per_sample_timesteps, sincos_2d_torch, unpatchify)
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
@@ -41,7 +39,7 @@ class DiTConfig(PatchGridConfig):
     class_dropout_prob: float = 0.1  # > 0 adds the null-class row used by classifier-free guidance
     learn_sigma: bool = True
     block: BlockType = "adaln-zero"
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute every block's activations in the backward pass
 
     def validate(self) -> "DiTConfig":
         self.validate_grid()
@@ -103,9 +101,6 @@ class InContextBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-_sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
-
-
 # -- model -------------------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
@@ -133,7 +128,6 @@ class DiT(nn.Module):
         self.num_classes = cfg.num_classes
         self.block_type = cfg.block
         self.grid_size = cfg.grid
-        self.gradient_checkpointing = cfg.grad_checkpointing
 
         self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -146,7 +140,7 @@ class DiT(nn.Module):
             blocks = [CrossAttentionBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
         else:
             blocks = [InContextBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = BlockStack(blocks, recompute_every=int(cfg.grad_checkpointing))
         self.final_layer = FinalLayer(d, p, self.out_channels, modulated=cfg.block in ("adaln-zero", "adaln"))
         self.initialize_weights()
 
@@ -181,12 +175,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
-        """The stored table at the configured grid; the same sin-cos construction for any other grid."""
-        if (grid_h, grid_w) == self.grid_size:
-            return self.pos_embed
-        return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=self.pos_embed.dtype)
-
     def _label_embedding(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
         if self.y_embedder is None:  # unconditional model: labels, if any, are ignored
             return None
@@ -205,7 +193,7 @@ class DiT(nn.Module):
         n = x.shape[0]
         h = self.x_embedder(x)
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        h = h + self._pos_embed(grid_h, grid_w, h)
+        h = h + grid_positions(self.pos_embed, self.grid_size, grid_h, grid_w)
         t_emb = self.t_embedder(per_sample_timesteps(t, n, x.device, "DiT"))
         y_emb = self._label_embedding(y, n, x.device)
         c = t_emb if y_emb is None else t_emb + y_emb
@@ -217,11 +205,7 @@ class DiT(nn.Module):
             cond = torch.stack(cond_tokens, dim=1)
         else:
             cond = c
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, cond, use_reentrant=False)
-            else:
-                h = block(h, cond)
+        h = self.blocks(h, cond)
         if self.block_type == "in-context":
             h = h[:, : grid_h * grid_w]
         h = self.final_layer(h, c)

@@ -18,13 +18,12 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dtx.attention import attention, neighborhood_attention
 from dtx.config import check
 from dtx.errors import ConfigError, ShapeError
 from dtx.layers import (AdaRMSNorm, AxialRoPE, FourierFeatures, Linear, LinearGEGLU, RMSNorm, apply_rotary,
-                        check_label_range, make_axial_pos)
+                        check_label_range, make_axial_pos, recomputed)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
@@ -107,12 +106,6 @@ def shifted_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = attention(windows(q), windows(k), windows(v), mask=mask, scale=scale)
     out = out.reshape(b, n_h, n_w, nh, window, window, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, h, w, nh, -1)
     return torch.roll(out, shifts=(-shift, -shift), dims=(1, 2)) if shift else out
-
-
-def _maybe_checkpoint(enabled: bool, fn: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 # -- configuration: attention and level specs -------------------------------------------------------------------
@@ -412,8 +405,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.self_attn is not None:
-            x = _maybe_checkpoint(self.checkpointing, self.self_attn, x, pos, cond)
-        return _maybe_checkpoint(self.checkpointing, self.ff, x, cond)
+            x = recomputed(self.self_attn, x, pos, cond, enabled=self.checkpointing)
+        return recomputed(self.ff, x, cond, enabled=self.checkpointing)
 
 
 class Level(nn.ModuleList):
@@ -618,6 +611,15 @@ class HDiT(nn.Module):
         for i, level in enumerate(self.up_levels):
             if i in chosen:
                 level.set_checkpointing(enable)
+
+    def set_recompute(self, every: int) -> None:
+        """The core's recomputation switch: every ``every``-th layer in forward order (down levels, middle, up levels)
+        recomputes its attention and feed-forward blocks in the backward (0: none, 1: all)."""
+        if every < 0:
+            raise ConfigError(f"recompute every {every} layers: must be >= 0 (0 none, 1 every layer)")
+        layers = [layer for level in [*self.down_levels, self.mid_level, *self.up_levels] for layer in level]
+        for i, layer in enumerate(layers):
+            layer.checkpointing = every > 0 and i % every == 0
 
     # -- forward -------------------------------------------------------------------------------------------------
 

@@ -38,7 +38,6 @@ the spatial layout between blocks.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,15 +47,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dtx.attention import attention
 from dtx.config import check
 from dtx.diffusion.guidance import combine_guidance
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, AxialRoPE, FinalLayer, LabelEmbedder, Linear, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, apply_rotary, check_label_range, dit_base_init, layer_norm, make_axial_pos,
-                        modulate, per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, AxialRoPE, BlockStack, FinalLayer, LabelEmbedder, Linear, Mlp, PatchEmbed,
+                        PatchGridConfig, TimestepEmbedder, apply_rotary, check_label_range, dit_base_init,
+                        grid_positions, layer_norm, make_axial_pos, modulate, per_sample_timesteps, rope_angles,
+                        sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Injection = Literal["adaln", "tokens"]
 PatchEmbedding = Literal["uniform", "tubelet"]
@@ -416,7 +415,6 @@ class TubeletEmbed(nn.Module):
         return rearrange(x, "b d f h w -> (b f) (h w) d", b=b)  # [(B F/s), t, D]
 
 
-_sincos_2d = functools.lru_cache(maxsize=16)(sincos_2d_torch)
 
 
 def interpolate_temp_embed(table: torch.Tensor, frames: int) -> torch.Tensor:
@@ -452,7 +450,6 @@ class Latte(nn.Module):
         self.num_frames = cfg.num_frames
         self.use_image_num = cfg.use_image_num
         self.grid_size = cfg.grid
-        self.gradient_checkpointing = cfg.grad_checkpointing
         self._warned_frames: set[int] = set()
 
         if cfg.patch_embed == "tubelet":
@@ -468,7 +465,8 @@ class Latte(nn.Module):
         else:
             self.temp_embed = None
         self.block_specs = block_layout(cfg.variant, cfg.depth)
-        self.blocks = nn.ModuleList([spec.build(cfg) for spec in self.block_specs])
+        self.blocks = BlockStack([spec.build(cfg) for spec in self.block_specs],
+                                 recompute_every=int(cfg.grad_checkpointing))
         self.first_temporal = next(i for i, spec in enumerate(self.block_specs) if spec.temporal)
         self.final_layer = FinalLayer(d, p, self.out_channels, modulated=cfg.injection == "adaln")
         if cfg.patch_embed == "tubelet":
@@ -522,12 +520,6 @@ class Latte(nn.Module):
                 self.temporal_upsample.bias.zero_()
 
     # -- inputs ----------------------------------------------------------------------------------------------------
-
-    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
-        """The stored table at the configured grid; the same sin-cos construction for any other grid."""
-        if (grid_h, grid_w) == self.grid_size:
-            return self.pos_embed
-        return _sincos_2d(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=self.pos_embed.dtype)
 
     def _spatial_angles(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
         """Axial rotary angles [heads, grid_h * grid_w, head_dim / 4] of the patch grid (None: absolute table)."""
@@ -600,7 +592,7 @@ class Latte(nn.Module):
         grid_h, grid_w = x.shape[-2] // p, x.shape[-1] // p
         h = self._embed(x)  # [(B F), t, D]
         if self.spatial_rope is None:
-            h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), t, D]
+            h = h + grid_positions(self.pos_embed, self.grid_size, grid_h, grid_w)  # [(B F), t, D]
         frames = h.shape[0] // b - images  # token frames of the clip
         tokens = h.shape[1]
 
@@ -631,12 +623,8 @@ class Latte(nn.Module):
                      rope_s=self._spatial_angles(grid_h, grid_w, x.device),
                      temp_embed=self.temporal_table(frames))
 
-        for i, block in enumerate(self.blocks):
-            add_temp = i == self.first_temporal
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, lay, add_temp, use_reentrant=False)  # [(B F), t, D]
-            else:
-                h = block(h, lay, add_temp)  # [(B F), t, D]
+        for i in range(len(self.blocks)):
+            h = self.blocks.call(i, h, lay, i == self.first_temporal)  # [(B F), t, D]
         h = self.final_layer(h, c_s)  # [(B F), t, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         if self.temporal_upsample is None:

@@ -53,6 +53,14 @@ def _allowed(schema: Any, dotted: str) -> str:
     return f"{hint}; allowed keys here: {', '.join(names)}"
 
 
+def _renamed(schema: Any, dotted: str) -> str:
+    """The key that replaced ``dotted`` where its section declares one (a ``renamed_keys`` class mapping), else ""."""
+    parts = dotted.split(".")
+    node = _dataclass_at(schema, parts[:-1])
+    new = getattr(node, "renamed_keys", {}).get(parts[-1]) if node is not None else None
+    return ".".join(parts[:-1] + [new]) if new else ""
+
+
 def _literal_values(schema: Any, dotted: str) -> str:
     """The allowed values of a Literal-typed field, as a comma-separated list ("" for other fields)."""
     parts = dotted.split(".")
@@ -67,6 +75,9 @@ def _wrap(exc: OmegaConfBaseException, schema: Any) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
     if isinstance(exc, ConfigKeyError):
+        renamed = _renamed(schema, key)
+        if renamed:
+            return ConfigError(f"config key {key!r} was renamed: use {renamed!r}")
         return ConfigError(f"unknown config key {key!r}{_allowed(schema, key)}")
     if isinstance(exc, MissingMandatoryValue) and key:
         return ConfigError(f"missing value for required config key {key!r}")

@@ -31,20 +31,18 @@ Shapes: T2I ``x`` [B, C, H, W] (``GenTron``, ``channel_dim`` 1); T2V ``x`` [B, F
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dtx.config import check
 from dtx.errors import ConfigError, ShapeError
-from dtx.layers import (AdaLNBlock, Attention, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, dit_base_init, layer_norm, per_sample_timesteps, rope_angles,
-                        sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
+                        TimestepEmbedder, dit_base_init, frame_positions, grid_positions, layer_norm,
+                        per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Conditioning = Literal["cross-attention", "adaln"]
 TemporalPos = Literal["rope", "sincos", "rope+sincos", "none"]
@@ -177,8 +175,6 @@ class GenTronBlock(AdaLNBlock):
         return super().forward(x, c, between=lambda h: self._between(h, text, frames))
 
 
-_sincos_table = functools.lru_cache(maxsize=16)(sincos_2d_torch)
-_frame_table = functools.lru_cache(maxsize=16)(sincos_1d_torch)
 
 
 # -- model -------------------------------------------------------------------------------------------------------------
@@ -212,12 +208,11 @@ class GenTron(nn.Module):
         else:
             self.null_context = self.null_context_2 = None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
-        frame_pos = (_frame_table(d, cfg.num_frames)[0].clone()
-                     if cfg.num_frames > 0 and "sincos" in cfg.temporal_pos else None)
-        self.register_buffer("frame_pos", frame_pos, persistent=False)  # [F, D]; not in checkpoints
-        self.blocks = nn.ModuleList([GenTronBlock(cfg, temporal=cfg.num_frames > 0) for _ in range(cfg.depth)])
+        frame_pos = sincos_1d_torch(d, cfg.num_frames) if cfg.num_frames > 0 and "sincos" in cfg.temporal_pos else None
+        self.register_buffer("frame_pos", frame_pos, persistent=False)  # [1, F, D]; not in checkpoints
+        self.blocks = BlockStack([GenTronBlock(cfg, temporal=cfg.num_frames > 0) for _ in range(cfg.depth)],
+                                 recompute_every=int(cfg.grad_checkpointing))
         self.final_layer = FinalLayer(d, p, self.out_channels)
-        self.gradient_checkpointing = cfg.grad_checkpointing
         self.initialize_weights()
 
     @property
@@ -262,11 +257,6 @@ class GenTron(nn.Module):
             out["context_2"] = torch.zeros(batch, n, cfg.context_dim_2, device=device)
             out["context_mask_2"] = torch.ones(batch, n, dtype=torch.bool, device=device)
         return out
-
-    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
-        if (grid_h, grid_w) == self.grid_size:
-            return self.pos_embed
-        return _sincos_table(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=like.dtype)
 
     def _text(self, context: torch.Tensor | None, mask: torch.Tensor | None, null_param: torch.Tensor | None,
               text_null: torch.Tensor | None, width: int, b: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,20 +398,17 @@ class GenTron(nn.Module):
         clips = rearrange(x, "b f c h w -> (b f) c h w") if video else x  # [(B F), C, H, W]
         grid_h, grid_w = clips.shape[-2] // p, clips.shape[-1] // p
         h = self.x_embedder(clips)  # [(B F), N, D]
-        h = h + self._pos_embed(grid_h, grid_w, h)  # [(B F), N, D]
+        h = h + grid_positions(self.pos_embed, self.grid_size, grid_h, grid_w)  # [(B F), N, D]
         layout = None
         if video:
             c = repeat(c, "b d -> (b f) d", f=x.shape[1])  # [(B F), D]
-            pos = self.frame_pos if self.frame_pos is not None and x.shape[1] == self.frame_pos.shape[0] else None
+            pos = None if self.frame_pos is None else frame_positions(self.frame_pos, x.shape[1])[0]  # [F, D]
             layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device, pos)
         stride = 2 if texts[1] is not None else 1
-        for i, block in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             text = texts[i % stride]
             text = None if text is None else text.at(i // stride)  # this block's caption or K/V [B, L, 2D]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, text, layout, use_reentrant=False)  # [(B F), N, D]
-            else:
-                h = block(h, c, text, layout)  # [(B F), N, D]
+            h = self.blocks.call(i, h, c, text, layout)  # [(B F), N, D]
         h = self.final_layer(h, c)  # [(B F), N, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         return rearrange(out, "(b f) c h w -> b f c h w", b=b) if video else out  # [B, (F,) out, H, W]
@@ -445,7 +432,7 @@ def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: t
     if "sincos" not in cfg.temporal_pos:
         pos = None
     elif pos is None:
-        pos = _frame_table(cfg.hidden_size, f)[0].to(device)  # [F, D]
+        pos = sincos_1d_torch(cfg.hidden_size, f)[0].to(device)  # [F, D]
     mask = None
     if motion_free is not None:
         free = torch.as_tensor(motion_free, device=device).bool().reshape(-1)

@@ -21,7 +21,6 @@ Timestep features are DiT's (divisor 128), which is also what diffusers' PixArt 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +31,9 @@ from torch import nn
 from dtx.attention import attention
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, dit_base_init,
-                        layer_norm, modulate, per_sample_timesteps, sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, BlockStack, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder,
+                        dit_base_init, frame_positions, grid_positions, layer_norm, modulate, per_sample_timesteps,
+                        sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 
 @dataclass
@@ -142,7 +142,6 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-_sincos_2d = functools.lru_cache(maxsize=16)(sincos_2d_torch)
 
 
 class PixArt(nn.Module):
@@ -161,16 +160,16 @@ class PixArt(nn.Module):
         self.in_channels, self.out_channels, self.learn_sigma = cfg.in_channels, cfg.out_channels, cfg.learn_sigma
         self.patch_size, self.grid_size = p, cfg.grid
         self.context_dim = cfg.context_dim
-        self.gradient_checkpointing = cfg.grad_checkpointing
         self.x_embedder = PatchEmbed(p, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         self.y_embedder = CaptionEmbedder(cfg.context_dim, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
-        self.blocks = nn.ModuleList([PixArtBlock(d, cfg.num_heads, cross=True) for _ in range(cfg.depth)])
+        every = int(cfg.grad_checkpointing)
+        self.blocks = BlockStack([PixArtBlock(d, cfg.num_heads, cross=True) for _ in range(cfg.depth)], every)
         video = cfg.num_frames > 0
-        self.temporal_blocks = (nn.ModuleList([PixArtBlock(d, cfg.num_heads, cross=False) for _ in range(cfg.depth)])
-                                if video else None)
+        self.temporal_blocks = (BlockStack([PixArtBlock(d, cfg.num_heads, cross=False)
+                                            for _ in range(cfg.depth)], every) if video else None)
         if video:
             self.register_buffer("temp_pos_embed", sincos_1d_torch(d, cfg.num_frames), persistent=False)
         self.final_layer = T2IFinalLayer(d, p, self.out_channels)
@@ -201,16 +200,6 @@ class PixArt(nn.Module):
         return {"context": torch.zeros(batch, n, self.context_dim, device=device),
                 "context_mask": torch.ones(batch, n, dtype=torch.bool, device=device)}
 
-    def _pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
-        if (grid_h, grid_w) == self.grid_size:
-            return self.pos_embed
-        return _sincos_2d(self.config.hidden_size, grid_h, grid_w).to(device=like.device, dtype=like.dtype)
-
-    def _temp_pos_embed(self, frames: int, like: torch.Tensor) -> torch.Tensor:
-        if frames == self.temp_pos_embed.shape[1]:
-            return self.temp_pos_embed.to(like.dtype)
-        return sincos_1d_torch(self.config.hidden_size, frames).to(device=like.device, dtype=like.dtype)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W] (text-to-video: [B, F, C, H, W]); t: [B] timesteps; context [B, L, context_dim] encoder
@@ -231,7 +220,7 @@ class PixArt(nn.Module):
         p = self.patch_size
         grid_h, grid_w = clips.shape[-2] // p, clips.shape[-1] // p
         h = self.x_embedder(clips)  # [(B F), N, D]
-        h = h + self._pos_embed(grid_h, grid_w, h)
+        h = h + grid_positions(self.pos_embed, self.grid_size, grid_h, grid_w)  # [(B F), N, D]
         t_emb = self.t_embedder(per_sample_timesteps(t, b, x.device, type(self).__name__))  # [B, D]
         t0 = self.t_block(t_emb)  # [B, 6D]
         text = self.y_embedder(context)  # [B, L, D]
@@ -242,22 +231,17 @@ class PixArt(nn.Module):
             text_s = repeat(text, "b l d -> (b f) l d", f=frames)
             mask_s = None if context_mask is None else repeat(context_mask, "b l -> (b f) l", f=frames)
             t0_t = repeat(t0, "b d -> (b n) d", n=grid_h * grid_w)
-        for i, block in enumerate(self.blocks):
-            h = self._run(block, h, t0_s, text_s, mask_s)  # [(B F), N, D]
+        for i in range(len(self.blocks)):
+            h = self.blocks.call(i, h, t0_s, text_s, mask_s)  # [(B F), N, D]
             if video:
                 h = rearrange(h, "(b f) n d -> (b n) f d", b=b)  # [(B N), F, D]
                 if i == 0 and frames > 1:
-                    h = h + self._temp_pos_embed(frames, h)
-                h = self._run(self.temporal_blocks[i], h, t0_t)
+                    h = h + frame_positions(self.temp_pos_embed, frames)  # [(B N), F, D]
+                h = self.temporal_blocks.call(i, h, t0_t)  # [(B N), F, D]
                 h = rearrange(h, "(b n) f d -> (b f) n d", b=b)  # [(B F), N, D]
         t_final = repeat(t_emb, "b d -> (b f) d", f=frames) if video else t_emb
         out = unpatchify(self.final_layer(h, t_final), p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         return rearrange(out, "(b f) c h w -> b f c h w", b=b) if video else out
-
-    def _run(self, block: PixArtBlock, h: torch.Tensor, *args: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, h, *args, use_reentrant=False)
-        return block(h, *args)
 
 
 class PixArtT2V(PixArt):

@@ -23,7 +23,7 @@ from ..config import parse_device
 from ..errors import ConfigError
 
 MODES = ("forward", "train")
-SETUP_KEYS = ("batch", "input_size", "frames", "precision", "compile", "checkpointing")
+SETUP_KEYS = ("batch", "input_size", "frames", "precision", "compile", "recompute")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Setup:
     frames: int | None = None
     precision: str = "auto"
     compile: str = "auto"
-    checkpointing: int = 0
+    recompute: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
@@ -49,8 +49,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16 "
                                                          "(autocast)")
     p.add_argument("--compile", default="auto", help="auto (on for CUDA), on or off: torch.compile of the model")
-    p.add_argument("--checkpointing", default="none",
-                   help="activation checkpointing: none, all, or every-K (every K-th block)")
+    p.add_argument("--recompute", default="none",
+                   help="recompute activations in the backward: none, all, or every-K (every K-th block)")
+    p.add_argument("--checkpointing", help=argparse.SUPPRESS)  # renamed: refused with the new name
     p.add_argument("--mode", choices=("forward", "train", "both"), default="both")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -59,7 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, one warm-up, one timed call")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="two configurations timed interleaved, e.g. compile=off compile=on or "
-                        "'checkpointing=none' 'checkpointing=all,batch=16'")
+                        "'recompute=none' 'recompute=all,batch=16'")
     p.add_argument("--json", action="store_true", help="only the JSON lines, no table")
 
 
@@ -83,7 +84,7 @@ def _precision(value: str, option: str) -> str:
 
 def _setup_value(key: str, value: Any, option: str) -> Any:
     from ..training.compile import check_compile_mode
-    from ..training.model_setup import checkpoint_policy
+    from ..layers.blocks import recompute_policy
     from .flops import _input_size
 
     if key in ("batch", "frames"):
@@ -94,7 +95,7 @@ def _setup_value(key: str, value: Any, option: str) -> Any:
         return _precision(str(value), option)
     if key == "compile":
         return check_compile_mode(value, option)
-    return checkpoint_policy(value, option)
+    return recompute_policy(value, option)
 
 
 def parse_config(text: str, base: Setup, option: str = "--compare") -> Setup:
@@ -175,20 +176,20 @@ def _random_inputs(model: Any, batch: int) -> tuple[tuple[Any, ...], dict[str, A
 
 
 def build_workload(name: str, base_options: dict[str, Any], setup: Setup, device: Any) -> Workload:
-    """The model of ``setup`` on ``device`` (checkpointing, compile, precision applied), its cost, and its calls."""
+    """The model of ``setup`` on ``device`` (recomputation, compile, precision applied), its cost, and its calls."""
     import torch
 
     from ..costs import model_cost, size_overrides
     from ..interface import interface_of
     from ..models import create_model
     from ..training.compile import compile_model
-    from ..training.model_setup import enable_activation_checkpointing
+    from ..layers.blocks import set_recompute
 
     overrides = {**base_options, **setup.options, **size_overrides(name, setup.input_size, setup.frames)}
     cost = model_cost(name, **overrides)
     torch.manual_seed(0)
     model = create_model(name, **overrides).to(device)
-    enable_activation_checkpointing(model, setup.checkpointing)
+    set_recompute(model, setup.recompute)
     runner, reason = compile_model(model, setup.compile, device)
     precision = setup.precision if setup.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     args, kwargs = _random_inputs(model, setup.batch)
@@ -239,7 +240,7 @@ def measurement_row(name: str, work: Workload, mode: str, times: list[tuple[floa
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": s.batch, "input_shape": work.input_shape,
         "precision": work.precision, "compile": "on" if work.compiled else "off", "eager_reason": work.eager_reason,
-        "checkpointing": s.checkpointing, "options": s.options, "warmup": warmup, "repeats": len(times),
+        "recompute": s.recompute, "options": s.options, "warmup": warmup, "repeats": len(times),
         "ms": round(wall, 3), "cpu_ms": round(cpu, 3), "samples_per_s": round(s.batch / (wall / 1e3), 3),
         "peak_mem_mb": round(peak_mb, 1), "gflops_per_sample": per_sample / 1e9, "flops_method": work.flops_method,
         "tflops": achieved_tflops(flops, wall / 1e3)}
@@ -276,10 +277,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmarking import device_sync, interleaved, peak_memory_mb, round_ratio
     from ..training.compile import check_compile_mode
-    from ..training.model_setup import checkpoint_policy
+    from ..layers.blocks import recompute_policy
     from .flops import _input_size, _overrides
 
     # every check first: nothing is built before the input is known to be good
+    if args.checkpointing is not None:
+        raise ConfigError("--checkpointing was renamed: use --recompute (none, all or every-K)")
     device = parse_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(_positive(args.threads, "--threads"))
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     base = Setup(batch=batch, input_size=_input_size(args.input_size), frames=args.frames,
                  precision=_precision(args.precision, "--precision"),
                  compile=check_compile_mode(args.compile, "--compile"),
-                 checkpointing=checkpoint_policy(args.checkpointing, "--checkpointing"),
+                 recompute=recompute_policy(args.recompute, "--recompute"),
                  options=_overrides(args.set or []))
     setups = [parse_config(a, base) for a in args.compare] if args.compare else [base]
     modes = list(MODES) if args.mode == "both" else [args.mode]

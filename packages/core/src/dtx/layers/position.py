@@ -1,6 +1,9 @@
-"""Fixed sin-cos position tables (MAE/DiT convention), 1D and 2D, for any grid shape."""
+"""Fixed sin-cos position tables (MAE/DiT convention), 1D and 2D, for any grid shape, and the one rule by which a
+model with a stored table adds positions to a grid or clip of another size."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -37,3 +40,24 @@ def sincos_2d_torch(dim: int, grid_h: int, grid_w: int | None = None) -> torch.T
 def sincos_1d_torch(dim: int, length: int) -> torch.Tensor:
     """1D table over positions 0..length-1 as a float32 tensor of shape [1, length, dim] (Latte temporal table)."""
     return torch.from_numpy(sincos_1d(dim, np.arange(length, dtype=np.float32))).float().unsqueeze(0)
+
+
+_table_2d = functools.lru_cache(maxsize=32)(sincos_2d_torch)
+_table_1d = functools.lru_cache(maxsize=32)(sincos_1d_torch)
+
+
+def grid_positions(stored: torch.Tensor, stored_grid: tuple[int, int], grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, grid_h * grid_w, D] positions of a token grid: the model's ``stored`` table at its own ``stored_grid``,
+    the same sin-cos construction (cached) at any other, always in the stored table's dtype and on its device, so
+    the result's dtype never depends on the grid."""
+    if (grid_h, grid_w) == tuple(stored_grid):
+        return stored
+    return _table_2d(stored.shape[-1], grid_h, grid_w).to(device=stored.device, dtype=stored.dtype)
+
+
+def frame_positions(stored: torch.Tensor, frames: int) -> torch.Tensor:
+    """[1, frames, D] sin-cos positions of a clip's frames: ``stored`` when it has that length, else the table built
+    for ``frames`` (cached), in the stored table's dtype and on its device."""
+    if stored.shape[-2] == frames:
+        return stored
+    return _table_1d(stored.shape[-1], frames).to(device=stored.device, dtype=stored.dtype)

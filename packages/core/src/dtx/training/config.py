@@ -7,10 +7,11 @@ saved in the run folder and inside every checkpoint so that ``dtx sample`` can r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 from ..conditioning import MAX_SAMPLES, ConditioningConfig, GuidanceStep
 from ..config import check, check_finite, load_config
+from ..layers.blocks import recompute_policy
 from ..diffusion.gaussian import MAX_DIFFUSION_STEPS
 
 
@@ -133,14 +134,16 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; on CPU as cpu_bf16 says
     cpu_bf16: Union[bool, str] = "auto"  # with precision bf16, autocast on CPU too; auto: where it has native bf16
     tf32: bool = True
-    activation_checkpointing: bool = False
-    checkpoint_every: int = 1  # with activation_checkpointing: recompute every k-th transformer block (1: all)
+    recompute: Union[int, str] = "none"  # recompute activations in the backward: none, all, every-K (or K) blocks
     compile: Optional[bool] = None  # torch.compile the model (eager fallback); null: on CUDA only
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 3
     milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+    #: keys of earlier versions and the key that replaced each (refused in recipes, translated in stored configs)
+    renamed_keys: ClassVar[dict[str, str]] = {"activation_checkpointing": "recompute", "checkpoint_every": "recompute"}
 
     def validate(self) -> None:
         """Types come from the schema; here: every float finite, ranges, and rules between fields. Rules that need
@@ -178,7 +181,7 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.milestone_every >= 0, "milestone_every", "must be >= 0 (0 keeps no milestones)")
         check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
-        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (1: every block)")
+        recompute_policy(self.recompute, "recompute")
         check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
         check(self.sample.every >= 0, "sample.every", "must be >= 0")
         check(1 <= self.sample.n_per_class <= MAX_SAMPLES, "sample.n_per_class",
@@ -213,4 +216,16 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
-    return load_train_config(d, list(overrides))
+    """The config a run or checkpoint stored (earlier versions' renamed keys translated), with ``overrides``."""
+    return load_train_config(upgrade_stored(d), list(overrides))
+
+
+def upgrade_stored(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the keys of earlier versions in today's form: ``activation_checkpointing`` and
+    ``checkpoint_every`` become ``recompute``."""
+    if not any(k in d for k in TrainConfig.renamed_keys):
+        return d
+    d = dict(d)
+    on, every = d.pop("activation_checkpointing", False), d.pop("checkpoint_every", 1)
+    d.setdefault("recompute", int(every) if on else "none")
+    return d

@@ -23,6 +23,7 @@ from ..config import to_yaml
 from ..cpu import ThreadGovernor, cpu_info, requested_threads, resolve_cpu_bf16
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io import atomic_write_text, refuse_link
+from ..layers.blocks import recompute_policy, set_recompute
 from ..models import create_model, load_state_dict_strict, model_spec
 from ..preemption import stop_on_signals
 from .checks import check_resume, check_run, check_sampler, data_classes
@@ -34,7 +35,7 @@ from .ema import EMA
 from .guards import check_update
 from .lock import RunLock
 from .metrics import MetricsLog, plot_loss
-from .model_setup import build_run_data, enable_activation_checkpointing, model_overrides
+from .model_setup import build_run_data, model_overrides
 from .objectives import Objective, build_objective
 from .optim import build_optimizer, lr_at, set_lr
 from .sampling import SamplingSetup, generate, write_samples
@@ -105,8 +106,7 @@ class Trainer:
                 print(report.summary(), file=sys.stderr, flush=True)
         self.stage = ConditioningStage.build(cfg.conditioning, model, self.info).to(self.device)
         self.ema = EMA(model, cfg.ema)
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(model, cfg.checkpoint_every)
+        set_recompute(model, recompute_policy(cfg.recompute))
         self.raw = model.to(self.device)
         self.ema.model.to(self.device)
         wrapped = ctx.prepare_model(self.raw)  # before the optimizer: FSDP replaces the parameters by their shards
