@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compare", action="store_true", help="eager vs compiled, interleaved, with their ratio")
-    p.add_argument("--checkpointing", default="none")
+    p.add_argument("--recompute", default="none", help="activation recomputation: none, all or every-K")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_mfu.py: error: needs a CUDA device", file=sys.stderr)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     argv = ["bench", args.model, "--device", "cuda", "--precision", "bf16", "--batch", str(args.batch),
             "--input-size", "32", "--warmup", "3", "--repeats", str(args.repeats), "--mode", "train",
-            "--checkpointing", args.checkpointing]
+            "--recompute", args.recompute]
     argv += ["--compare", "compile=off", "compile=on"] if args.compare else ["--compile", "on"]
     return dtx_main(argv)
 
