@@ -345,3 +345,27 @@ def test_mlp_default_is_tanh_gelu():
     h = x @ mlp.fc1.weight.T + mlp.fc1.bias
     tanh_gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
     torch.testing.assert_close(mlp(x), tanh_gelu @ mlp.fc2.weight.T + mlp.fc2.bias, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("change, key", [({"in_channels": 0}, "in_channels"), ({"depth": 0}, "depth"),
+                                         ({"num_heads": 5}, "num_heads"), ({"hidden_size": 6, "num_heads": 3},
+                                                                           "hidden_size"),
+                                         ({"mlp_ratio": 0.0}, "mlp_ratio"), ({"input_size": 7}, "input_size")])
+def test_validate_transformer_names_the_bad_key(change, key):
+    import dataclasses
+
+    from dtx.layers import PatchGridConfig
+
+    @dataclasses.dataclass
+    class Config(PatchGridConfig):
+        input_size: int = 8
+        patch_size: int = 2
+        in_channels: int = 3
+        depth: int = 2
+        hidden_size: int = 32
+        num_heads: int = 4
+        mlp_ratio: float = 4.0
+
+    Config().validate_transformer()
+    with pytest.raises(ConfigError, match=key):
+        Config(**change).validate_transformer()

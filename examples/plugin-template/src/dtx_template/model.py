@@ -37,12 +37,7 @@ class TemplateConfig(PatchGridConfig):
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 plus the null label num_classes
 
     def validate(self) -> "TemplateConfig":
-        self.validate_grid()
-        check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
-        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        check(self.hidden_size % 4 == 0, "hidden_size", f"must be divisible by 4, got {self.hidden_size}")
-        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.validate_transformer()  # grid, channels, depth, heads, width, mlp_ratio
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         return self
 

@@ -42,14 +42,7 @@ class DiTConfig(PatchGridConfig):
     grad_checkpointing: bool = False  # recompute every block's activations in the backward pass
 
     def validate(self) -> "DiTConfig":
-        self.validate_grid()
-        check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
-        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        check(self.hidden_size % 4 == 0, "hidden_size",
-              f"must be divisible by 4 for the 2D sin-cos position table, got {self.hidden_size}")
-        check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        self.validate_transformer()
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob",
               f"must be in [0, 1), got {self.class_dropout_prob}")

@@ -107,20 +107,13 @@ class LatteConfig(PatchGridConfig):
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     def validate(self) -> "LatteConfig":
-        self.validate_grid()
-        check(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
+        self.validate_transformer()
         check(self.variant in VARIANTS, "variant", f"must be 1, 2, 3 or 4, got {self.variant!r}")
-        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         check(self.variant not in (1, 2) or self.depth % 2 == 0, "depth",
               f"variant {self.variant} pairs spatial and temporal blocks, so depth must be even, got {self.depth}")
-        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         check(self.variant != 4 or self.num_heads % 2 == 0, "num_heads",
               f"variant 4 splits the heads in half (spatial, temporal), so num_heads must be even, "
               f"got {self.num_heads}")
-        check(self.hidden_size % 4 == 0, "hidden_size",
-              f"must be divisible by 4 for the 2D sin-cos position table, got {self.hidden_size}")
-        check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         check(self.num_frames >= 1, "num_frames", f"must be >= 1, got {self.num_frames}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob",

@@ -58,13 +58,9 @@ class PixArtConfig(PatchGridConfig):
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     def validate(self) -> "PixArtConfig":
-        self.validate_grid()
-        for name in ("in_channels", "depth", "context_dim", "text_length"):
+        self.validate_transformer()
+        for name in ("context_dim", "text_length"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        check(self.hidden_size % 4 == 0, "hidden_size",
-              f"must be divisible by 4 for the 2D sin-cos position table, got {self.hidden_size}")
         check(self.num_frames >= 0, "num_frames", f"must be >= 0 (0 = text-to-image), got {self.num_frames}")
         return self
 

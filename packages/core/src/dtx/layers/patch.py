@@ -60,7 +60,9 @@ def unpatchify(x: torch.Tensor, patch_size: int | tuple[int, int], channels: int
 
 class PatchGridConfig:
     """Mixin of a model config dataclass with ``input_size`` (side or [height, width]) and ``patch_size``: the input
-    size as (H, W), the token grid, and the checks every patchifying model runs on them."""
+    size as (H, W), the token grid, and the checks every patchifying model runs on them (``validate_grid``) and
+    every patch transformer with ``in_channels``, ``depth``, ``hidden_size``, ``num_heads`` (and ``mlp_ratio``)
+    runs on those (``validate_transformer``)."""
 
     input_size: Any
     patch_size: int
@@ -90,6 +92,23 @@ class PatchGridConfig:
         check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
         check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
               "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+
+
+    def validate_transformer(self) -> None:
+        """``validate_grid`` plus: at least one input channel and one block, heads dividing the width, a width the
+        2D sin-cos table can split in four, a positive MLP ratio (ConfigError naming the key)."""
+        from ..config import check
+
+        self.validate_grid()
+        cfg: Any = self
+        check(cfg.in_channels >= 1, "in_channels", f"must be >= 1, got {cfg.in_channels}")
+        check(cfg.depth >= 1, "depth", f"must be >= 1, got {cfg.depth}")
+        check(cfg.num_heads >= 1 and cfg.hidden_size % cfg.num_heads == 0, "num_heads",
+              f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+        check(cfg.hidden_size % 4 == 0, "hidden_size",
+              f"must be divisible by 4 for the 2D sin-cos position table, got {cfg.hidden_size}")
+        mlp_ratio = getattr(cfg, "mlp_ratio", 1.0)
+        check(mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {mlp_ratio}")
 
 
 def per_sample_timesteps(t: torch.Tensor | float, n: int, device: torch.device, model: str = "model") -> torch.Tensor:
