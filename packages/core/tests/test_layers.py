@@ -322,6 +322,33 @@ def test_attention_module_qkv_layout():
         Attention(10, 4)
 
 
+def test_attention_with_context_tokens_as_extra_keys_and_values():
+    dim, heads = 8, 2
+    attn = Attention(dim, heads).double()
+    x = torch.randn(2, 5, dim, generator=gen(13), dtype=torch.float64)
+    ctx = torch.randn(2, 3, dim, generator=gen(14), dtype=torch.float64)
+
+    def split(t: torch.Tensor, i: int) -> torch.Tensor:  # i-th third of the qkv rows, by head
+        qkv = t @ attn.qkv.weight.T + attn.qkv.bias
+        return qkv[..., i * dim:(i + 1) * dim].reshape(*t.shape[:2], heads, dim // heads)
+
+    k = torch.cat([split(x, 1), split(ctx, 1)], dim=1)  # keys of the tokens, then of the context
+    v = torch.cat([split(x, 2), split(ctx, 2)], dim=1)
+    expected = _naive_mha(split(x, 0), k, v) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x, context=ctx), expected, atol=1e-10, rtol=0)
+
+
+def test_cross_attention_key_names_change_nothing_but_the_names():
+    plain = CrossAttention(8, 2, context_dim=6)
+    pixart = CrossAttention(8, 2, context_dim=6, names=("q_linear", "kv_linear"))
+    assert list(pixart.state_dict()) == ["q_linear.weight", "q_linear.bias", "kv_linear.weight", "kv_linear.bias",
+                                         "proj.weight", "proj.bias"]
+    pixart.load_state_dict({k.replace("q.", "q_linear.").replace("kv.", "kv_linear."): v
+                            for k, v in plain.state_dict().items()})
+    x, ctx = torch.randn(2, 4, 8, generator=gen(15)), torch.randn(2, 5, 6, generator=gen(16))
+    torch.testing.assert_close(pixart(x, ctx), plain(x, ctx), atol=0, rtol=0)
+
+
 def test_cross_attention_ignores_padded_context():
     ca = CrossAttention(8, 2, context_dim=6)
     assert list(ca.state_dict()) == ["q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias"]

@@ -181,27 +181,6 @@ def from_temporal(video: torch.Tensor, images: torch.Tensor, lay: Layout) -> tor
     return rearrange(torch.cat([video, images], dim=1), "b f t d -> (b f) t d")  # [(B F), t, D]
 
 
-def _heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, L, 3 * D] projections (rows [q; k; v], heads contiguous) -> q, k, v [N, heads, L, head_dim]."""
-    q, k, v = rearrange(qkv, "n l (three h e) -> three n h l e", three=3, h=num_heads).unbind(0)
-    return q, k, v
-
-
-def self_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor | None = None,
-                   theta: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head self-attention of ``x`` [N, L, D] through ``attn``'s ``qkv``/``proj`` (DiT's math), optionally with
-    rotary angles ``theta`` [L, head_dim/2] on q and k, and with ``context`` [N, n, D] tokens as extra keys/values
-    (their own outputs are never computed)."""
-    q, k, v = _heads(attn.qkv(x), attn.num_heads)  # [N, H, L, hd] each
-    if theta is not None:
-        q, k = apply_rotary(q, theta), apply_rotary(k, theta)  # [N, H, L, hd]
-    if context is not None:
-        _, kc, vc = _heads(attn.qkv(context), attn.num_heads)  # [N, H, n, hd]
-        k, v = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # [N, H, L + n, hd]
-    out = attention(q, k, v)  # [N, H, L, hd]
-    return attn.proj(rearrange(out, "n h l e -> n l (h e)"))  # [N, L, D]
-
-
 def _modulation(linear: nn.Module | None, c: torch.Tensor | None, chunks: int) -> tuple[torch.Tensor, ...] | None:
     return None if linear is None else linear(c).chunk(chunks, dim=1)
 
@@ -235,7 +214,7 @@ class AxisBlock(nn.Module):
                theta: torch.Tensor | None) -> torch.Tensor:
         mod = _modulation(self.adaLN_modulation, c, 6)  # shift, scale, gate (msa), shift, scale, gate (mlp)
         context = None if ctx is None else self.norm1(ctx)
-        x = _sublayer(x, self.norm1, lambda h: self_attention(self.attn, h, context, theta), mod and mod[:3])
+        x = _sublayer(x, self.norm1, lambda h: self.attn(h, theta=theta, context=context), mod and mod[:3])
         return _sublayer(x, self.norm2, self.mlp, mod and mod[3:])
 
     def forward(self, x: torch.Tensor, lay: Layout, add_temp: bool = False) -> torch.Tensor:
@@ -271,13 +250,13 @@ class FactorisedBlock(nn.Module):
         mod = _modulation(self.adaLN_modulation, lay.c_s, 6)
         mod_t = _modulation(self.adaLN_modulation_t, lay.c_t, 3)
         ctx_s = None if lay.ctx_s is None else self.norm1(lay.ctx_s)
-        x = _sublayer(x, self.norm1, lambda h: self_attention(self.attn_s, h, ctx_s, lay.rope_s),
+        x = _sublayer(x, self.norm1, lambda h: self.attn_s(h, theta=lay.rope_s, context=ctx_s),
                       mod and mod[:3])  # [(B F), t, D]
         video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
         if add_temp and lay.temp_embed is not None:
             video = video + lay.temp_embed  # [(B t), f, D]
         ctx_t = None if lay.ctx_t is None else self.norm_t(lay.ctx_t)
-        video = _sublayer(video, self.norm_t, lambda h: self_attention(self.attn_t, h, ctx_t, lay.rope), mod_t)
+        video = _sublayer(video, self.norm_t, lambda h: self.attn_t(h, theta=lay.rope, context=ctx_t), mod_t)
         x = from_temporal(video, images, lay)  # [(B F), t, D]
         return _sublayer(x, self.norm2, self.mlp, mod and mod[3:])  # [(B F), t, D]
 
@@ -304,12 +283,12 @@ class SplitHeadBlock(nn.Module):
     def _attend(self, h: torch.Tensor, lay: Layout) -> torch.Tensor:
         attn, heads = self.split_attn, self.split_attn.num_heads
         half = heads // 2
-        q, k, v = _heads(attn.qkv(h), heads)  # [(B F), H, t, hd] each
+        q, k, v = attn.heads(h)  # [(B F), H, t, hd] each
         qs, ks, vs = q[:, :half], k[:, :half], v[:, :half]  # spatial heads [(B F), H/2, t, hd]
         if lay.rope_s is not None:
             qs, ks = apply_rotary(qs, lay.rope_s[:half]), apply_rotary(ks, lay.rope_s[:half])  # [(B F), H/2, t, hd]
         if lay.ctx_s is not None:
-            _, kc, vc = _heads(attn.qkv(self.norm1(lay.ctx_s)), heads)  # [(B F), H, n, hd]
+            _, kc, vc = attn.heads(self.norm1(lay.ctx_s))  # [(B F), H, n, hd]
             ks, vs = torch.cat([ks, kc[:, :half]], 2), torch.cat([vs, vc[:, :half]], 2)  # [(B F), H/2, t + n, hd]
         out_s = attention(qs, ks, vs)  # [(B F), H/2, t, hd]
 
@@ -321,7 +300,7 @@ class SplitHeadBlock(nn.Module):
         if lay.rope is not None:
             qt, kt = apply_rotary(qt, lay.rope), apply_rotary(kt, lay.rope)  # [(B t), H/2, f, hd]
         if lay.ctx_t is not None:
-            _, kc, vc = _heads(attn.qkv(self.norm1(lay.ctx_t)), heads)  # [(B t), H, n, hd]
+            _, kc, vc = attn.heads(self.norm1(lay.ctx_t))  # [(B t), H, n, hd]
             kt, vt = torch.cat([kt, kc[:, half:]], 2), torch.cat([vt, vc[:, half:]], 2)  # [(B t), H/2, f + n, hd]
         out_t = rearrange(attention(qt, kt, vt), "(b t) h f e -> b f h t e", b=lay.batch)  # [B, f, H/2, t, hd]
         if lay.images:

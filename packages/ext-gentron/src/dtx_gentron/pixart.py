@@ -28,10 +28,9 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from dtx.attention import attention
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, BlockStack, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder,
+from dtx.layers import (Attention, BlockStack, CrossAttention, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder,
                         dit_base_init, frame_positions, grid_positions, layer_norm, modulate, per_sample_timesteps,
                         sincos_1d_torch, sincos_2d_torch, unpatchify)
 
@@ -72,25 +71,6 @@ PIXART_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class PixArtCrossAttention(nn.Module):
-    """PixArt's ``MultiHeadCrossAttention``: ``q_linear`` of the tokens, ``kv_linear`` of the caption, ``proj``;
-    a key mask [B, L] (True = token) hides caption padding."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_linear = Linear(dim, dim)
-        self.kv_linear = Linear(dim, 2 * dim)
-        self.proj = Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q = rearrange(self.q_linear(x), "b n (h e) -> b h n e", h=self.num_heads)  # [B, H, N, hd]
-        k, v = rearrange(self.kv_linear(context), "b l (two h e) -> two b h l e", two=2, h=self.num_heads)
-        keep = None if mask is None else mask[:, None, None, :].bool()  # [B, 1, 1, L]
-        out = attention(q, k, v, mask=keep)  # [B, H, N, hd]
-        return self.proj(rearrange(out, "b h n e -> b n (h e)"))  # [B, N, D]
-
-
 class PixArtBlock(nn.Module):
     """adaLN-single block: gated self-attention, (spatial only) ungated cross-attention, gated MLP."""
 
@@ -98,7 +78,7 @@ class PixArtBlock(nn.Module):
         super().__init__()
         self.norm1 = layer_norm(d, affine=False)
         self.attn = Attention(d, num_heads, qkv_bias=True)
-        self.cross_attn = PixArtCrossAttention(d, num_heads) if cross else None
+        self.cross_attn = CrossAttention(d, num_heads, names=("q_linear", "kv_linear")) if cross else None
         self.norm2 = layer_norm(d, affine=False)
         self.mlp = Mlp(d, 4 * d)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d ** 0.5)

@@ -13,7 +13,9 @@ from .rope import apply_rotary
 
 class Attention(nn.Module):
     """Multi-head self-attention; qkv rows are [q; k; v] with heads contiguous, softmax scale d_head^-0.5; optional
-    rotary angles ``theta`` [N, d_head/2] (e.g. ``rope_angles``) rotate q and k."""
+    rotary angles ``theta`` [N, d_head/2] (e.g. ``rope_angles``) rotate q and k, and optional ``context`` tokens
+    [B, n, D] join the keys and values through the same projection (Latte's condition tokens; their queries and
+    outputs are never used). ``mask`` covers every key, the context's last."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
         super().__init__()
@@ -24,33 +26,52 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                theta: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, c = x.shape
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, L, d_head] of tokens [B, L, D]."""
+        b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, theta: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.heads(x)  # [B, H, L, hd]
         if theta is not None:
             q, k = apply_rotary(q, theta), apply_rotary(k, theta)
-        x = attention(q, k, v, mask=mask)
+        if context is not None:
+            _, kc, vc = self.heads(context)  # [B, H, n, hd]
+            k, v = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # [B, H, L + n, hd]
+        x = attention(q, k, v, mask=mask)  # [B, H, L, hd]
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from tokens to a context sequence (``q``, ``kv``, ``proj``), with a key padding mask."""
+    """Multi-head attention from tokens to a context sequence (``q``, ``kv``, ``proj``), with a key padding mask.
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True) -> None:
+    ``names`` renames the query and key-value projections for a checkpoint layout that spells them otherwise (PixArt:
+    ``("q_linear", "kv_linear")``); the computation is the same."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True,
+                 names: tuple[str, str] = ("q", "kv")) -> None:
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = Linear(dim, dim, bias=qkv_bias)
-        self.kv = Linear(context_dim or dim, dim * 2, bias=qkv_bias)
+        self._names = names
+        self.add_module(names[0], Linear(dim, dim, bias=qkv_bias))
+        self.add_module(names[1], Linear(context_dim or dim, dim * 2, bias=qkv_bias))
         self.proj = Linear(dim, dim)
+
+    @property
+    def query(self) -> nn.Module:
+        """The query projection (``q``, or as ``names`` calls it)."""
+        return getattr(self, self._names[0])
 
     def project_context(self, context: torch.Tensor) -> torch.Tensor:
         """Keys and values [B, L, 2D] of ``context`` [B, L, context_dim]: they depend on the context alone, so a
         sampler can compute them once per run and pass them as ``kv``."""
-        return self.kv(context)
+        return getattr(self, self._names[1])(context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 kv: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +83,7 @@ class CrossAttention(nn.Module):
             kv = self.project_context(context)
         if kv.ndim != 3 or kv.shape[0] != b or kv.shape[2] != 2 * c:
             raise ShapeError(f"cross-attention kv must be [{b}, L, {2 * c}], got {list(kv.shape)}")
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.query(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = kv.reshape(b, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = attention(q, k, v, mask=mask)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
