@@ -28,15 +28,13 @@ import torch
 def evaluate(run_or_ckpt: Path, n_per_class: int, seed: int, overrides: dict, use_ema: bool = True) -> dict:
     from dtx.conditioning import SampleRequest
     from dtx.evaluation.digits import digits_accuracy, frame_consistency
+    from dtx.training.config import resolve_sample
     from dtx.training.sampling import generate, load_for_sampling
 
     setup = load_for_sampling(run_or_ckpt, weights="ema" if use_ema else "raw", device="cpu")
-    s = setup.cfg.sample
+    s = resolve_sample(setup.cfg.sample, {k: v for k, v in overrides.items() if v is not None})
     t0 = time.perf_counter()
-    samples = generate(setup, SampleRequest(classes=list(range(10))), per_subject=n_per_class,
-                       sampler=overrides.get("sampler") or s.sampler, steps=overrides.get("steps") or s.steps,
-                       cfg_scale=s.cfg if overrides.get("cfg") is None else overrides["cfg"], seed=seed,
-                       guide_channels=s.guide_channels)
+    samples = generate(setup, SampleRequest(classes=list(range(10))), s, per_subject=n_per_class, seed=seed)
     scores = frame_consistency(samples.x, samples.fields["y"]) if samples.channel_dim == 2 else \
         {"accuracy": digits_accuracy(samples.x, samples.fields["y"])}
     if "frame_consistency" in scores:

@@ -37,6 +37,13 @@ def samplers_for(kind: str) -> list[str]:
     return [name for name, e in plugins.host().table("sampler").items() if e.meta.get("kind") == kind]
 
 
+def settings(setup: Any, sampler: str, steps: int, cfg: float) -> Any:
+    """The run's sampling settings with this sampler, step count and guidance scale."""
+    from dtx.training.config import resolve_sample
+
+    return resolve_sample(setup.cfg.sample, {"sampler": sampler, "steps": steps, "cfg": cfg})
+
+
 def count_nfe(setup: Any, sampler: str, steps: int, cfg: float) -> int:
     """Model calls of one sampling batch (one sample per class: a single batch)."""
     from dtx.conditioning import SampleRequest
@@ -45,8 +52,8 @@ def count_nfe(setup: Any, sampler: str, steps: int, cfg: float) -> int:
     calls = [0]
     handle = setup.model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     try:
-        generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=sampler, steps=steps,
-                 cfg_scale=cfg, seed=0)
+        generate(setup, SampleRequest(classes=list(range(10))), settings(setup, sampler, steps, cfg), per_subject=1,
+                 seed=0)
     finally:
         handle.remove()
     return calls[0]
@@ -62,8 +69,8 @@ def score(setup: Any, sampler: str, steps: int, cfg: float, n_per_class: int, se
     from dtx.writers import quantize
 
     t0 = time.perf_counter()
-    samples = generate(setup, SampleRequest(classes=list(range(10))), per_subject=n_per_class, sampler=sampler,
-                       steps=steps, cfg_scale=cfg, seed=seed)
+    samples = generate(setup, SampleRequest(classes=list(range(10))), settings(setup, sampler, steps, cfg),
+                       per_subject=n_per_class, seed=seed)
     x = to_unit(quantize(samples.x))
     return {"sampler": sampler, "steps": steps, "cfg": cfg, "nfe": count_nfe(setup, sampler, steps, cfg),
             "accuracy": digits_accuracy(x, samples.fields["y"]),

@@ -14,6 +14,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from dtx.conditioning import SampleRequest
+    from dtx.training.config import resolve_sample
     from dtx.training.sampling import generate, load_for_sampling
     from dtx.writers import save_gif
 
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     setup = load_for_sampling(args.run)
     if args.sigma_min is not None:
         setup.objective.cfg = dataclasses.replace(setup.objective.cfg, sigma_min=args.sigma_min)
-    s = setup.cfg.sample
-    clips = generate(setup, SampleRequest(classes=list(range(10))), per_subject=1, sampler=args.sampler or s.sampler,
-                     steps=s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
+    s = resolve_sample(setup.cfg.sample, {k: v for k, v in (("sampler", args.sampler), ("cfg", args.cfg))
+                                          if v is not None})
+    clips = generate(setup, SampleRequest(classes=list(range(10))), s, per_subject=1,
                      seed=args.seed).x  # [10, F, C, H, W]
     pad = torch.full((*clips.shape[:3], clips.shape[3], 2), -1.0)
     row = torch.cat([torch.cat([c, p_], dim=-1) for c, p_ in zip(clips, pad)], dim=-1)  # [F, C, H, 10 * (W + 2)]

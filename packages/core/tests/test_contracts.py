@@ -20,6 +20,7 @@ from dtx.checkpoint import load_checkpoint
 from dtx.cli import main
 from dtx.conditioning import Conditioner, ConditioningConfig, ConditionerConfig, ConditioningStage, SampleRequest
 from dtx.data.info import DataInfo
+from dtx.training.config import SampleConfig
 from dtx.diffusion.guidance import guided
 from dtx.testing import fresh_plugin_host
 
@@ -360,8 +361,8 @@ def test_sample_prompt_reproduces_the_conditioning_after_a_restart(tmp_path, cap
         plugins.register_plugin(_toy_plugin(), name="toys")
         setup = load_for_sampling(out)
         setup.model.received.clear()
-        generate(setup, SampleRequest(prompts=["left"], negative_prompt="xx"), per_subject=1, sampler="euler",
-                 steps=1, cfg_scale=2.0)
+        generate(setup, SampleRequest(prompts=["left"], negative_prompt="xx"),
+                 SampleConfig(sampler="euler", steps=1, cfg=2.0), per_subject=1)
     table = torch.randn(128, 8, generator=torch.Generator().manual_seed(3))
     ctx = setup.model.received[0]["context"]  # one batched forward: [negative; prompt]
     assert ctx.shape == (2, 6, 8)
@@ -465,8 +466,8 @@ def test_three_term_guidance_and_a_plugin_declared_flag(toys, capsys):
     objective = build_objective(ObjectiveConfig(kind="karras"), model, info)
     setup = SamplingSetup(model, objective, stage, info, None, "test")
     steps = [GuidanceStep(["motion"], 1.2), GuidanceStep(["caption"], 7.5)]
-    out = generate(setup, SampleRequest(prompts=["left"]), per_subject=1, sampler="probe-k", steps=1, guidance=steps,
-                   seed=4).x
+    out = generate(setup, SampleRequest(prompts=["left"]), SampleConfig(sampler="probe-k", steps=1, guidance=steps),
+                   per_subject=1, seed=4).x
     got = model.received[-1]
     assert got["motion_free"].tolist() == [True, False, False]  # (0, 0), (0, c_M), (c_T, c_M)
     assert got["context_mask"].sum(1).tolist() == [0, 0, 4]

@@ -416,11 +416,12 @@ def test_sampler_options_from_the_recipe_and_the_command_line(tmp_path, capsys):
     assert main(["sample", str(out), "--classes", "0", "--n-per-class", "2", "--sampler-option", "eta=0.5",
                  "--out", str(tmp_path / "e.png")]) == 0
     from dtx.conditioning import SampleRequest
+    from dtx.training.config import SampleConfig
     from dtx.training.sampling import generate, load_for_sampling
 
     setup = load_for_sampling(out)
-    draw = [generate(setup, SampleRequest(classes=[0]), per_subject=2, sampler="ddim", steps=5, seed=3,
-                     sampler_options=opts).x for opts in ({"eta": 0.0}, {"eta": 1.0}, {"eta": 1.0})]
+    draw = [generate(setup, SampleRequest(classes=[0]), SampleConfig(sampler="ddim", steps=5, sampler_options=opts),
+                     per_subject=2, seed=3).x for opts in ({"eta": 0.0}, {"eta": 1.0}, {"eta": 1.0})]
     assert torch.equal(draw[1], draw[2]) and not torch.allclose(draw[0], draw[1])  # the option reaches DDIM
     capsys.readouterr()
     assert main(["sample", str(out), "--sampler-option", "etta=1", "--out", str(tmp_path / "x.png")]) == 2
@@ -429,3 +430,18 @@ def test_sampler_options_from_the_recipe_and_the_command_line(tmp_path, capsys):
     code = main(["train", str(recipe), "--runner", "local", "--out", str(tmp_path / "bad"), "--max-steps", "1",
                  "sample.sampler_options={etta: 1.0}"])
     assert code == 2 and "sample.sampler_options" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_dtx_sample_draws_what_the_trainer_drew_for_the_same_settings_and_seed(tmp_path):
+    """The grid written at the end of training and ``dtx sample RUN`` with the run's settings and the grids' seed
+    (0) come from one path: the same samples, bit for bit."""
+    cfg = cfg_for(tmp_path, "run", "max_steps=2", "sample.n_per_class=2", "sample.steps=3")
+    run_local(cfg)
+    grid = np.load(tmp_path / "run" / "samples" / "step_0000002.npz")["arr_0"]
+    out = tmp_path / "again.png"
+    assert main(["sample", str(tmp_path / "run"), "--n-per-class", "2", "--seed", "0", "--out", str(out)]) == 0
+    assert np.array_equal(np.load(out.with_suffix(".npz"))["arr_0"], grid)
+    other = tmp_path / "other.png"
+    assert main(["sample", str(tmp_path / "run"), "--n-per-class", "2", "--seed", "0", "--steps", "2",
+                 "--out", str(other)]) == 0
+    assert not np.array_equal(np.load(other.with_suffix(".npz"))["arr_0"], grid)  # the flag reached the sampler

@@ -19,6 +19,7 @@ object per setting, then a Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -30,14 +31,15 @@ import torch
 def sample(setup, prompts: list[str], cfg: float | None, steps: int | None, seed: int,
            scales: dict[str, float] | None, bf16: bool = False) -> tuple[torch.Tensor, float]:
     from dtx.conditioning import SampleRequest
+    from dtx.training.config import resolve_sample
     from dtx.training.sampling import generate
 
-    s = setup.cfg.sample
+    given = {k: v for k, v in (("cfg", cfg), ("steps", steps)) if v is not None}
+    # the setting's own terms replace the run's: none for classic CFG, the motion scale for MFG
+    s = dataclasses.replace(resolve_sample(setup.cfg.sample, given), guidance_scales=dict(scales or {}))
     t0 = time.perf_counter()
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        out = generate(setup, SampleRequest(prompts=prompts), per_subject=1, sampler=s.sampler,
-                       steps=steps or s.steps, cfg_scale=s.cfg if cfg is None else cfg, seed=seed, batch_size=100,
-                       guidance_scales=scales)
+        out = generate(setup, SampleRequest(prompts=prompts), s, per_subject=1, seed=seed, batch_size=100)
     return out.x.float(), time.perf_counter() - t0
 
 

@@ -5,6 +5,7 @@ and the one sampling path; writes a PNG grid and an ADM ``.npz`` (videos also a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -220,19 +221,26 @@ def _vae(args: argparse.Namespace, setup: Any, device: Any) -> Any:
     return vae.to(device)
 
 
-def _sampler_options(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
-    """The run's sampler options (kept only for the run's sampler) updated by ``--sampler-option``, each checked
-    against what the sampler declares before anything runs; an error names the option where it was given."""
+def _sample_overrides(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
+    """The sampling settings given on the command line, as ``{sample key: value}`` for ``resolve_sample``;
+    ``--sampler-option`` values checked against what the chosen sampler declares, naming the flag."""
     from ..config import parse_options
     from ..diffusion.sampler_api import check_options
     from ..training.objectives import sampler_entry
 
-    run = setup.cfg.sample
-    name = args.sampler or run.sampler
-    fn = sampler_entry(name, setup.objective.kind)
-    given = check_options(name, fn, parse_options(args.sampler_option), "--sampler-option")
-    kept = {k: v for k, v in run.sampler_options.items() if k not in given} if name == run.sampler else {}
-    return {**check_options(name, fn, kept, "sample.sampler_options"), **given}
+    given: dict[str, Any] = {key: value for key, value in (
+        ("steps", args.steps), ("sampler", args.sampler), ("cfg", args.cfg), ("guide_channels", args.guide_channels),
+        ("fps", args.fps)) if value is not None}
+    if args.guide:
+        given["guidance"] = [dataclasses.asdict(step) for step in args.guide]
+    scales = {name: getattr(args, f"scale_{name.replace('-', '_')}", None) for _, (name, _) in plugin_scales().items()}
+    if any(v is not None for v in scales.values()):
+        given["guidance_scales"] = {k: v for k, v in scales.items() if v is not None}
+    if args.sampler_option:
+        name = args.sampler or setup.cfg.sample.sampler
+        given["sampler_options"] = check_options(name, sampler_entry(name, setup.objective.kind),
+                                                 parse_options(args.sampler_option), "--sampler-option")
+    return given
 
 
 def _default_out(source: Path) -> Path:
@@ -246,8 +254,8 @@ def _default_out(source: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..training.checks import check_sampler
+    from ..training.config import resolve_sample
     from ..training.context import default_device
     from ..training.sampling import generate, load_for_sampling, write_samples
 
@@ -256,27 +264,18 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device) if args.device else default_device()
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
                               device=device)
-    s = setup.cfg.sample
     _check_request(args, request, setup.stage)
-    options = _sampler_options(args, setup)
-    if not request.classes and s.classes:
-        request.classes = list(s.classes)
-    if not request.prompts and s.prompts:
-        request.prompts = list(s.prompts)
+    sample = resolve_sample(setup.cfg.sample, _sample_overrides(args, setup))
+    check_sampler(sample, setup.objective.kind)
+    if not request.classes and sample.classes:
+        request.classes = list(sample.classes)
+    if not request.prompts and sample.prompts:
+        request.prompts = list(sample.prompts)
     vae = _vae(args, setup, device)
-    scales = dict(s.guidance_scales)
-    for _, (name, _) in plugin_scales().items():
-        value = getattr(args, f"scale_{name.replace('-', '_')}", None)
-        if value is not None:
-            scales[name] = value
     default_out = _default_out(Path(args.source))
-    samples = generate(setup, request, per_subject=args.n_per_class, sampler=args.sampler or s.sampler,
-                       steps=args.steps or s.steps, cfg_scale=s.cfg if args.cfg is None else args.cfg,
-                       guidance=args.guide or (s.guidance if args.cfg is None else []), seed=args.seed,
-                       guide_channels=args.guide_channels or s.guide_channels, batch_size=args.batch_size, vae=vae,
-                       progress=sys.stderr.isatty() if args.progress is None else args.progress,
-                       sampler_options=options, guidance_scales=scales)
-    written = write_samples(samples, Path(args.out) if args.out else default_out, fps=args.fps or s.fps,
-                            scale=args.scale)
+    samples = generate(setup, request, sample, per_subject=args.n_per_class, seed=args.seed,
+                       batch_size=args.batch_size, vae=vae,
+                       progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    written = write_samples(samples, Path(args.out) if args.out else default_out, fps=sample.fps, scale=args.scale)
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
     return 0

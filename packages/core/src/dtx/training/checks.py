@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from ..conditioning import ConditioningStage, SampleRequest
+from ..conditioning import ConditioningStage
 from ..data.info import DataInfo
 from ..errors import ConfigError
-from .config import TrainConfig, config_dict
+from .config import SampleConfig, TrainConfig, config_dict
 
 #: the parts of a sampling request a recipe's ``sample`` section sets (``sample.classes`` ...)
 SAMPLE_PARTS = ("classes", "prompts", "negative_prompt")
@@ -40,8 +40,10 @@ def check_labels(info: DataInfo, model: nn.Module) -> None:
 
 def check_sampling(cfg: TrainConfig, stage: ConditioningStage, info: DataInfo) -> None:
     """Dry-run the sampling request and guidance plan of ``cfg.sample`` (what the grids will use), naming the key."""
+    from .sampling import request_of
+
     s = cfg.sample
-    request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
+    request = request_of(s)
     problem = stage.request_problem(request, {part: f"sample.{part}" for part in SAMPLE_PARTS})
     if problem is not None:
         raise ConfigError(f"bad value for config key {problem[0]!r}: {problem[1]}")
@@ -61,14 +63,14 @@ def check_sampling(cfg: TrainConfig, stage: ConditioningStage, info: DataInfo) -
                           f"{channels} channels the model samples")
 
 
-def check_sampler(cfg: TrainConfig, kind: str) -> None:
+def check_sampler(sample: SampleConfig, kind: str) -> None:
     """``sample.sampler`` is a sampler of the objective's ``kind`` and ``sample.sampler_options`` are options it
     takes, each of its type and in its range (``eta=.inf`` would draw NaN grids, ``eta=abc`` fail after training)."""
     from ..diffusion.sampler_api import check_options
     from .objectives import sampler_entry
 
-    s = cfg.sample
-    check_options(s.sampler, sampler_entry(s.sampler, kind), s.sampler_options, "sample.sampler_options")
+    check_options(sample.sampler, sampler_entry(sample.sampler, kind), sample.sampler_options,
+                  "sample.sampler_options")
 
 
 def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: ConditioningStage) -> None:

@@ -114,6 +114,36 @@ class SampleConfig:
     negative_prompt: Optional[str] = None
     fps: float = 8.0  # videos
 
+    def validate(self, prefix: str = "sample.") -> None:
+        """Ranges of the sampling settings, errors naming ``prefix`` + the key."""
+        check(self.steps >= 1, prefix + "steps", "must be >= 1")
+        check(self.every >= 0, prefix + "every", "must be >= 0")
+        check(1 <= self.n_per_class <= MAX_SAMPLES, prefix + "n_per_class",
+              f"must be in [1, {MAX_SAMPLES}], got {self.n_per_class}")
+        check(self.fps > 0, prefix + "fps", "must be > 0")
+        check(self.guide_channels is None or self.guide_channels >= 1, prefix + "guide_channels",
+              f"must be >= 1 (or null for all channels), got {self.guide_channels}")
+        check(all(c >= 0 for c in self.classes), prefix + "classes", f"class ids must be >= 0, got {list(self.classes)}")
+
+
+def resolve_sample(stored: SampleConfig, overrides: dict[str, Any]) -> SampleConfig:
+    """The sampling settings of one request: a run's ``sample`` section with ``overrides`` (``{key: value}``, as
+    ``dtx sample``'s flags give them) merged in the way ``dtx train`` merges ``key=value`` overrides, then checked.
+
+    Two rules keep the result meaning what was asked: a new ``cfg`` without new ``guidance`` drops the stored nested
+    terms (which would override it), and a new ``sampler`` keeps none of the stored sampler's options."""
+    import dataclasses
+
+    base = dataclasses.asdict(stored)
+    if "cfg" in overrides and "guidance" not in overrides:
+        base["guidance"] = []
+    if overrides.get("sampler", stored.sampler) != stored.sampler:
+        base["sampler_options"] = {}
+    merged = load_config(SampleConfig, base, overrides)
+    check_finite(merged, "sample")
+    merged.validate()
+    return merged
+
 
 @dataclass
 class TrainConfig:
@@ -182,15 +212,7 @@ class TrainConfig:
         check(self.milestone_every >= 0, "milestone_every", "must be >= 0 (0 keeps no milestones)")
         check(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         recompute_policy(self.recompute, "recompute")
-        check(self.sample.steps >= 1, "sample.steps", "must be >= 1")
-        check(self.sample.every >= 0, "sample.every", "must be >= 0")
-        check(1 <= self.sample.n_per_class <= MAX_SAMPLES, "sample.n_per_class",
-              f"must be in [1, {MAX_SAMPLES}], got {self.sample.n_per_class}")
-        check(self.sample.fps > 0, "sample.fps", "must be > 0")
-        check(self.sample.guide_channels is None or self.sample.guide_channels >= 1, "sample.guide_channels",
-              f"must be >= 1 (or null for all channels), got {self.sample.guide_channels}")
-        check(all(c >= 0 for c in self.sample.classes), "sample.classes",
-              f"class ids must be >= 0, got {list(self.sample.classes)}")
+        self.sample.validate()
         o = self.objective
         check(1 <= o.diffusion_steps <= MAX_DIFFUSION_STEPS, "objective.diffusion_steps",
               f"must be in [1, {MAX_DIFFUSION_STEPS}], got {o.diffusion_steps}")

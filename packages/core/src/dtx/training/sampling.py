@@ -13,17 +13,17 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..conditioning import ConditioningStage, Fields, GuidanceStep, SampleRequest
+from ..conditioning import ConditioningStage, Fields, SampleRequest
 from ..data.info import DataInfo
 from ..errors import ConfigError
 from ..interface import interface_of
-from .config import TrainConfig, config_from_dict
+from .config import SampleConfig, TrainConfig, config_from_dict
 from .objectives import Objective, build_objective
 
 
@@ -50,17 +50,22 @@ class SamplingSetup:
     step: int | None = None
 
 
+def request_of(sample: SampleConfig) -> SampleRequest:
+    """The request a run's ``sample`` section makes (its classes, prompts and negative prompt)."""
+    return SampleRequest(classes=list(sample.classes), prompts=list(sample.prompts),
+                         negative_prompt=sample.negative_prompt)
+
+
 @torch.no_grad()
-def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, sampler: str, steps: int,
-             cfg_scale: float = 1.0, guidance: Sequence[GuidanceStep] = (), seed: int = 0,
-             guide_channels: int | None = None, batch_size: int = 256, vae: Any = None,
-             progress: bool = False, sampler_options: dict[str, Any] | None = None,
-             guidance_scales: Mapping[str, float] | None = None) -> Samples:
-    """``per_subject`` samples of each subject of ``request`` (all classes/prompts; or ``per_subject`` in all);
-    guidance: ``guidance`` terms, else ``guidance_scales`` terms then classic CFG at ``cfg_scale``."""
+def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig, *, seed: int = 0,
+             per_subject: int | None = None, batch_size: int = 256, vae: Any = None,
+             progress: bool = False) -> Samples:
+    """``per_subject`` (default ``sample.n_per_class``) samples of each subject of ``request`` (all classes/prompts;
+    or ``per_subject`` in all) with the sampler, steps, guidance and options of ``sample`` (see ``resolve_sample``):
+    its ``guidance`` terms, else its ``guidance_scales`` terms then classic CFG at ``sample.cfg``."""
     model, stage = setup.model, setup.stage
-    raw, n = stage.request_fields(request, per_subject)
-    plan = stage.guidance_steps(cfg_scale, guidance, guidance_scales)
+    raw, n = stage.request_fields(request, sample.n_per_class if per_subject is None else per_subject)
+    plan = stage.guidance_steps(sample.cfg, sample.guidance, sample.guidance_scales)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -70,8 +75,9 @@ def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, 
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
-            x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sampler, steps, gen,
-                                       guide_channels=guide_channels, progress=progress, options=sampler_options)
+            x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
+                                       sample.steps, gen, guide_channels=sample.guide_channels, progress=progress,
+                                       options=sample.sampler_options)
             if vae is not None:
                 from ..data.vae import decode
 
@@ -79,7 +85,8 @@ def generate(setup: SamplingSetup, request: SampleRequest, *, per_subject: int, 
             out.append(x.float().cpu())
     finally:
         model.train(was_training)
-    return Samples(torch.cat(out), raw, per_subject, interface_of(model).channel_dim)
+    return Samples(torch.cat(out), raw, sample.n_per_class if per_subject is None else per_subject,
+                   interface_of(model).channel_dim)
 
 
 def _prompts(fields: Fields) -> list[str] | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import LATEST, RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from ..conditioning import ConditioningStage, SampleRequest
+from ..conditioning import ConditioningStage
 from ..config import to_yaml
 from ..cpu import ThreadGovernor, cpu_info, requested_threads, resolve_cpu_bf16
 from ..errors import CheckpointError, ConfigError, TrainingError
@@ -38,7 +38,7 @@ from .metrics import MetricsLog, plot_loss
 from .model_setup import build_run_data, model_overrides
 from .objectives import Objective, build_objective
 from .optim import build_optimizer, lr_at, set_lr
-from .sampling import SamplingSetup, generate, write_samples
+from .sampling import SamplingSetup, generate, request_of, write_samples
 from .seeding import STEP, derive_seed, seed_everything
 from .sharding import is_sharded, load_model_state, load_optimizer_state, model_state, optimizer_state, shard_like
 
@@ -114,7 +114,7 @@ class Trainer:
         if self.sharded:
             shard_like(self.ema.model, self.raw)
         self.objective: Objective = build_objective(cfg.objective, model, self.info)
-        check_sampler(cfg, self.objective.kind)  # fail now, not after training
+        check_sampler(cfg.sample, self.objective.kind)  # fail now, not after training
         check_run(cfg, self.info, model, self.stage)  # labels vs classes, sampling settings: before any write
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
@@ -189,10 +189,7 @@ class Trainer:
             return None
         s = self.cfg.sample
         setup = SamplingSetup(ema, self.objective, self.stage, self.info, self.cfg, str(self.out))
-        request = SampleRequest(classes=list(s.classes), prompts=list(s.prompts), negative_prompt=s.negative_prompt)
-        samples = generate(setup, request, per_subject=s.n_per_class, sampler=s.sampler, steps=s.steps,
-                           cfg_scale=s.cfg, guidance=s.guidance, seed=SAMPLE_SEED, guide_channels=s.guide_channels,
-                           vae=self.data.vae, sampler_options=s.sampler_options)
+        samples = generate(setup, request_of(s), s, seed=SAMPLE_SEED, vae=self.data.vae)
         return Path(write_samples(samples, self.out / "samples" / f"step_{self.step:07d}.png", fps=s.fps)["grid"])
 
     def _full_ema(self) -> nn.Module:
