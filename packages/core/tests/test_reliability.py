@@ -162,7 +162,7 @@ def test_a_folder_created_only_for_the_lock_is_removed_again(tmp_path):
 # -- limits on untrusted files ---------------------------------------------------------------------------------------
 
 def test_npz_headers_are_checked_against_the_file_before_allocation(tmp_path):
-    from dtx.io import npz_members
+    from dtx.file_headers import npz_members
 
     np.savez(tmp_path / "ok.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     assert npz_members(tmp_path / "ok.npz") == {"arr_0": ((2, 4, 4, 3), np.dtype(np.uint8))}
@@ -177,7 +177,7 @@ def test_npz_headers_are_checked_against_the_file_before_allocation(tmp_path):
 def test_safetensors_headers_are_checked_against_the_file(tmp_path):
     import json
 
-    from dtx.io import safetensors_header
+    from dtx.file_headers import safetensors_header
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
@@ -208,7 +208,7 @@ def _png_claiming(path: Path, width: int, height: int) -> None:
 
 def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path):
     from dtx.data.images import ImageFolderDataset
-    from dtx.io import MAX_IMAGE_PIXELS
+    from dtx.file_headers import MAX_IMAGE_PIXELS
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

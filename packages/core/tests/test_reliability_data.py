@@ -81,7 +81,7 @@ def write_gif(path: Path) -> None:
 
 def test_images_over_a_side_or_aspect_limit_are_refused_from_their_header(tmp_path):
     from dtx.data.images import ImageFolderDataset, center_crop_arr
-    from dtx.io import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, check_frame_size
+    from dtx.file_headers import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, check_frame_size
 
     image_folder(tmp_path, classes=("a",), per_class=6)
     Image.new("L", (8_000_000, 1)).save(tmp_path / "a" / "long.png")  # 8M pixels: under the pixel limit
@@ -105,7 +105,7 @@ def test_video_frames_over_the_limits_are_refused_from_their_headers(tmp_path, m
     import imageio.v3 as iio
 
     from dtx.data.videos import VideoFolderDataset
-    from dtx.io import gif_size
+    from dtx.file_headers import gif_size
 
     write_gif(tmp_path / "good.gif")
     write_mp4(tmp_path / "good.mp4")
@@ -114,7 +114,7 @@ def test_video_frames_over_the_limits_are_refused_from_their_headers(tmp_path, m
     (tmp_path / "frame.gif").write_bytes(gif_bytes((1, 1), [(1, 1), (9000, 9000)]))  # the second frame grows it
     assert gif_size(tmp_path / "screen.gif") == gif_size(tmp_path / "frame.gif") == (9000, 9000)
     assert gif_size(tmp_path / "good.gif") == (16, 16)
-    monkeypatch.setattr("dtx.io.MAX_IMAGE_SIDE", 24)
+    monkeypatch.setattr("dtx.file_headers.MAX_IMAGE_SIDE", 24)
     decoded: list[str] = []
     imiter = iio.imiter
     monkeypatch.setattr(iio, "imiter", lambda path, **kw: decoded.append(Path(path).name) or imiter(path, **kw))

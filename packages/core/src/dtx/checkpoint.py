@@ -310,7 +310,7 @@ def _load_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, to
     from safetensors.torch import load_file
 
     from .errors import DataError
-    from .io import safetensors_header
+    from .file_headers import safetensors_header
 
     try:
         header = safetensors_header(path)

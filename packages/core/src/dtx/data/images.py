@@ -1,7 +1,7 @@
 """Image folders in the ImageFolder layout (one subfolder per class, sorted names give class ids), preprocessed as ADM
 and DiT do: ``center_crop_arr``, a random horizontal flip, and a linear map of [0, 255] to [-1, 1].
 
-Unreadable images (corrupt, or beyond the size limits of ``dtx.io.check_frame_size``) are found when the folder is
+Unreadable images (corrupt, or beyond the size limits of ``dtx.file_headers.check_frame_size``) are found when the folder is
 scanned (``verify``) or when an item is decoded; they are skipped with a short warning, and the dataset raises
 ``DataError`` once their share exceeds ``max_corrupt_fraction`` or none is left (``SkipsUnreadable``, which the video
 folder shares).
@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..io import MAX_IMAGE_PIXELS, check_image_size
+from ..file_headers import MAX_IMAGE_PIXELS, check_image_size
 from .info import DataInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

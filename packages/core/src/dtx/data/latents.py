@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..io import atomic_write, safetensors_header
+from ..file_headers import safetensors_header
+from ..io import atomic_write
 from .info import DataInfo
 
 FORMAT = "dtx-latents/1"
@@ -44,7 +45,7 @@ REQUIRED_METADATA = ("scale_factor", "image_size")
 
 def read_shard_metadata(path: Path) -> dict[str, Any]:
     """The metadata of one shard with JSON values decoded; ``DataError`` if it is not a dtx latent shard. The
-    header is checked against the file first (``dtx.io.safetensors_header``), so no declared size is trusted."""
+    header is checked against the file first (``dtx.file_headers.safetensors_header``), so no declared size is trusted."""
     raw = safetensors_header(path).get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise DataError(f"{path} is not a dtx latent shard (format {raw.get('format')!r}, expected {FORMAT!r})")

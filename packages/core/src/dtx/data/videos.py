@@ -8,7 +8,7 @@ under the root (no classes). Each clip yields its first ``frames`` frames taken 
 [0, 255] to [-1, 1]. A clip shorter than ``(frames - 1) * frame_interval + 1`` frames is an error (``ClipLengthError``):
 frame folders are counted when the folder is scanned, video files when they are decoded.
 
-Unreadable clips (a corrupt file or frame, or frames beyond the size limits of ``dtx.io.check_frame_size``, read from
+Unreadable clips (a corrupt file or frame, or frames beyond the size limits of ``dtx.file_headers.check_frame_size``, read from
 the headers: GIF block headers, the ffmpeg stream header) are skipped with a short warning and counted as image
 folders do (``verify``, ``max_corrupt_fraction``; see ``dtx.data.images.SkipsUnreadable``).
 """
@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..io import check_frame_size, check_image_size, gif_size
+from ..file_headers import check_frame_size, check_image_size, gif_size
 from .images import (IMAGE_EXTENSIONS, MODES, SkipsUnreadable, center_crop_arr, check_image_file, check_verify,
                      reason)
 from .info import DataInfo

@@ -46,7 +46,7 @@ def find_samples(path: str | Path) -> Path:
 def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images ``[N, C, H, W]`` (or videos ``[N, F, C, H, W]`` from NFHWC) and the requested labels (None if the
     archive has none) from an ``.npz``."""
-    from ..io import npz_members
+    from ..file_headers import npz_members
 
     try:
         npz_members(path)  # declared array sizes checked against the file before np.load allocates them
