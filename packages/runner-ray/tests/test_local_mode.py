@@ -16,7 +16,7 @@ from dtx.checkpoint import CheckpointManager
 from dtx.errors import CheckpointError, ConfigError, DataError, PluginError
 from dtx.commands.train import configure as configure_train
 from dtx.training.local import run_local
-from dtx_ray import jobs
+from dtx_ray import job_main, jobs
 from dtx_ray.runner import RayOptions, check_worker_plugins, raise_worker_failure, run_with_options
 
 
@@ -158,17 +158,17 @@ def test_job_dir_and_entrypoint(tiny, tmp_path, monkeypatch):
     assert run["options"]["address"] is None and run["options"]["workers"] == 2 and run["options"]["max_failures"] == 1
     entry = jobs.job_entrypoint().split()
     assert Path(entry[0]).is_absolute() and Path(entry[0]).samefile(sys.executable)
-    assert entry[1:] == ["-m", "dtx_ray.jobs", "run.json"]
+    assert entry[1:] == ["-m", "dtx_ray.job_main", "run.json"]
 
 
 @pytest.mark.slow
 def test_job_main_runs_the_run_file(tiny, tmp_path, capsys, losses):
     cfg = tiny("job", max_steps=3)
     folder = jobs.write_job_dir(cfg, RayOptions(workers=0), tmp_path / "job-dir")  # a job's own working dir
-    assert jobs.main([str(folder / "run.json")]) == 0
+    assert job_main.main([str(folder / "run.json")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 3 and [s for s, _ in losses(cfg.out)] == [1, 2, 3]
     bad = tiny("job-bad", data={"name": "image-folder", "options": {"root": "/nonexistent/x"}})
     folder = jobs.write_job_dir(bad, RayOptions(workers=0), tmp_path / "job-bad-dir")
-    assert jobs.main([str(folder / "run.json")]) == 2
+    assert job_main.main([str(folder / "run.json")]) == 2
     assert capsys.readouterr().err.strip().startswith("dtx: error:")

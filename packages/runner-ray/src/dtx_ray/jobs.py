@@ -1,7 +1,7 @@
 """Ray job submission: ``dtx train --address http://HEAD:8265`` runs the training as a Ray job and follows it.
 
 The job's working directory holds only ``run.json`` (the resolved config and the runner options); its entrypoint is
-this environment's absolute interpreter running ``python -m dtx_ray.jobs run.json``, because a job runs with the
+this environment's absolute interpreter running ``python -m dtx_ray.job_main run.json``, because a job runs with the
 cluster's PATH. The dtx packages (and so their plugin entry points) must be installed in the cluster's environment at
 the same path, as on a single machine or a cluster built from one image.
 """
@@ -16,12 +16,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dtx.errors import DtxError
 from dtx.training.config import TrainConfig, config_dict
 
-from .runner import FORWARDED_ENV, RayOptions
+from .options import FORWARDED_ENV, RayOptions
 
 RUN_FILE = "run.json"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -29,8 +29,8 @@ ERROR_PREFIX = "dtx: error:"  # how the job entrypoint (and the dtx CLI) prints 
 
 
 def job_entrypoint(run_file: str = RUN_FILE) -> str:
-    """``<this interpreter> -m dtx_ray.jobs run.json`` with an absolute interpreter path."""
-    return shlex.join([str(Path(sys.executable).absolute()), "-m", "dtx_ray.jobs", run_file])
+    """``<this interpreter> -m dtx_ray.job_main run.json`` with an absolute interpreter path."""
+    return shlex.join([str(Path(sys.executable).absolute()), "-m", "dtx_ray.job_main", run_file])
 
 
 def write_job_dir(cfg: TrainConfig, options: RayOptions, folder: str | Path) -> Path:
@@ -83,24 +83,3 @@ def submit_train_job(cfg: TrainConfig, options: RayOptions, address: str, poll_s
     except ValueError:
         result = {}
     return {**result, "job_id": job_id, "address": address}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Job entrypoint: run ``run.json`` on the cluster this job belongs to; print the summary as JSON."""
-    from dtx.training.config import config_from_dict
-
-    from .runner import run_with_options
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        run = json.loads(Path(argv[0] if argv else RUN_FILE).read_text())
-        summary = run_with_options(config_from_dict(run["train"]), RayOptions(**run["options"]))
-    except DtxError as exc:
-        print(f"{ERROR_PREFIX} {' '.join(str(exc).split())}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(summary, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
