@@ -78,7 +78,7 @@ def test_a_time_cap_is_announced_and_its_early_end_warned(tmp_path, capfd, caplo
 
 def test_compiling_is_announced(tmp_path, capfd, monkeypatch):
     """A compiled model's first step (minutes on CPU) is said before it starts and timed after."""
-    from dtx.training import trainer
+    from dtx.training import run_parts
     from dtx.training.compile import CompiledModel
 
     class Instant(CompiledModel):  # the compile wrapper without the compiler: the same first-call path
@@ -86,7 +86,7 @@ def test_compiling_is_announced(tmp_path, capfd, monkeypatch):
             nn.Module.__init__(self)
             self.eager, self.compiled, self.eager_reason, self._proved = model, model, None, False
 
-    monkeypatch.setattr(trainer, "compile_model", lambda model, mode, device: (Instant(model), None))
+    monkeypatch.setattr(run_parts, "compile_model", lambda model, mode, device: (Instant(model), None))
     assert main(["train", "dit-digits", "--out", str(tmp_path / "run"), "--max-steps", "2", *SMALL]) == 0
     err = capfd.readouterr().err
     assert "train: compiling the model (first step; about a minute on CPU)" in err

@@ -17,30 +17,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import LATEST, RUN_CHECKPOINTS, CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from ..conditioning import ConditioningStage
+from ..checkpoint import LATEST, RUN_CHECKPOINTS, load_checkpoint, rng_state, set_rng_state
 from ..config import to_yaml
-from ..cpu import ThreadGovernor, cpu_info, requested_threads, resolve_cpu_bf16
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..cpu import cpu_info
+from ..errors import CheckpointError, TrainingError
 from ..io import atomic_write_text, refuse_link
-from ..layers.blocks import recompute_policy, set_recompute
-from ..models import create_model, load_state_dict_strict, model_spec
+from ..models import load_state_dict_strict
 from ..preemption import stop_on_signals
-from .checks import check_resume, check_run, check_sampler, data_classes
+from .checks import check_resume
 from .config import TrainConfig, config_dict
-from .compile import CompiledModel, compile_model
+from .compile import CompiledModel
 from .context import RunContext
 from .data_stream import DataPosition, DataStream
 from .ema import EMA
 from .guards import check_update
 from .lock import RunLock
 from .metrics import MetricsLog, plot_loss
-from .model_setup import build_run_data, model_overrides
-from .objectives import Objective, build_objective
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import lr_at, set_lr
 from .sampling import SamplingSetup, generate, request_of, write_samples
+from .run_parts import build_model, build_run
 from .seeding import STEP, derive_seed, seed_everything
-from .sharding import is_sharded, load_model_state, load_optimizer_state, model_state, optimizer_state, shard_like
+from .sharding import load_model_state, load_optimizer_state, model_state, optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -79,62 +76,20 @@ class Trainer:
     """State of one worker's run; ``train(cfg, ctx)`` builds it and calls ``run()``."""
 
     def __init__(self, cfg: TrainConfig, ctx: RunContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.device = torch.device(ctx.device)
-        self.out = Path(ctx.out_dir)
-        self.micro_batch = self._micro_batch()
-        if self.device.type == "cuda" and cfg.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.autocast = cfg.precision == "bf16" and (self.device.type == "cuda"
-                                                      or (self.device.type == "cpu" and resolve_cpu_bf16(cfg.cpu_bf16)))
-        self.threads = ThreadGovernor(torch.get_num_threads(), fixed=requested_threads()) \
-            if self.device.type == "cpu" else None
-
-        self.data = build_run_data(cfg, self.device)
-        self.info = self.data.info
-        self.data_classes = data_classes(self.data.dataset)
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model.name, **model_overrides(cfg, self.info))
-        self.model_spec = model_spec(model)
-        resume = ctx.resume_checkpoint()
-        if cfg.model.init_from and resume is None:  # a resumed run already holds its own weights
-            from ..init_weights import init_weights
-
-            report = init_weights(model, cfg.model.init_from)
-            if ctx.is_main:
-                print(report.summary(), file=sys.stderr, flush=True)
-        self.stage = ConditioningStage.build(cfg.conditioning, model, self.info).to(self.device)
-        self.ema = EMA(model, cfg.ema)
-        set_recompute(model, recompute_policy(cfg.recompute))
-        self.raw = model.to(self.device)
-        self.ema.model.to(self.device)
-        wrapped = ctx.prepare_model(self.raw)  # before the optimizer: FSDP replaces the parameters by their shards
-        self.sharded = is_sharded(self.raw)
-        if self.sharded:
-            shard_like(self.ema.model, self.raw)
-        self.objective: Objective = build_objective(cfg.objective, model, self.info)
-        check_sampler(cfg.sample, self.objective.kind)  # fail now, not after training
-        check_run(cfg, self.info, model, self.stage)  # labels vs classes, sampling settings: before any write
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.ckpts = CheckpointManager(self.out / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
-                                       milestone_every=cfg.milestone_every or None)
+        self.cfg, self.ctx, self.out = cfg, ctx, Path(ctx.out_dir)
+        parts = build_run(cfg, ctx)
+        self.device, self.micro_batch, self.autocast, self.threads = (parts.device, parts.micro_batch,
+                                                                      parts.autocast, parts.threads)
+        self.data, self.info, self.data_classes, self.model_spec = (parts.data, parts.info, parts.data_classes,
+                                                                    parts.model_spec)
+        self.raw, self.model, self.ema, self.sharded = parts.raw, parts.model, parts.ema, parts.sharded
+        self.stage, self.objective, self.optimizer, self.ckpts = (parts.stage, parts.objective, parts.optimizer,
+                                                                  parts.ckpts)
+        self.params = parts.params
         self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
         self.last_checkpoint: Path | None = None
-        if resume is not None:
-            self._restore(resume)
-        self.model, eager = compile_model(wrapped, cfg.compile, self.device)
-        if eager is not None and cfg.compile and ctx.is_main:
-            log.warning("model not compiled: %s", eager)
-        self.params = [p for p in self.raw.parameters() if p.requires_grad]
-
-    def _micro_batch(self) -> int:
-        cfg, ctx = self.cfg, self.ctx
-        if ctx.world_size * cfg.grad_accum > cfg.data.batch_size or \
-                cfg.data.batch_size % (ctx.world_size * cfg.grad_accum):
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of workers x grad_accum "
-                              f"= {ctx.world_size} x {cfg.grad_accum}")
-        return cfg.data.batch_size // (ctx.world_size * cfg.grad_accum)
+        if parts.resume is not None:
+            self._restore(parts.resume)
 
     # -- checkpoints --
 
@@ -200,7 +155,7 @@ class Trainer:
         state = self.ema.state_dict()
         if not self.ctx.is_main:
             return self.ema.model
-        full = create_model(self.cfg.model.name, **model_overrides(self.cfg, self.info))
+        full = build_model(self.cfg, self.info)
         load_state_dict_strict(full, state, "EMA weights")
         return full.to(self.device).eval().requires_grad_(False)
 
