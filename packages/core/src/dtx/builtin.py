@@ -12,14 +12,12 @@ DTX_HOOK_API = "1.1"  # the hook API these registrations are written for (dtx.ho
 
 @hookimpl
 def dtx_register_commands(register: Callable[..., Any]) -> None:
-    from . import cli
-    from .commands import bench, convert, flops, plugins, recipes, sample, train
-    from .data import extract
-    from .evaluation import report
+    from .commands import bench, convert, extract_latents, flops, models, plugins, recipes, sample, train
+    from .commands import eval as eval_command
 
     register("plugins", plugins.configure, run=plugins.run,
              help="list installed plugins, their hook API, what they register, and what is wrong with them")
-    register("models", cli.configure_models, run=cli.run_models, help="list registered model architectures and presets")
+    register("models", models.configure, run=models.run, help="list registered model architectures and presets")
     register("recipes", recipes.configure, run=recipes.run,
              help="list registered training recipes: model family, data, max_steps and time cap (max_minutes)")
     register("train", train.configure, run=train.run,
@@ -33,9 +31,9 @@ def dtx_register_commands(register: Callable[..., Any]) -> None:
     register("bench", bench.configure, run=bench.run,
              help="forward and training-step time, samples/s, memory, FLOPs, TFLOP/s and MFU of a model or recipe; "
                   "--compare A B times two configurations interleaved")
-    register("extract-latents", extract.configure_parser, run=extract.run,
+    register("extract-latents", extract_latents.configure, run=extract_latents.run,
              help="encode an image or video folder with a local diffusers AutoencoderKL into latent shards")
-    register("eval", report.configure_parser, run=report.run,
+    register("eval", eval_command.configure, run=eval_command.run,
              help="score a samples .npz (or a run folder's newest): digits accuracy, Frechet distance, FID; for "
                   "videos frame consistency and motion")
 

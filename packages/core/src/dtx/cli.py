@@ -1,54 +1,16 @@
-"""The ``dtx`` command line. Subcommands come from plugins (``dtx_register_commands``); core provides
-``models`` here and ``plugins`` in ``dtx.commands.plugins``. User errors print one line and exit 2."""
+"""The ``dtx`` command line. Subcommands come from plugins (``dtx_register_commands``); the core's own are in
+``dtx.commands`` (registered by ``dtx.builtin``). User errors print one line and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from typing import Any, Sequence
 
 from . import plugins
 from .errors import DtxError, PluginError, one_line
-
-
-def configure_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", help="only models of this family")
-    p.add_argument("--no-params", action="store_true", help="skip building models to count parameters")
-    p.add_argument("--json", action="store_true")
-
-
-def run_models(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models import count_parameters, create_model
-
-    rows = []
-    for name, entry in sorted(plugins.host().table("model").items()):
-        if args.family is not None and entry.meta.get("family") != args.family:
-            continue
-        params = None
-        if not args.no_params:
-            with torch.device("meta"):
-                try:  # by plugin:name, so a name two plugins register is still listed (as the one in use)
-                    params = count_parameters(create_model(f"{entry.plugin}:{name}"))
-                except Exception:  # architectures without defaults for every option
-                    params = None
-        rows.append({"name": name, "family": entry.meta.get("family", ""), "plugin": entry.plugin,
-                     "params": params, "description": entry.meta.get("description", "")})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no models registered; install a backbone, e.g. pip install dtx-backbone-dit")
-    else:
-        print(f"{'model':<20} {'params':>10}  {'family':<8} {'plugin':<8} description")
-    for r in rows:
-        p = f"{r['params'] / 1e6:9.2f}M" if r["params"] is not None else "        -"
-        print(f"{r['name']:<20} {p}  {r['family']:<8} {r['plugin']:<8} {r['description']}")
-    return 0
 
 
 class _Parser(argparse.ArgumentParser):

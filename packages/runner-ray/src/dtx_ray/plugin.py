@@ -11,7 +11,8 @@ DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspe
 
 @hookimpl
 def dtx_register_runners(register: Callable[..., Any]) -> None:
-    from .runner import add_arguments, run_ray
+    from .options import add_arguments
+    from .runner import run_ray
 
     register("ray", run_ray, configure_parser=add_arguments,
              description="Ray Train: an in-process Ray instance by default, a cluster with --address; "

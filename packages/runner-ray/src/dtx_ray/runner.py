@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from dtx import plugins
-from dtx.config import check
 from dtx.errors import ConfigError, DtxError, PluginError
 from dtx.training.config import TrainConfig, config_dict
 
 from .context import RayContext
 from .embedded import start_embedded_ray
-from .options import FORWARDED_ENV, RayOptions, add_arguments  # noqa: F401 (add_arguments: the runner's flags)
+from .options import FORWARDED_ENV, RayOptions
 
 #: Ray lowers its workers' priority by this many nice steps (15 by default); a run's workers keep the priority of
 #: the process that started them (the raylet's: the ``dtx train`` process for an embedded instance, the job's

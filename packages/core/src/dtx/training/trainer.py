@@ -29,7 +29,6 @@ from .config import TrainConfig, config_dict
 from .compile import CompiledModel
 from .context import RunContext
 from .data_stream import DataPosition, DataStream
-from .ema import EMA
 from .guards import check_update
 from .lock import RunLock
 from .metrics import MetricsLog, plot_loss
