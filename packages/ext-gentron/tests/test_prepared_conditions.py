@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dtx.data.info import DataInfo
-from dtx.errors import ConfigError, ShapeError
+from dtx.errors import ShapeError
 from dtx.layers import CrossAttention
 from dtx.testing import randomize_parameters
 from dtx.training import objectives
@@ -54,30 +54,31 @@ def test_prepared_forward_equals_raw_forward(case: str) -> None:
         expected = model(x, t, **raw)
         prepared = model.prepare_conditions(**raw)
         out = model(x, t, **prepared)
-    assert prepared["text_cond"].shape == (4, 32)
+    cache = prepared["text_cache"]
+    assert cache.cond.shape == (4, 32)
     if model.config.cross_attention:
         blocks = 3 if model.config.context_dim_2 else 5
-        assert prepared["text_kv"].shape == (4, blocks, 5, 64) and prepared["text_mask"].shape == (4, 5)
-        assert ("text_kv_2" in prepared) == bool(model.config.context_dim_2)
+        assert cache.kv.shape == (4, blocks, 5, 64) and cache.mask.shape == (4, 5)
+        assert (cache.kv_2 is not None) == bool(model.config.context_dim_2)
     else:
-        assert "text_kv" not in prepared
-    assert all(v.shape[0] == 4 for v in prepared.values())  # batch-first, so guidance can batch them
+        assert cache.kv is None
+    assert {k: v for k, v in prepared.items() if k != "text_cache"} == {k: v for k, v in raw.items() if v is not None}
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     assert expected.abs().mean() > 1e-3  # random weights: the comparison can fail
 
 
-def test_prepared_and_raw_inputs_are_exclusive_and_checked() -> None:
+def test_a_text_cache_that_does_not_fit_is_refused() -> None:
+    import dataclasses
+
     model = randomize_parameters(build_gentron(**SMALL, context_dim_2=8))
     x, t, raw = inputs(model)
-    prepared = model.prepare_conditions(**raw)
-    with pytest.raises(ConfigError, match="not both"):
-        model(x, t, **prepared, context=raw["context"])
-    with pytest.raises(ShapeError, match="text_kv_2 must be"):
-        model(x, t, **{k: v for k, v in prepared.items() if k != "text_kv_2"})
-    with pytest.raises(ShapeError, match="text_kv must be"):
-        model(x, t, **{**prepared, "text_kv": prepared["text_kv"][:, :2]})
-    with pytest.raises(ShapeError, match="text_cond must be"):
-        model(x[:2], t[:2], **prepared)
+    cache = model.prepare_conditions(**raw)["text_cache"]
+    with pytest.raises(ShapeError, match="text_cache.kv_2 must be"):
+        model(x, t, **raw, text_cache=dataclasses.replace(cache, kv_2=None))
+    with pytest.raises(ShapeError, match="text_cache.kv must be"):
+        model(x, t, **raw, text_cache=dataclasses.replace(cache, kv=cache.kv[:, :2]))
+    with pytest.raises(ShapeError, match="text_cache.cond must be"):
+        model(x[:2], t[:2], **{k: v[:2] for k, v in raw.items()}, text_cache=cache)
     with pytest.raises(ShapeError, match="needs text"):
         model.prepare_conditions()
 

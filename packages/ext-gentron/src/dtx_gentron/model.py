@@ -20,8 +20,9 @@ GenTron has no official code, so every choice the paper leaves open is made here
   substituted where ``text_null`` is True; otherwise the null caption is the encoder's output for "".
 - **Motion-free mask** (``motion_free`` [B] bool): TempSelfAttn attends each frame to itself only, so its output is
   the per-token map proj(W_v LN(x)) -- the layer is not skipped (softmax over a single key is 1).
-- **Prepared conditions**: ``prepare_conditions`` returns the text part of c and every block's cross-attention K/V,
-  which samplers compute once per run instead of once per step. A clip's frames share its text, so in T2V they
+- **Prepared conditions**: ``prepare_conditions`` adds a ``TextCache`` to the text keywords (the text part of c and
+  every block's cross-attention K/V), which samplers compute once per run instead of once per step; ``forward``
+  always takes the text keywords and uses the cache, when given, instead of redoing that work. A clip's frames share its text, so in T2V they
   attend to it as one query sequence ``(b f) n d -> b (f n) d``: the K/V are never repeated per frame.
 
 Shapes: T2I ``x`` [B, C, H, W] (``GenTron``, ``channel_dim`` 1); T2V ``x`` [B, F, C, H, W] (``GenTronT2V``,
@@ -39,7 +40,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from dtx.config import check
-from dtx.errors import ConfigError, ShapeError
+from dtx.errors import ShapeError
 from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
                         TimestepEmbedder, dit_base_init, frame_positions, grid_positions, layer_norm,
                         per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
@@ -120,6 +121,20 @@ class Text:
     def at(self, j: int) -> Text:
         """This text as the j-th block attending to it sees it."""
         return self if self.kv is None else Text(self.tokens, self.mask, self.kv[:, j])  # kv [B, L, 2D]
+
+
+@dataclass
+class TextCache:
+    """The step-invariant text work of one batch (``prepare_conditions``): the text part of c ``cond`` [B, D] and
+    the cross-attention K/V of the blocks attending to each text ``kv`` [B, blocks, L, 2D] with its key mask
+    ``mask`` [B, L] (``_2``: the second encoder's, odd blocks). A memo of the batch's text keywords, never a
+    replacement for them."""
+
+    cond: torch.Tensor
+    kv: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    kv_2: torch.Tensor | None = None
+    mask_2: torch.Tensor | None = None
 
 
 @dataclass
@@ -314,35 +329,36 @@ class GenTron(nn.Module):
                            pooled: torch.Tensor | None = None, text_null: torch.Tensor | None = None,
                            context_2: torch.Tensor | None = None, context_mask_2: torch.Tensor | None = None,
                            motion_free: torch.Tensor | None = None) -> dict[str, Any]:
-        """Kwargs for ``forward`` with the step-invariant text work done: the text part of c ``text_cond`` [B, D],
-        per-block cross-attention K/V ``text_kv`` [B, blocks, L, 2D] and ``text_mask`` [B, L] (``_2``: the odd
-        blocks' second encoder); samplers call it once per run instead of redoing it every step."""
+        """``forward``'s keywords for this batch plus ``text_cache``, the text work done once (see ``TextCache``);
+        samplers call it once per run instead of redoing the work every step."""
         rows = context if context is not None else pooled
         if rows is None:
             raise ShapeError(f"GenTron needs text: context [B, L, {self.config.context_dim}] (run a text conditioner)")
+        raw = {"context": context, "context_mask": context_mask, "pooled": pooled, "text_null": text_null,
+               "context_2": context_2, "context_mask_2": context_mask_2, "motion_free": motion_free}
         text_cond, texts = self._encode_text(rows.shape[0], context, context_mask, pooled, text_null, context_2,
                                              context_mask_2)
-        out: dict[str, Any] = {"text_cond": text_cond}  # [B, D]
+        parts: dict[str, torch.Tensor | None] = {}
         for suffix, text, blocks in zip(("", "_2"), texts, self._text_blocks()):
             if text is not None:
                 kvs = [self.blocks[i].cross_attn.project_context(text.tokens) for i in blocks]  # each [B, L, 2D]
-                out["text_kv" + suffix] = torch.stack(kvs, dim=1)  # [B, blocks, L, 2D]
-                out["text_mask" + suffix] = text.mask  # [B, L]
-        if motion_free is not None:
-            out["motion_free"] = motion_free  # [B]
-        return out
+                parts["kv" + suffix] = torch.stack(kvs, dim=1)  # [B, blocks, L, 2D]
+                parts["mask" + suffix] = text.mask  # [B, L]
+        cache = TextCache(text_cond, **parts)  # type: ignore[arg-type]
+        return {**{k: v for k, v in raw.items() if v is not None}, "text_cache": cache}
 
-    def _prepared_text(self, b: int, text_cond: torch.Tensor, kvs: tuple[torch.Tensor | None, ...],
-                       masks: tuple[torch.Tensor | None, ...]) -> list[Text | None]:
-        """Checked prepared inputs as the blocks' texts (per-block K/V)."""
+    def _cached_text(self, b: int, cache: TextCache) -> list[Text | None]:
+        """The blocks' texts from a checked ``TextCache`` (per-block K/V)."""
         d = self.config.hidden_size
-        if text_cond.shape != (b, d):
-            raise ShapeError(f"text_cond must be [{b}, {d}], got {list(text_cond.shape)}")
+        if cache.cond.shape != (b, d):
+            raise ShapeError(f"text_cache.cond must be [{b}, {d}] (prepare_conditions of this batch), got "
+                             f"{list(cache.cond.shape)}")
         texts: list[Text | None] = [None, None]
         if not self.config.cross_attention:
             return texts
-        for j, (blocks, kv, mask) in enumerate(zip(self._text_blocks(), kvs, masks)):
-            name = "text_kv" + ("_2" if j else "")
+        for j, blocks in enumerate(self._text_blocks()):
+            name = "text_cache.kv" + ("_2" if j else "")
+            kv, mask = (cache.kv_2, cache.mask_2) if j else (cache.kv, cache.mask)
             if kv is None or kv.ndim != 4 or kv.shape[:2] != (b, len(blocks)) or kv.shape[3] != 2 * d:
                 got = None if kv is None else list(kv.shape)
                 raise ShapeError(f"{name} must be [{b}, {len(blocks)}, L, {2 * d}] (prepare_conditions), got {got}")
@@ -357,13 +373,11 @@ class GenTron(nn.Module):
                 context_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 text_null: torch.Tensor | None = None, context_2: torch.Tensor | None = None,
                 context_mask_2: torch.Tensor | None = None, motion_free: torch.Tensor | None = None,
-                text_cond: torch.Tensor | None = None, text_kv: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, text_kv_2: torch.Tensor | None = None,
-                text_mask_2: torch.Tensor | None = None) -> torch.Tensor:
+                text_cache: TextCache | None = None) -> torch.Tensor:
         """x: [B, C, H, W] (T2V: [B, F, C, H, W]); t: [B] timesteps; context [B, L, context_dim] with
         context_mask [B, L] (True = token); pooled [B, context_dim]; text_null [B] (learned null caption);
-        context_2/context_mask_2 (second encoder); motion_free [B] (T2V); or, instead of the text inputs, what
-        ``prepare_conditions`` returns for them (text_cond, text_kv, text_mask, text_kv_2, text_mask_2)."""
+        context_2/context_mask_2 (second encoder); motion_free [B] (T2V); text_cache: this batch's text work done
+        beforehand (``prepare_conditions``), used instead of redoing it."""
         video = self.channel_dim == 2
         if x.ndim != 3 + self.channel_dim or x.shape[self.channel_dim] != self.in_channels:
             shape = f"[B, F, {self.in_channels}, H, W] clips" if video else f"[B, {self.in_channels}, H, W] images"
@@ -371,14 +385,8 @@ class GenTron(nn.Module):
         if motion_free is not None and not video:
             raise ShapeError("motion_free is a text-to-video input; this GenTron is text-to-image (num_frames 0)")
         b = x.shape[0]
-        prepared = (text_cond, text_kv, text_mask, text_kv_2, text_mask_2)
-        raw = (context, context_mask, pooled, text_null, context_2, context_mask_2)
-        if any(v is not None for v in prepared):
-            if any(v is not None for v in raw):
-                raise ConfigError("GenTron takes either raw text inputs or prepare_conditions' output, not both")
-            if text_cond is None:
-                raise ShapeError("prepared GenTron inputs need text_cond (prepare_conditions)")
-            texts = self._prepared_text(b, text_cond, (text_kv, text_kv_2), (text_mask, text_mask_2))
+        if text_cache is not None:
+            text_cond, texts = text_cache.cond, self._cached_text(b, text_cache)
         else:
             text_cond, texts = self._encode_text(b, context, context_mask, pooled, text_null, context_2,
                                                  context_mask_2)  # [B, D], projected captions
