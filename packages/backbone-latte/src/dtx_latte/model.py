@@ -152,20 +152,26 @@ LATTE_PRESETS: dict[str, dict[str, int]] = {
 # -- one forward pass's token layout -------------------------------------------------------------------------------
 
 @dataclass
+class AxisInputs:
+    """What attention along one axis takes: the condition, as adaLN input ``c`` [N, D] (injection "adaln") or as
+    tokens ``ctx`` [N, n, D] joining the keys and values (injection "tokens"), and the rotary angles, if any."""
+
+    c: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
+
+
+@dataclass
 class Layout:
-    """What the blocks of one forward pass share: sizes, conditions and temporal positions."""
+    """What the blocks of one forward pass share: sizes, each axis' inputs, the absolute temporal table."""
 
     batch: int
     frames: int  # token frames of the clip: the temporal attention's sequence length
     images: int  # appended image frames (spatial path only)
     tokens: int  # tokens per frame (grid_h * grid_w)
-    c_s: torch.Tensor | None  # adaLN condition per spatial sequence   [(b F), D], F = frames + images
-    c_t: torch.Tensor | None  # adaLN condition per temporal sequence  [(b t), D]
-    ctx_s: torch.Tensor | None  # condition tokens ("tokens" injection)  [(b F), n, D]
-    ctx_t: torch.Tensor | None  # condition tokens ("tokens" injection)  [(b t), n, D]
-    rope: torch.Tensor | None  # rotary angles over the frame index     [frames, head_dim / 2]
-    rope_s: torch.Tensor | None  # axial rotary angles over the grid    [heads, tokens, head_dim / 4]
-    temp_embed: torch.Tensor | None  # absolute temporal table          [1, frames, D]
+    spatial: AxisInputs  # N = (b F) sequences of t tokens, F = frames + images; rope [heads, t, head_dim / 4]
+    temporal: AxisInputs  # N = (b t) sequences of f frames; rope [frames, head_dim / 2]
+    temp_embed: torch.Tensor | None  # absolute temporal table [1, frames, D]
 
 
 def to_temporal(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,20 +216,19 @@ class AxisBlock(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d)) if adaln else None
 
-    def _block(self, x: torch.Tensor, c: torch.Tensor | None, ctx: torch.Tensor | None,
-               theta: torch.Tensor | None) -> torch.Tensor:
-        mod = _modulation(self.adaLN_modulation, c, 6)  # shift, scale, gate (msa), shift, scale, gate (mlp)
-        context = None if ctx is None else self.norm1(ctx)
-        x = _sublayer(x, self.norm1, lambda h: self.attn(h, theta=theta, context=context), mod and mod[:3])
+    def _block(self, x: torch.Tensor, axis: AxisInputs) -> torch.Tensor:
+        mod = _modulation(self.adaLN_modulation, axis.c, 6)  # shift, scale, gate (msa), shift, scale, gate (mlp)
+        context = None if axis.ctx is None else self.norm1(axis.ctx)
+        x = _sublayer(x, self.norm1, lambda h: self.attn(h, theta=axis.rope, context=context), mod and mod[:3])
         return _sublayer(x, self.norm2, self.mlp, mod and mod[3:])
 
     def forward(self, x: torch.Tensor, lay: Layout, add_temp: bool = False) -> torch.Tensor:
         if self.axis == "spatial":
-            return self._block(x, lay.c_s, lay.ctx_s, lay.rope_s)  # [(B F), t, D]
+            return self._block(x, lay.spatial)  # [(B F), t, D]
         video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
         if add_temp and lay.temp_embed is not None:
             video = video + lay.temp_embed  # [(B t), f, D]; once, before the first temporal attention
-        video = self._block(video, lay.c_t, lay.ctx_t, lay.rope)  # [(B t), f, D]
+        video = self._block(video, lay.temporal)  # [(B t), f, D]
         return from_temporal(video, images, lay)  # [(B F), t, D]
 
 
@@ -247,16 +252,17 @@ class FactorisedBlock(nn.Module):
         self.adaLN_modulation_t = nn.Sequential(nn.SiLU(), Linear(d, 3 * d)) if adaln else None
 
     def forward(self, x: torch.Tensor, lay: Layout, add_temp: bool = False) -> torch.Tensor:
-        mod = _modulation(self.adaLN_modulation, lay.c_s, 6)
-        mod_t = _modulation(self.adaLN_modulation_t, lay.c_t, 3)
-        ctx_s = None if lay.ctx_s is None else self.norm1(lay.ctx_s)
-        x = _sublayer(x, self.norm1, lambda h: self.attn_s(h, theta=lay.rope_s, context=ctx_s),
+        sp, tm = lay.spatial, lay.temporal
+        mod = _modulation(self.adaLN_modulation, sp.c, 6)
+        mod_t = _modulation(self.adaLN_modulation_t, tm.c, 3)
+        ctx_s = None if sp.ctx is None else self.norm1(sp.ctx)
+        x = _sublayer(x, self.norm1, lambda h: self.attn_s(h, theta=sp.rope, context=ctx_s),
                       mod and mod[:3])  # [(B F), t, D]
         video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
         if add_temp and lay.temp_embed is not None:
             video = video + lay.temp_embed  # [(B t), f, D]
-        ctx_t = None if lay.ctx_t is None else self.norm_t(lay.ctx_t)
-        video = _sublayer(video, self.norm_t, lambda h: self.attn_t(h, theta=lay.rope, context=ctx_t), mod_t)
+        ctx_t = None if tm.ctx is None else self.norm_t(tm.ctx)
+        video = _sublayer(video, self.norm_t, lambda h: self.attn_t(h, theta=tm.rope, context=ctx_t), mod_t)
         x = from_temporal(video, images, lay)  # [(B F), t, D]
         return _sublayer(x, self.norm2, self.mlp, mod and mod[3:])  # [(B F), t, D]
 
@@ -285,10 +291,11 @@ class SplitHeadBlock(nn.Module):
         half = heads // 2
         q, k, v = attn.heads(h)  # [(B F), H, t, hd] each
         qs, ks, vs = q[:, :half], k[:, :half], v[:, :half]  # spatial heads [(B F), H/2, t, hd]
-        if lay.rope_s is not None:
-            qs, ks = apply_rotary(qs, lay.rope_s[:half]), apply_rotary(ks, lay.rope_s[:half])  # [(B F), H/2, t, hd]
-        if lay.ctx_s is not None:
-            _, kc, vc = attn.heads(self.norm1(lay.ctx_s))  # [(B F), H, n, hd]
+        sp, tm = lay.spatial, lay.temporal
+        if sp.rope is not None:
+            qs, ks = apply_rotary(qs, sp.rope[:half]), apply_rotary(ks, sp.rope[:half])  # [(B F), H/2, t, hd]
+        if sp.ctx is not None:
+            _, kc, vc = attn.heads(self.norm1(sp.ctx))  # [(B F), H, n, hd]
             ks, vs = torch.cat([ks, kc[:, :half]], 2), torch.cat([vs, vc[:, :half]], 2)  # [(B F), H/2, t + n, hd]
         out_s = attention(qs, ks, vs)  # [(B F), H/2, t, hd]
 
@@ -297,10 +304,10 @@ class SplitHeadBlock(nn.Module):
             return rearrange(z, "b f h t e -> (b t) h f e")  # [(B t), H/2, f, hd]
 
         qt, kt, vt = temporal(q[:, half:]), temporal(k[:, half:]), temporal(v[:, half:])  # [(B t), H/2, f, hd]
-        if lay.rope is not None:
-            qt, kt = apply_rotary(qt, lay.rope), apply_rotary(kt, lay.rope)  # [(B t), H/2, f, hd]
-        if lay.ctx_t is not None:
-            _, kc, vc = attn.heads(self.norm1(lay.ctx_t))  # [(B t), H, n, hd]
+        if tm.rope is not None:
+            qt, kt = apply_rotary(qt, tm.rope), apply_rotary(kt, tm.rope)  # [(B t), H/2, f, hd]
+        if tm.ctx is not None:
+            _, kc, vc = attn.heads(self.norm1(tm.ctx))  # [(B t), H, n, hd]
             kt, vt = torch.cat([kt, kc[:, half:]], 2), torch.cat([vt, vc[:, half:]], 2)  # [(B t), H/2, f + n, hd]
         out_t = rearrange(attention(qt, kt, vt), "(b t) h f e -> b f h t e", b=lay.batch)  # [B, f, H/2, t, hd]
         if lay.images:
@@ -313,7 +320,7 @@ class SplitHeadBlock(nn.Module):
         if add_temp and lay.temp_embed is not None:
             video, images = to_temporal(x, lay)  # [(B t), f, D], [B, n_img, t, D]
             x = from_temporal(video + lay.temp_embed, images, lay)  # [(B F), t, D]
-        mod = _modulation(self.adaLN_modulation, lay.c_s, 6)
+        mod = _modulation(self.adaLN_modulation, lay.spatial.c, 6)
         x = _sublayer(x, self.norm1, lambda h: self._attend(h, lay), mod and mod[:3])  # [(B F), t, D]
         return _sublayer(x, self.norm2, self.mlp, mod and mod[3:])  # [(B F), t, D]
 
@@ -578,26 +585,24 @@ class Latte(nn.Module):
             if images:
                 labels = y_image if y_image is not None or y is None else repeat(y, "b -> b n", n=images)
                 frame_y = torch.cat([frame_y, self._labels(labels, (b, images), x.device)], dim=1)  # [B, F, D]
-        adaln = self.config.injection == "adaln"
-        c_s = c_t = ctx_s = ctx_t = None
-        if adaln:
-            c_s = rearrange(frame_t if frame_y is None else frame_t + frame_y, "b f d -> (b f) d")  # [(B F), D]
-            c_t = repeat(cond, "b d -> (b t) d", t=tokens)  # [(B t), D]
-        else:  # condition tokens t (and y) as extra keys/values of every attention
-            ctx_s = rearrange(torch.stack([frame_t] if frame_y is None else [frame_t, frame_y], dim=2),
-                              "b f n d -> (b f) n d")  # [(B F), n, D]
-            clip_tokens = torch.stack([t_emb] if y_emb is None else [t_emb, y_emb], dim=1)  # [B, n, D]
-            ctx_t = repeat(clip_tokens, "b n d -> (b t) n d", t=tokens)  # [(B t), n, D]
         head_dim = self.config.hidden_size // self.config.num_heads
-        lay = Layout(batch=b, frames=frames, images=images, tokens=tokens,
-                     c_s=c_s, c_t=c_t, ctx_s=ctx_s, ctx_t=ctx_t,
-                     rope=rope_angles(head_dim, frames, x.device) if self.config.temporal_pos == "rope" else None,
-                     rope_s=self._spatial_angles(grid_h, grid_w, x.device),
+        spatial = AxisInputs(rope=self._spatial_angles(grid_h, grid_w, x.device))
+        temporal = AxisInputs(rope=rope_angles(head_dim, frames, x.device) if self.config.temporal_pos == "rope"
+                              else None)
+        if self.config.injection == "adaln":
+            spatial.c = rearrange(frame_t if frame_y is None else frame_t + frame_y, "b f d -> (b f) d")  # [(B F), D]
+            temporal.c = repeat(cond, "b d -> (b t) d", t=tokens)  # [(B t), D]
+        else:  # condition tokens t (and y) as extra keys/values of every attention
+            spatial.ctx = rearrange(torch.stack([frame_t] if frame_y is None else [frame_t, frame_y], dim=2),
+                                    "b f n d -> (b f) n d")  # [(B F), n, D]
+            clip_tokens = torch.stack([t_emb] if y_emb is None else [t_emb, y_emb], dim=1)  # [B, n, D]
+            temporal.ctx = repeat(clip_tokens, "b n d -> (b t) n d", t=tokens)  # [(B t), n, D]
+        lay = Layout(batch=b, frames=frames, images=images, tokens=tokens, spatial=spatial, temporal=temporal,
                      temp_embed=self.temporal_table(frames))
 
         for i in range(len(self.blocks)):
             h = self.blocks.call(i, h, lay, i == self.first_temporal)  # [(B F), t, D]
-        h = self.final_layer(h, c_s)  # [(B F), t, p * p * out]
+        h = self.final_layer(h, spatial.c)  # [(B F), t, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         if self.temporal_upsample is None:
             return rearrange(out, "(b f) c h w -> b f c h w", b=b)  # [B, F, out, H, W]
