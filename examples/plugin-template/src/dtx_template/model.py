@@ -1,8 +1,8 @@
-"""TemplateViT: a small in-context vision transformer denoiser.
+"""TemplateViT: a small DiT-style denoiser, written as a spec over the core's patch-transformer pieces.
 
-The noise level and the class label become two extra tokens in front of the patch tokens (as in U-ViT); pre-norm
-transformer blocks from ``dtx.layers`` follow, then a zero-initialised linear head, so the model outputs exactly 0
-at initialisation (EDM preconditioning then starts from the skip connection).
+Patch tokens with sin-cos positions, adaLN-Zero blocks conditioned on the noise level plus the class label, and an
+adaLN final layer; every modulation and the output layer start at zero, so the model outputs exactly 0 at
+initialisation (EDM preconditioning then starts from the skip connection).
 
 What dtx reads from the class (``dtx.interface``): ``channel_dim`` 1 (images ``[B, C, H, W]``), ``noise_input``
 ``"c_noise"`` (EDM's ``ln(sigma) / 4``), ``in_channels``, ``out_channels``, ``learn_sigma``, ``input_shape``,
@@ -19,7 +19,8 @@ from torch import nn
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, BlockStack, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder, per_sample_timesteps,
+from dtx.layers import (AdaLNBlock, BlockStack, FinalLayer, LabelEmbedder, PatchEmbed, PatchGridConfig,
+                        TimestepEmbedder, check_label_range, dit_base_init, grid_positions, per_sample_timesteps,
                         sincos_2d_torch, unpatchify)
 
 
@@ -47,20 +48,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class TemplateViT(nn.Module):
     """``forward(x, c_noise, y=None)`` -> ``[B, C, H, W]``, the network F of EDM preconditioning."""
 
@@ -70,26 +57,24 @@ class TemplateViT(nn.Module):
 
     def __init__(self, config: TemplateConfig | None = None) -> None:
         super().__init__()
-        cfg = (config or TemplateConfig()).validate()
-        self.config = cfg
+        cfg = self.config = (config or TemplateConfig()).validate()
         d = cfg.hidden_size
         self.in_channels = self.out_channels = cfg.in_channels
         self.num_classes = cfg.num_classes
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
-        # fixed sin-cos positions; filled in place so that a model built on the meta device (`dtx flops`) stays there
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, dropout_prob=0.1) if cfg.num_classes else None
+        # filled in place, so that a model built on the meta device (`dtx flops`) stays there
         self.register_buffer("pos_embed", torch.zeros(1, cfg.grid[0] * cfg.grid[1], d), persistent=False)
+        self.blocks = BlockStack([AdaLNBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.in_channels)
+        dit_base_init(self, self.x_embedder.proj)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d_torch(d, *cfg.grid))
-        self.blocks = BlockStack([Block(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])  # recompute switch
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.patch_size ** 2 * cfg.in_channels)
-        nn.init.normal_(self.x_embedder.proj.weight, std=0.02)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        for modulation in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                           self.final_layer.linear]:
+            nn.init.zeros_(modulation.weight)
+            nn.init.zeros_(modulation.bias)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -97,21 +82,18 @@ class TemplateViT(nn.Module):
 
     @property
     def null_class(self) -> int | None:
-        return self.num_classes if self.num_classes else None
+        return self.y_embedder.null_class if self.y_embedder is not None else None
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W]; c_noise: [B] (or a scalar) = ln(sigma) / 4; y: [B] labels (``null_class`` = none)."""
-        b = x.shape[0]
-        grid = self.config.grid
-        if tuple(x.shape[2:]) != self.config.input_hw:
-            raise ShapeError(f"TemplateViT was built for {self.config.input_hw} inputs, got {list(x.shape)}")
+        b, (grid_h, grid_w) = x.shape[0], self.x_embedder.grid(*x.shape[2:])
+        h = self.x_embedder(x) + grid_positions(self.pos_embed, self.config.grid, grid_h, grid_w)  # [B, T, D]
         # c_noise spans about [-1.5, 1.1]; the sinusoidal embedding was made for DDPM's 0..999 timesteps
-        tokens = [self.t_embedder(per_sample_timesteps(c_noise, b, x.device, "TemplateViT") * 250)[:, None]]
+        c = self.t_embedder(per_sample_timesteps(c_noise, b, x.device, "TemplateViT") * 250)  # [B, D]
         if self.y_embedder is not None:
             if y is None or y.shape != (b,):
                 raise ShapeError(f"this TemplateViT has {self.num_classes} classes and needs labels y of shape [{b}]")
-            tokens.append(self.y_embedder(y)[:, None])
-        h = torch.cat([*tokens, self.x_embedder(x) + self.pos_embed.to(x.dtype)], dim=1)
-        h = self.blocks(h)  # [B, n + T, D]
-        h = self.head(self.norm(h[:, len(tokens):]))
-        return unpatchify(h, self.config.patch_size, self.out_channels, *grid)
+            check_label_range(y, self.num_classes + 1, f" ({self.num_classes} = null)")
+            c = c + self.y_embedder(y, train=False)  # [B, D]; labels arrive already dropped
+        h = self.final_layer(self.blocks(h, c), c)  # [B, T, p * p * C]
+        return unpatchify(h, self.config.patch_size, self.out_channels, grid_h, grid_w)  # [B, C, H, W]
