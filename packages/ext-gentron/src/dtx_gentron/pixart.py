@@ -30,9 +30,9 @@ from torch import nn
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (Attention, BlockStack, CrossAttention, Linear, Mlp, PatchEmbed, PatchGridConfig, TimestepEmbedder,
-                        dit_base_init, frame_positions, grid_positions, layer_norm, modulate, per_sample_timesteps,
-                        sincos_1d_torch, sincos_2d_torch, unpatchify)
+from dtx.layers import (Attention, BlockStack, CrossAttention, Linear, Mlp, PatchEmbed, PatchGridConfig,
+                        TimestepEmbedder, dit_base_init, frame_positions, grid_positions, layer_norm, modulate,
+                        per_sample_timesteps, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 
 @dataclass
