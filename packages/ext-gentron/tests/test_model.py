@@ -55,14 +55,15 @@ def test_learn_sigma_doubles_channels_and_video_shapes():
     assert model.input_shape == (3, 3, 8, 8)
 
 
-@pytest.mark.parametrize("temporal_pos", ["rope", "sincos", "rope+sincos", "none"])
-def test_t2v_built_from_t2i_equals_t2i_per_frame(temporal_pos):
-    """TempSelfAttn's zero output projection: at initialisation the T2V model is the T2I model on each frame, with
-    any temporal positions."""
+@pytest.mark.parametrize("temporal_pos, frame_embed", [("rope", "none"), ("sincos", "none"), ("rope+sincos", "none"),
+                                                        ("none", "none"), ("rope+sincos", "tokens")])
+def test_t2v_built_from_t2i_equals_t2i_per_frame(temporal_pos, frame_embed):
+    """TempSelfAttn's zero output projection (and the zero frame embedder): at initialisation the T2V model is the
+    T2I model on each frame, with any temporal positions."""
     t2i = perturbed(build_gentron(**SMALL)).double()
-    t2v = build_gentron(**SMALL, num_frames=4, temporal_pos=temporal_pos).double()
+    t2v = build_gentron(**SMALL, num_frames=4, temporal_pos=temporal_pos, frame_embed=frame_embed).double()
     missing, unexpected = t2v.load_state_dict(t2i.state_dict(), strict=False)
-    assert not unexpected and all(".temp_" in k for k in missing)
+    assert not unexpected and all(".temp_" in k or k.startswith("frame_embedder.") for k in missing)
     x = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64)
     t = torch.tensor([5, 900])
     ctx, mask, pooled = (v.double() if v.is_floating_point() else v for v in text())

@@ -11,7 +11,9 @@ GenTron has no official code, so every choice the paper leaves open is made here
     them; attention without them could not tell forward from backward motion): RoPE over the frame index
     (``temporal_pos: rope``, default), a sin-cos table of the frame index added to its normalised input (``sincos``,
     as AnimateDiff's motion module), or both; its output projection is zero-initialised, so a T2V model built from
-    a T2I model starts as the per-frame T2I model with any of them.
+    a T2I model starts as the per-frame T2I model with any of them. ``frame_embed: tokens`` also adds a learned
+    linear map of the frame's sin-cos table to every token of the frame before the blocks (Latte adds its fixed table
+    to the residual stream the same way); zero-initialised, so that start is kept.
 - **Condition** c = t_emb + pooled_embedder(pooled text) drives adaLN (both designs); conditioning "adaln" has no
   cross-attention (the paper's adaLN-Zero-with-text baseline).
 - **Text** ``context`` [B, L, context_dim] is projected once by ``y_proj`` (PixArt's caption MLP) to the model width;
@@ -22,8 +24,9 @@ GenTron has no official code, so every choice the paper leaves open is made here
   the per-token map proj(W_v LN(x)) -- the layer is not skipped (softmax over a single key is 1).
 - **Prepared conditions**: ``prepare_conditions`` adds a ``TextCache`` to the text keywords (the text part of c and
   every block's cross-attention K/V), which samplers compute once per run instead of once per step; ``forward``
-  always takes the text keywords and uses the cache, when given, instead of redoing that work. A clip's frames share its text, so in T2V they
-  attend to it as one query sequence ``(b f) n d -> b (f n) d``: the K/V are never repeated per frame.
+  always takes the text keywords and uses the cache, when given, instead of redoing that work. A clip's frames share
+  its text, so in T2V they attend to it as one query sequence ``(b f) n d -> b (f n) d``: the K/V are never repeated
+  per frame.
 
 Shapes: T2I ``x`` [B, C, H, W] (``GenTron``, ``channel_dim`` 1); T2V ``x`` [B, F, C, H, W] (``GenTronT2V``,
 ``channel_dim`` 2), built when ``num_frames > 0``. Timesteps are DDPM indices in [0, 1000), as DiT's.
@@ -41,14 +44,16 @@ from torch import nn
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Mlp, PatchEmbed, PatchGridConfig,
-                        TimestepEmbedder, dit_base_init, frame_positions, grid_positions, layer_norm,
+from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Linear, Mlp, PatchEmbed,
+                        PatchGridConfig, TimestepEmbedder, dit_base_init, frame_positions, grid_positions, layer_norm,
                         per_sample_timesteps, rope_angles, sincos_1d_torch, sincos_2d_torch, unpatchify)
 
 Conditioning = Literal["cross-attention", "adaln"]
 TemporalPos = Literal["rope", "sincos", "rope+sincos", "none"]
+FrameEmbed = Literal["none", "tokens"]
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 TEMPORAL_POS: tuple[str, ...] = get_args(TemporalPos)
+FRAME_EMBEDS: tuple[str, ...] = get_args(FrameEmbed)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class GenTronConfig(PatchGridConfig):
     learned_null: bool = False  # a learned null caption, substituted where ``text_null`` is True
     num_frames: int = 0  # 0: text-to-image; > 0: text-to-video clips of this many frames (TempSelfAttn)
     temporal_pos: TemporalPos = "rope"  # RoPE over frames in TempSelfAttn; "sincos": absolute frame table on its input
+    frame_embed: FrameEmbed = "none"  # "tokens": a learned map of the frame's sin-cos table added to its tokens
     learn_sigma: bool = True
     grad_checkpointing: bool = False
 
@@ -91,6 +97,8 @@ class GenTronConfig(PatchGridConfig):
         check(self.num_frames >= 0, "num_frames", f"must be >= 0 (0 = text-to-image), got {self.num_frames}")
         check(self.temporal_pos in TEMPORAL_POS, "temporal_pos",
               f"{self.temporal_pos!r} is not one of {', '.join(TEMPORAL_POS)}")
+        check(self.frame_embed in FRAME_EMBEDS, "frame_embed",
+              f"{self.frame_embed!r} is not one of {', '.join(FRAME_EMBEDS)}")
         check("rope" not in self.temporal_pos or (self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
               f"rope rotates pairs of head dimensions, so the head size must be even, got "
               f"{self.hidden_size // self.num_heads}")
@@ -220,6 +228,7 @@ class GenTron(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], d), requires_grad=False)
         frame_pos = sincos_1d_torch(d, cfg.num_frames) if cfg.num_frames > 0 and "sincos" in cfg.temporal_pos else None
         self.register_buffer("frame_pos", frame_pos, persistent=False)  # [1, F, D]; not in checkpoints
+        self.frame_embedder = Linear(d, d) if cfg.num_frames > 0 and cfg.frame_embed == "tokens" else None
         self.blocks = BlockStack([GenTronBlock(cfg, temporal=cfg.num_frames > 0) for _ in range(cfg.depth)],
                                  recompute_every=int(cfg.grad_checkpointing))
         self.final_layer = FinalLayer(d, p, self.out_channels)
@@ -250,6 +259,9 @@ class GenTron(nn.Module):
                 if sub is not None:
                     nn.init.zeros_(sub.proj.weight)
                     nn.init.zeros_(sub.proj.bias)
+        if self.frame_embedder is not None:  # zero: a T2V model still starts as its T2I model frame by frame
+            nn.init.zeros_(self.frame_embedder.weight)
+            nn.init.zeros_(self.frame_embedder.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -407,6 +419,9 @@ class GenTron(nn.Module):
             c = repeat(c, "b d -> (b f) d", f=x.shape[1])  # [(B F), D]
             pos = None if self.frame_pos is None else frame_positions(self.frame_pos, x.shape[1])[0]  # [F, D]
             layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device, pos)
+            if self.frame_embedder is not None:
+                table = sincos_1d_torch(self.config.hidden_size, x.shape[1])[0].to(x.device)  # [F, D]
+                h = h + repeat(self.frame_embedder(table), "f d -> (b f) 1 d", b=b).to(h.dtype)  # [(B F), N, D]
         stride = 2 if texts[1] is not None else 1
         for i in range(len(self.blocks)):
             text = texts[i % stride]
