@@ -420,7 +420,8 @@ class GenTron(nn.Module):
             pos = None if self.frame_pos is None else frame_positions(self.frame_pos, x.shape[1])[0]  # [F, D]
             layout = frame_layout(self.config, b, x.shape[1], grid_h * grid_w, motion_free, x.device, pos)
             if self.frame_embedder is not None:
-                table = sincos_1d_torch(self.config.hidden_size, x.shape[1])[0].to(x.device)  # [F, D]
+                w = self.frame_embedder.weight
+                table = sincos_1d_torch(self.config.hidden_size, x.shape[1])[0].to(w.device, w.dtype)  # [F, D]
                 h = h + repeat(self.frame_embedder(table), "f d -> (b f) 1 d", b=b).to(h.dtype)  # [(B F), N, D]
         stride = 2 if texts[1] is not None else 1
         for i in range(len(self.blocks)):
