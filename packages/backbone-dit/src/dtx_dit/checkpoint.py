@@ -20,9 +20,10 @@ from dtx.models import (DTX_CONFIG, DTX_WEIGHTS, LoadOptions, checkpoint_spec, c
                         read_safe)
 from dtx.models import select_state as dtx_select_state
 
-from .model import DIT_PRESETS, DiTConfig
+from .model import DIT_PRESETS, SIT_PRESETS, DiTConfig
 
 FORMAT = "dit-official"
+SIT_FORMAT = "sit"
 _SIGNATURE = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
 #: DiT's top-level modules; other families reuse DiT's key names (Latte adds ``temp_embed``), so anything else
 #: at the top level means the file is not a DiT
@@ -41,8 +42,15 @@ def select_state(obj: Any, use_ema: bool = True) -> tuple[dict[str, torch.Tensor
 
 
 def detect(path: Path, obj: Any) -> bool:
-    """Whether ``obj`` (a safely loaded file) holds DiT weights with the official key names."""
-    return select_state(obj)[0] is not None
+    """Whether ``obj`` (a safely loaded file) holds DiT weights with the official key names (and is not a SiT
+    train.py checkpoint, whose args name its interpolant path)."""
+    return select_state(obj)[0] is not None and "path_type" not in _args_dict(obj)
+
+
+def detect_sit(path: Path, obj: Any) -> bool:
+    """A SiT train.py checkpoint: DiT's weights with SiT's args. Released SiT files are plain DiT state dicts that
+    no reader can tell from DiT's; ``format="sit"`` (``--format sit``) reads them."""
+    return select_state(obj)[0] is not None and "path_type" in _args_dict(obj)
 
 
 def _args_dict(obj: Any) -> dict[str, Any]:
@@ -127,6 +135,39 @@ def load(path: Path, obj: Any, name: str | None = None, options: LoadOptions = L
     model = create_model(arch, **spec)
     load_state_dict_strict(model, state, str(path))
     return model, {"weights": where, "source": str(path), "args": args}
+
+
+def sit_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The objective and sampling settings SiT's sample.py would use for a checkpoint with train.py ``args``:
+    its path, prediction, loss weight and epsilons (defaults: linear, velocity), the adaptive dopri5 ODE solver,
+    guidance 4 on the first three channels (SiT's ``forward_with_cfg``)."""
+    objective = {"kind": "flow", "path": str(args.get("path_type") or "Linear").lower(),
+                 "prediction": str(args.get("prediction") or "velocity"),
+                 "loss_weight": str(args.get("loss_weight") or "none")}
+    for key in ("train_eps", "sample_eps"):
+        if args.get(key) is not None:
+            objective[key] = float(args[key])
+    return {"objective": objective,
+            "sample": {"sampler": "flow-dopri5", "steps": 50, "cfg": float(args.get("cfg_scale") or 4.0),
+                       "guide_channels": 3}}
+
+
+def load_sit(path: Path, obj: Any, name: str | None = None, options: LoadOptions = LoadOptions(),
+             **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """A SiT checkpoint as a DiT fed SiT's time (``SiT-XL/2`` ... or ``DiT`` with ``noise_input="sit_time"``), with
+    SiT's objective and sampling settings recorded so that ``dtx sample`` samples it as SiT's sample.py does."""
+    state, where = select_state(obj, use_ema=options.weights == "ema")
+    if state is None:
+        raise CheckpointError(f"{path}: no SiT (DiT-layout) weights found")
+    args = _args_dict(obj)
+    inferred_name, inferred = infer_config(state, args)
+    inferred["noise_input"] = "sit_time"
+    if inferred_name != "DiT":
+        inferred_name = inferred_name.replace("DiT-", "SiT-")
+    arch, spec = checkpoint_spec(name, "dit", "DiT", inferred_name, inferred, SIT_PRESETS, overrides, path)
+    model = create_model(arch, **spec)
+    load_state_dict_strict(model, state, str(path))
+    return model, {"weights": where, "source": str(path), "args": args, "config": sit_settings(args)}
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike, skip: Sequence[str] = (), *, use_ema: bool = True,

@@ -22,6 +22,9 @@ from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, Final
 
 BlockType = Literal["adaln-zero", "adaln", "cross-attention", "in-context"]
 BLOCK_TYPES: tuple[str, ...] = get_args(BlockType)
+#: what the timestep embedding is fed: DDPM timesteps (DiT), or flow time (SiT: t in [0, 1], 1 at the data)
+TimeInput = Literal["timestep", "flow_time", "sit_time", "flow_timestep"]
+TIME_INPUTS: tuple[str, ...] = get_args(TimeInput)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class DiTConfig(PatchGridConfig):
     learn_sigma: bool = True
     block: BlockType = "adaln-zero"
     grad_checkpointing: bool = False  # recompute every block's activations in the backward pass
+    noise_input: TimeInput = "timestep"  # SiT: "sit_time" (the same network fed flow time, no x1000)
 
     def validate(self) -> "DiTConfig":
         self.validate_transformer()
@@ -47,6 +51,8 @@ class DiTConfig(PatchGridConfig):
         check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob",
               f"must be in [0, 1), got {self.class_dropout_prob}")
         check(self.block in BLOCK_TYPES, "block", f"{self.block!r} is not one of {', '.join(BLOCK_TYPES)}")
+        check(self.noise_input in TIME_INPUTS, "noise_input",
+              f"{self.noise_input!r} is not one of {', '.join(TIME_INPUTS)}")
         return self
 
 
@@ -57,6 +63,11 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
                                         "XL": (28, 1152, 16)}.items()
     for patch in (2, 4, 8)
 }
+
+#: SiT (Ma et al. 2024): DiT's network and sizes trained as interpolants, its time embedding fed t in [0, 1] with
+#: the data at t = 1
+SIT_PRESETS: dict[str, dict[str, Any]] = {name.replace("DiT-", "SiT-"): {**preset, "noise_input": "sit_time"}
+                                          for name, preset in DIT_PRESETS.items()}
 
 
 # -- blocks ------------------------------------------------------------------------------------------------------
@@ -100,7 +111,8 @@ class DiT(nn.Module):
     """Diffusion transformer over patchified latents: ``forward(x, t, y)`` -> [N, out_channels, H, W].
 
     With ``learn_sigma`` the output is [eps (in_channels), variance interpolation v (in_channels)]. The model is
-    conditioned on DDPM timesteps in [0, 1000) (``noise_input``); dtx's EDM objective maps sigma into that range.
+    conditioned on DDPM timesteps in [0, 1000) (``noise_input``; dtx's EDM and flow objectives map their noise
+    levels into that range), or on flow time as SiT (``config.noise_input``).
     Labels are used as given: condition dropout for guidance is the conditioning stage's job (``class_dropout_prob``
     > 0 still adds the null-class row, and ``y_embedder.token_drop`` drops labels as the official model does).
     """
@@ -118,6 +130,7 @@ class DiT(nn.Module):
         self.learn_sigma = cfg.learn_sigma
         self.out_channels = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
         self.patch_size = p
+        self.noise_input = cfg.noise_input
         self.num_classes = cfg.num_classes
         self.block_type = cfg.block
         self.grid_size = cfg.grid

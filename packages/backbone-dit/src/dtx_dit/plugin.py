@@ -28,7 +28,7 @@ def _factory(preset: dict[str, Any]) -> Callable[..., Any]:
 @hookimpl
 def dtx_register_models(register: Callable[..., Any]) -> None:
     from .flops import dit_counter
-    from .model import DIT_PRESETS, DiTConfig
+    from .model import DIT_PRESETS, SIT_PRESETS, DiTConfig
 
     register("DiT", _factory({}), family="dit", config=DiTConfig, flops=dit_counter,
              description="DiT with every option settable (defaults: XL/2, 32x32 latents)")
@@ -36,6 +36,9 @@ def dtx_register_models(register: Callable[..., Any]) -> None:
         register(name, _factory(preset), family="dit", config=DiTConfig, flops=dit_counter,
                  description=f"depth {preset['depth']}, width {preset['hidden_size']}, {preset['num_heads']} heads, "
                              f"patch {preset['patch_size']}")
+    for name, preset in SIT_PRESETS.items():
+        register(name, _factory(preset), family="dit", config=DiTConfig, flops=dit_counter,
+                 description=f"SiT: {name.replace('SiT-', 'DiT-')}'s network fed flow time (data at t = 1)")
 
 
 @hookimpl
@@ -44,6 +47,9 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
 
     register(checkpoint.FORMAT, checkpoint.detect, load=checkpoint.load,
              description="facebookresearch/DiT .pt: released state dicts and train.py checkpoints (EMA weights)")
+    register(checkpoint.SIT_FORMAT, checkpoint.detect_sit, load=checkpoint.load_sit,
+             description="willisma/SiT .pt: DiT's key names, read as a DiT fed flow time with SiT's objective "
+                         "(train.py checkpoints are recognised by their args; released files need --format sit)")
     from . import diffusers_format
 
     register(diffusers_format.FORMAT, diffusers_format.detect, load=diffusers_format.load,

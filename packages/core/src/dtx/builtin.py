@@ -50,7 +50,7 @@ def dtx_register_schedules(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_samplers(register: Callable[..., Any]) -> None:
-    from .diffusion import diffusers_bridge, gaussian, karras, sampler_api
+    from .diffusion import diffusers_bridge, flow_samplers, gaussian, karras, sampler_api
 
     for name, fn in {**gaussian.SAMPLERS, **diffusers_bridge.SAMPLERS}.items():
         register(name, sampler_api.discrete(fn), kind="gaussian",
@@ -58,6 +58,9 @@ def dtx_register_samplers(register: Callable[..., Any]) -> None:
     for name, fn in karras.SAMPLERS.items():
         register(name, sampler_api.sigma_space(fn), kind="karras",
                  description="sigma-space sampler (k-diffusion convention)")
+    for name, fn in flow_samplers.SAMPLERS.items():
+        register(name, fn, kind="flow", sde=name == "flow-sde",
+                 description="flow-matching sampler over a flow-time grid (objective.t_shift)")
 
 
 @hookimpl
@@ -70,12 +73,14 @@ def dtx_register_losses(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_objectives(register: Callable[..., Any]) -> None:
-    from .training.objectives import GaussianObjective, KarrasObjective
+    from .training.objectives import FlowObjective, GaussianObjective, KarrasObjective
 
     register("gaussian", GaussianObjective, description="DDPM/IDDPM: uniform t, eps/x0/v, hybrid loss with "
                                                         "learned variance")
     register("karras", KarrasObjective, description="EDM: preconditioned denoiser, log-normal or "
                                                     "cosine-interpolated sigma, registered weightings")
+    register("flow", FlowObjective, description="flow matching: linear (rectified flow), gvp or vp path; velocity, "
+                                                "noise or score; uniform, logit-normal or shifted time")
 
 
 @hookimpl

@@ -6,7 +6,9 @@ A model states its tensor layout and what noise level it is conditioned on as cl
   split and guidance read channels along it.
 - ``noise_input``: ``"timestep"`` (a DDPM timestep index in ``[0, num_timesteps)``, e.g. DiT), ``"c_noise"`` (EDM's
   ``ln(sigma) / 4``, the default of continuous models) or ``"sigma"`` (raw sigma; the model maps it itself, as
-  k-diffusion's own models do).
+  k-diffusion's own models do); or flow time: ``"flow_time"`` (t in [0, 1], 1 at the noise: SD3, Flux, diffusers'
+  FlowMatch), ``"sit_time"`` (t in [0, 1], 1 at the data: SiT) or ``"flow_timestep"`` (1000·t, 1000 at the noise).
+  A flow-matching model's velocity runs in its own time's direction (dx/dt for the time it declares).
 - ``in_channels``, ``out_channels``, ``learn_sigma`` (output ``[eps, v]`` with twice the channels) and
   ``input_shape`` (the per-sample shape it was built for, e.g. ``(C, H, W)`` or ``(F, C, H, W)``), when known.
 
@@ -20,7 +22,7 @@ from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-NoiseInput = Literal["timestep", "c_noise", "sigma"]
+NoiseInput = Literal["timestep", "c_noise", "sigma", "flow_time", "sit_time", "flow_timestep"]
 NOISE_INPUTS: tuple[str, ...] = get_args(NoiseInput)
 
 

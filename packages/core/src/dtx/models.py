@@ -238,6 +238,7 @@ class LoadOptions:
 
     weights: Literal["ema", "raw"] = "ema"
     trust: bool = False
+    format: str | None = None  # a registered checkpoint format to read a foreign file or folder with (no detection)
 
     def __post_init__(self) -> None:
         if self.weights not in ("ema", "raw"):
@@ -385,15 +386,18 @@ def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, An
 
 
 def load_model(source: str | os.PathLike, name: str | None = None, *, weights: Literal["ema", "raw"] = "ema",
-               trust: bool = False, **overrides: Any) -> nn.Module:
+               trust: bool = False, format: str | None = None, **overrides: Any) -> nn.Module:
     """Load a model from a dtx checkpoint folder, a training run (its newest valid checkpoint), or any file a
     plugin understands (e.g. an official DiT ``.pt``).
 
     ``name`` and ``overrides`` are model options (the architecture is otherwise read from the checkpoint or inferred
     from tensor shapes); ``weights`` ("ema" or "raw") and ``trust`` are loader options: which weights of a training
-    checkpoint, and whether pickled objects may be unpickled. The model is returned in eval mode.
+    checkpoint, and whether pickled objects may be unpickled; ``format`` names the registered checkpoint format to
+    read a foreign file with when its tensors cannot tell (``format="sit"``: SiT's files have DiT's keys). The model
+    is returned in eval mode.
     """
-    model, _ = load_model_with_info(source, name, LoadOptions(weights=weights, trust=trust), **overrides)
+    model, _ = load_model_with_info(source, name, LoadOptions(weights=weights, trust=trust, format=format),
+                                    **overrides)
     return model
 
 
@@ -407,6 +411,9 @@ def load_model_with_info(source: str | os.PathLike, name: str | None = None, opt
     from .checkpoint import is_run_folder
 
     with weights_of(path, weight_bytes(path)):
+        if options.format is not None and (is_run_folder(path) or (path / DTX_CONFIG).exists()):
+            raise ConfigError(f"format {options.format!r}: {path} is a dtx run or model folder; a format applies to "
+                              f"foreign checkpoints only")
         if path.is_dir() and (path / DTX_CONFIG).exists() and (path / DTX_WEIGHTS).exists():
             model, info = _load_dtx_folder(path, name, **overrides)
         elif is_run_folder(path):
@@ -457,11 +464,23 @@ def probe_formats() -> None:
             _detects(entry, Path(folder), None)
 
 
+def _named_format(options: LoadOptions) -> dict[str, plugins.Entry] | None:
+    """The one format ``options.format`` names (None: detect among all); an unknown name lists the known ones."""
+    if options.format is None:
+        return None
+    formats = plugins.host().table("checkpoint_format")
+    if options.format not in formats:
+        raise ConfigError(f"unknown checkpoint format {options.format!r}; formats known: "
+                          f"{', '.join(sorted(formats)) or 'none'}")
+    return {options.format: formats[options.format]}
+
+
 def _load_folder(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:
     """A folder a registered format understands (``detect(path, None)``), e.g. a diffusers model or pipeline."""
+    named = _named_format(options)
     formats = plugins.host().table("checkpoint_format")
-    for entry in formats.values():
-        if _detects(entry, path, None):
+    for entry in (named or formats).values():
+        if named or _detects(entry, path, None):
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
             model, info = load(path, None, name, options, **overrides)
             return model, {"format": entry.name, **info}
@@ -472,9 +491,10 @@ def _load_folder(path: Path, name: str | None, options: LoadOptions, **overrides
 
 def _load_file(path: Path, name: str | None, options: LoadOptions, **overrides: Any) -> tuple[nn.Module, dict]:
     obj = read_safe(path, trust=options.trust)
+    named = _named_format(options)
     formats = plugins.host().table("checkpoint_format")
-    for entry in formats.values():
-        if _detects(entry, path, obj):
+    for entry in (named or formats).values():
+        if named or _detects(entry, path, obj):
             load = entry.meta.get("load") or entry.meta.get("args", (None,))[0]
             model, info = load(path, obj, name, options, **overrides)
             return model, {"format": entry.name, **info}

@@ -29,6 +29,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", choices=("dtx", "diffusers"), default="dtx",
                    help="dtx: a dtx model folder (default); diffusers: a folder diffusers' from_pretrained reads")
     p.add_argument("--name", help="architecture or preset to load into (default: read or inferred from the file)")
+    p.add_argument("--format", help="the registered checkpoint format to read SOURCE with when its tensors cannot "
+                                    "tell (e.g. sit: SiT's files have DiT's key names); default: detected")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[], help="model options, e.g. num_classes=10")
     p.add_argument("--raw-weights", action="store_true",
                    help="take a training checkpoint's raw 'model' weights instead of its EMA weights")
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import LoadOptions, count_parameters, load_model_with_info, model_spec, save_model
 
     check_output_folder(Path(args.output))  # before loading; a folder with files (a run, a model) is never written
-    options = LoadOptions(weights="raw" if args.raw_weights else "ema", trust=args.trust_checkpoint)
+    options = LoadOptions(weights="raw" if args.raw_weights else "ema", trust=args.trust_checkpoint,
+                          format=args.format)
     model, info = load_model_with_info(args.source, args.name, options, **_overrides(args.set))
     for note in info.get("notes") or []:
         print(f"note: {note}")

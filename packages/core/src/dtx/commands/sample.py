@@ -123,6 +123,8 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="PNG path; the .npz (and videos) go beside it (default: SOURCE/samples/sample.png)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling objects (trusted files only)")
+    p.add_argument("--format", help="the registered checkpoint format to read SOURCE with when its tensors cannot "
+                                    "tell (e.g. sit for SiT's .pt files); default: detected")
     p.add_argument("--guide-channels", type=int, help="guide only the first N channels (3 = DiT's legacy CFG)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per model batch")
     p.add_argument("--vae", help="local AutoencoderKL folder to decode latents (default: the run's data.vae)")
@@ -263,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     request = _request(args)
     device = parse_device(args.device) if args.device else default_device()
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
-                              device=device)
+                              device=device, format=args.format)
     _check_request(args, request, setup.stage)
     sample = resolve_sample(setup.cfg.sample, _sample_overrides(args, setup))
     check_sampler(sample, setup.objective.kind)

@@ -4,7 +4,9 @@ A model declares ``noise_input`` (see ``dtx.interface``):
 
 - ``"c_noise"``: EDM's and k-diffusion's ``c_noise = ln(sigma) / 4`` (Karras et al. 2022, Table 1);
 - ``"sigma"``: raw sigma (the model maps it itself);
-- ``"timestep"``: a DDPM timestep index in ``[0, num_timesteps)``, as DiT's sinusoidal embedding expects.
+- ``"timestep"``: a DDPM timestep index in ``[0, num_timesteps)``, as DiT's sinusoidal embedding expects;
+- ``"flow_time"``, ``"sit_time"``, ``"flow_timestep"``: flow time t (1 at the noise), 1 - t (SiT's, 1 at the data)
+  or 1000·t (see ``dtx.diffusion.flow``).
 
 Gaussian (DDPM) objectives step through timesteps t; a continuous model gets the sigma of that step,
 ``sigma_t = sqrt((1 - abar_t) / abar_t)``. Sigma-space (EDM) objectives draw sigma; a timestep model gets the
@@ -12,6 +14,10 @@ Gaussian (DDPM) objectives step through timesteps t; a continuous model gets the
 ``num_timesteps`` steps -- by linear interpolation in log sigma (k-diffusion's ``DiscreteSchedule.sigma_to_t``),
 clamped to ``[0, num_timesteps - 1]`` (sigma 0.0100..157.4 for the 1000-step schedule). This keeps the embedding
 in the range it was designed (or pretrained) for, so an official DiT fine-tunes under EDM without surprise.
+
+Flow-matching objectives draw flow time t on a path; a sigma-conditioned model gets the path's noise-to-signal ratio
+sigma(t)/alpha(t) (clamped to [1e-4, 1e4]), a timestep model that ratio's timestep. The other way, a flow-time model behind a sigma or DDPM
+objective gets the rectified-flow time of that sigma, t = sigma / (1 + sigma) (x_t / alpha(t) = x0 + sigma·eps).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .flow import FlowPath
 from .gaussian import linear_beta_schedule
 
 Model = Callable[..., torch.Tensor]
+FLOW_TIMES = ("flow_time", "sit_time", "flow_timestep")
 
 
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
@@ -73,10 +81,35 @@ class NoiseLevelAdapter:
         return self.model(x, level, **kwargs)
 
 
+def flow_time_as(t: torch.Tensor, noise_input: str) -> torch.Tensor:
+    """Flow time t (1 at the noise) in one of the declared flow-time conventions."""
+    if noise_input == "sit_time":
+        return 1 - t
+    return t * 1000 if noise_input == "flow_timestep" else t
+
+
+def velocity_sign(noise_input: str) -> float:
+    """-1 where the model's time runs towards the data (SiT's dx/ds = -dx/dt), else 1."""
+    return -1.0 if noise_input == "sit_time" else 1.0
+
+
+def from_flow_time(model: Model, noise_input: str, path: FlowPath, num_timesteps: int = 1000) -> Model:
+    """``model`` behind a flow objective (called with flow time t) converted to what it declared."""
+    if noise_input == "flow_time":
+        return model
+    if noise_input in FLOW_TIMES:
+        return NoiseLevelAdapter(model, lambda t: flow_time_as(t, noise_input))
+    to_sigma = from_sigma(lambda x, sigma, **kw: (x, sigma), noise_input, num_timesteps)
+    # the ends (sigma 0 at the data, inf at the noise on the linear path) clamped to a finite, embeddable range
+    return NoiseLevelAdapter(model, lambda t: to_sigma(t, path.noise_to_signal(t).clamp(1e-4, 1e4))[1])
+
+
 def from_sigma(model: Model, noise_input: str, num_timesteps: int = 1000) -> Model:
     """``model`` behind a sigma-space objective: it is called with sigma converted to what it declared."""
     if noise_input == "sigma":
         return model
+    if noise_input in FLOW_TIMES:
+        return NoiseLevelAdapter(model, lambda sigma: flow_time_as(_rf_time(sigma), noise_input))
     if noise_input == "c_noise":
         return NoiseLevelAdapter(model, c_noise)
     reference = DiscreteSigmas.reference(num_timesteps)
@@ -90,4 +123,10 @@ def from_timestep(model: Model, noise_input: str, alphas_cumprod: np.ndarray) ->
     sigmas = DiscreteSigmas(alphas_cumprod)
     if noise_input == "sigma":
         return NoiseLevelAdapter(model, sigmas.t_to_sigma)
+    if noise_input in FLOW_TIMES:
+        return NoiseLevelAdapter(model, lambda t: flow_time_as(_rf_time(sigmas.t_to_sigma(t)), noise_input))
     return NoiseLevelAdapter(model, lambda t: c_noise(sigmas.t_to_sigma(t)))
+
+
+def _rf_time(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma / (1 + sigma)

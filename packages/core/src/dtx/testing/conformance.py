@@ -104,7 +104,7 @@ def random_inputs(model: nn.Module, batch: int = 2, seed: int = 0,
     """(x, noise level, conditions) shaped as the model declares (``dtx.costs.example_inputs``), random values.
 
     Timesteps are random integers in ``[0, num_timesteps)``; ``c_noise`` is uniform over the EDM range of
-    ``ln(sigma)/4``; ``sigma`` is log-normal; float conditions are Gaussian, ``y`` labels uniform over the classes,
+    ``ln(sigma)/4``; ``sigma`` is log-normal; flow times are uniform on [0, 1] (x1000 for ``flow_timestep``); float conditions are Gaussian, ``y`` labels uniform over the classes,
     other integer and boolean conditions keep the declared example values."""
     (x0, _), conds0 = example_inputs(model, batch)
     iface = interface_of(model)
@@ -115,6 +115,9 @@ def random_inputs(model: nn.Module, batch: int = 2, seed: int = 0,
         noise = torch.randint(0, iface.num_timesteps, (batch,), generator=gen)
     elif iface.noise_input == "c_noise":
         noise = (torch.rand(batch, generator=gen) * 2.6 - 1.5).to(dtype)
+    elif iface.noise_input in ("flow_time", "sit_time", "flow_timestep"):
+        scale = 1000.0 if iface.noise_input == "flow_timestep" else 1.0
+        noise = (torch.rand(batch, generator=gen) * scale).to(dtype)
     else:
         noise = torch.exp(torch.randn(batch, generator=gen) * 1.2 - 1.2).to(dtype)
     conds: dict[str, torch.Tensor] = {}

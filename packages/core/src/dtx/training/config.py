@@ -44,7 +44,8 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """A registered objective (``gaussian``: DDPM/IDDPM; ``karras``: EDM preconditioning) and its options."""
+    """A registered objective (``gaussian``: DDPM/IDDPM; ``karras``: EDM preconditioning; ``flow``: flow matching
+    on SiT's paths) and its options."""
 
     kind: str = "gaussian"
     noise_schedule: str = "linear"  # beta schedule from the ``schedule`` registry (gaussian)
@@ -64,6 +65,18 @@ class ObjectiveConfig:
     sigma_schedule: str = "karras"  # sigma schedule from the ``schedule`` registry (karras sampling)
     weighting: str = "karras"
     weighting_options: dict[str, float] = field(default_factory=dict)  # e.g. {gamma: 5.0} for min-snr
+    # flow (``dtx.diffusion.flow``; flow time t is 1 at the noise):
+    path: str = "linear"  # linear (rectified flow), gvp, vp
+    prediction: str = "velocity"  # velocity, noise, score
+    loss_weight: str = "none"  # none, velocity, likelihood (SiT's; noise and score predictions)
+    t_sample: str = "uniform"  # uniform, logit-normal (t_mean, t_std), shift (uniform, then t_shift)
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0  # SD3's time shift s, for the shift draws and the sampling grid
+    t_shift_tokens: bool = False  # the shift from the token count instead (Flux's rule)
+    train_eps: Optional[float] = None  # the ends kept off, as SiT (None: SiT's defaults for path and prediction)
+    sample_eps: Optional[float] = None
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # flow times where guidance acts
 
 
 @dataclass
@@ -223,6 +236,26 @@ class TrainConfig:
         check(o.noise_d_low >= 1, "objective.noise_d_low", "must be >= 1")
         check(o.image_d is None or o.image_d >= 1, "objective.image_d", "must be >= 1 (or null)")
         check(o.noise_d_high is None or o.noise_d_high >= 1, "objective.noise_d_high", "must be >= 1 (or null)")
+        self._validate_flow()
+
+    def _validate_flow(self) -> None:
+        from ..diffusion.flow import LOSS_WEIGHTS, PATHS, PREDICTIONS
+
+        o = self.objective
+        for key, value, allowed in (("path", o.path, PATHS), ("prediction", o.prediction, PREDICTIONS),
+                                    ("loss_weight", o.loss_weight, LOSS_WEIGHTS),
+                                    ("t_sample", o.t_sample, ("uniform", "logit-normal", "shift"))):
+            check(value in allowed, f"objective.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
+        check(o.t_std > 0, "objective.t_std", f"must be > 0, got {o.t_std}")
+        check(0 < o.t_shift < 1e3, "objective.t_shift", f"must be in (0, 1000), got {o.t_shift}")
+        for key in ("train_eps", "sample_eps"):
+            eps = getattr(o, key)
+            check(eps is None or 0 <= eps < 0.5, f"objective.{key}", f"must be in [0, 0.5) (or null), got {eps}")
+        gi = o.guidance_interval
+        check(len(gi) == 2 and 0 <= gi[0] <= gi[1] <= 1, "objective.guidance_interval",
+              f"must be [low, high] with 0 <= low <= high <= 1, got {list(gi)}")
+        check(o.kind != "flow" or o.prediction != "velocity" or o.loss_weight == "none", "objective.loss_weight",
+              f"{o.loss_weight!r} applies to noise and score predictions; a velocity model's loss is unweighted")
 
 
 def load_train_config(*sources: Any) -> TrainConfig:

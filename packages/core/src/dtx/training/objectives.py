@@ -3,7 +3,8 @@
 An objective gives ``loss(model, x, cond) -> [N]`` and ``sample(...) -> x0`` and reads the model's declared
 ``channel_dim`` and ``noise_input`` (``dtx.interface``), so neither the loop nor the sampler asks which formulation,
 layout or noise embedding they run. Core provides ``gaussian`` (DDPM/IDDPM, uniform t, hybrid loss when the model
-learns sigma) and ``karras`` (EDM preconditioning, sigma log-normal or cosine-interpolated, registered weightings).
+learns sigma), ``karras`` (EDM preconditioning, sigma log-normal or cosine-interpolated, registered weightings) and
+``flow`` (flow matching on SiT's paths, uniform, logit-normal or shifted time).
 Samplers of both kinds are called through one signature: ``sampler(model, x, schedule, generator=, progress=)``.
 """
 
@@ -29,7 +30,7 @@ Cond = dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
-    kind: str  # the sampler kind it drives: "gaussian" or "karras"
+    kind: str  # the sampler kind it drives: "gaussian", "karras" or "flow"
 
     def loss(self, model: nn.Module, x: torch.Tensor, cond: Cond,
              generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -190,6 +191,95 @@ class KarrasObjective:
         net = guided(self.denoiser(model), list(conds), list(scales), channels=guide_channels,
                      channel_dim=self.iface.channel_dim, prepare=prepare_hook(model))
         return call_sampler(fn, sampler, net, x, sigmas, generator, progress, options)
+
+
+class FlowObjective:
+    """Flow matching: the model regresses the velocity (or the noise, or the score) of x_t = alpha(t)·x0 +
+    sigma(t)·eps on a path of ``dtx.diffusion.flow``; samplers integrate the flow ODE or SiT's SDE over a (shifted)
+    time grid, with guidance only inside ``guidance_interval``. The backbone receives flow time, sigma or a
+    timestep, as it declares; the extra channels of a learned-variance model are ignored (as SiT does)."""
+
+    kind = "flow"
+
+    def __init__(self, cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> None:
+        from ..diffusion import flow
+
+        self.cfg, self.flow = cfg, flow
+        self.iface = interface_of(model)
+        self.path = flow.FlowPath(cfg.path)
+        if cfg.prediction == "velocity" and cfg.loss_weight != "none":
+            raise ConfigError(f"objective.loss_weight {cfg.loss_weight!r} applies to noise and score predictions; "
+                              "a velocity model's loss is unweighted (as SiT's)")
+        self.sign = noise_levels.velocity_sign(self.iface.noise_input) if cfg.prediction == "velocity" else 1.0
+        self.shift = cfg.t_shift
+        if cfg.t_shift_tokens:
+            patch = getattr(unwrap(model), "patch_size", 2)
+            patch = patch if isinstance(patch, int) else 2  # e.g. HDiT's (h, w) pair: counted as 2
+            self.shift = flow.shift_for_tokens((info.frames or 1) * (info.height // patch) * (info.width // patch))
+
+    def _interval(self, training: bool, sde: bool = False) -> tuple[float, float]:
+        eps = self.cfg.train_eps if training else self.cfg.sample_eps
+        if eps is None:
+            eps = self.flow.default_eps(self.path, self.cfg.prediction, training)
+        return self.flow.time_interval(self.path, self.cfg.prediction, eps, sde)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """The model's prediction in flow time's direction, without learned-variance channels."""
+        if self.iface.learn_sigma:
+            cd = self.iface.channel_dim
+            out = out.narrow(cd, 0, out.shape[cd] // 2)
+        return out * self.sign if self.sign != 1.0 else out
+
+    def net(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``v(x, t, **cond)``: the velocity dx/dt the model's prediction implies, t a flow-time vector."""
+        inner = noise_levels.from_flow_time(model, self.iface.noise_input, self.path, self.iface.num_timesteps)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+            out = self._output(inner(x, t, **cond))
+            t_b = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+            return self.path.velocity(out, x, t_b, self.cfg.prediction)  # type: ignore[arg-type]
+
+        return velocity
+
+    def loss(self, model: nn.Module, x: torch.Tensor, cond: Cond,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.cfg
+        t = self.flow.sample_times(x.shape[0], c.t_sample, generator, c.t_mean, c.t_std, self.shift,
+                                   self._interval(training=True)).to(x.device)
+        noise = _randn(x.shape, generator, x.device).to(x.dtype)
+        x_t, _ = self.path.sample(x, noise, t.reshape(-1, *([1] * (x.ndim - 1))))
+        inner = noise_levels.from_flow_time(model, self.iface.noise_input, self.path, self.iface.num_timesteps)
+        out = self._output(inner(x_t.to(x.dtype), t, **cond))
+        return self.flow.flow_loss(self.path, out, x, noise, t, c.prediction, c.loss_weight)  # type: ignore[arg-type]
+
+    def _guided(self, model: nn.Module, conds: Sequence[Cond], scales: Sequence[float],
+                channels: int | None) -> Callable[..., torch.Tensor]:
+        """Guided velocity; outside ``guidance_interval`` only the most-conditioned term (guidance scale 1)."""
+        velocity, cd, prepare = self.net(model), self.iface.channel_dim, prepare_hook(model)
+        full = guided(velocity, list(conds), list(scales), channels=channels, channel_dim=cd, prepare=prepare)
+        lo, hi = self.cfg.guidance_interval
+        if len(conds) == 1 or (lo, hi) == (0.0, 1.0):
+            return full
+        plain = guided(velocity, list(conds)[-1:], [], channel_dim=cd, prepare=prepare)
+
+        def fn(x: torch.Tensor, t: torch.Tensor, **shared: Any) -> torch.Tensor:
+            now = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            return full(x, t, **shared) if lo <= now <= hi else plain(x, t, **shared)
+
+        return fn
+
+    def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
+               sampler: str, steps: int, generator: torch.Generator | None,
+               guide_channels: int | None = None, progress: bool = False,
+               options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        fn = sampler_entry(sampler, self.kind)
+        device = _device(model)
+        sde = bool(lookup("sample.sampler", "sampler", sampler).meta.get("sde"))
+        times = self.flow.time_grid(steps, self.shift, self._interval(training=False, sde=sde), device)
+        x = _randn(noise_shape, generator, device)
+        net = self._guided(model, conds, scales, guide_channels)
+        return call_sampler(fn, sampler, net, x, self.flow.FlowSchedule(times, self.path), generator, progress,
+                            options)
 
 
 def build_objective(cfg: ObjectiveConfig, model: nn.Module, info: DataInfo) -> Objective:

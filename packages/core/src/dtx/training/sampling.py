@@ -165,11 +165,13 @@ def setup_from_model(model: nn.Module, stored: dict[str, Any], source: str) -> S
 
 
 def load_for_sampling(source: str | Path, *, weights: str = "ema", trust: bool = False,
-                      device: torch.device | str = "cpu") -> SamplingSetup:
-    """A training run, a checkpoint folder, a dtx model folder or any registered checkpoint format, ready to sample."""
+                      device: torch.device | str = "cpu", format: str | None = None) -> SamplingSetup:
+    """A training run, a checkpoint folder, a dtx model folder or any registered checkpoint format (``format``:
+    that one, without detection), ready to sample."""
     from ..models import LoadOptions, load_model_with_info
 
-    model, loaded = load_model_with_info(source, None, LoadOptions(weights=weights, trust=trust))  # type: ignore[arg-type]
+    options = LoadOptions(weights=weights, trust=trust, format=format)  # type: ignore[arg-type]
+    model, loaded = load_model_with_info(source, None, options)
     model.to(device)
     if "state" in loaded:
         setup = setup_from_state(model, loaded["state"], loaded["checkpoint"])
