@@ -5,9 +5,7 @@ same weights fed t in [0, 1] (no x1000), and the folder ``dtx convert`` writes s
 from __future__ import annotations
 
 import argparse
-import json
 
-import pytest
 import torch
 
 import dtx
