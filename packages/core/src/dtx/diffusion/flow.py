@@ -137,12 +137,14 @@ def flow_loss(path: FlowPath, output: torch.Tensor, x0: torch.Tensor, noise: tor
 def time_interval(path: FlowPath, prediction: Prediction, eps: float, sde: bool = False) -> tuple[float, float]:
     """(t_lo, t_hi), the times a model is trained and sampled on, as SiT's ``check_interval``: the vp path keeps
     ``eps`` from the data end (sigma' is singular there); linear and gvp keep ``eps`` from both ends for noise and
-    score models (x0 divides by alpha, the score by sigma), from the noise end for the SDE, and none for velocity."""
+    score models (x0 divides by alpha, the score by sigma), from the noise end for the SDE (at least 1e-3 there), and
+    none for velocity."""
     if path.name == "vp":
         return eps, 1.0
     if prediction != "velocity":
         return eps, 1.0 - eps
-    return (0.0, 1.0 - eps) if sde else (0.0, 1.0)
+    # the SDE starts at least 1e-3 from the noise, where SiT's SBDM coefficient is infinite on the linear path
+    return (0.0, 1.0 - max(eps, 1e-3)) if sde else (0.0, 1.0)
 
 
 def default_eps(path: FlowPath, prediction: Prediction, training: bool) -> float:
