@@ -120,6 +120,11 @@ class DiT(nn.Module):
     channel_dim = 1  # [N, C, H, W]
     noise_input = "timestep"
     num_timesteps = 1000
+    #: linear layers by role, for LoRA targets (``finetune.lora.targets``)
+    lora_groups = {"attention": [r"blocks\.\d+\.attn\.(qkv|proj)"], "mlp": [r"blocks\.\d+\.mlp\.fc[12]"],
+                   "adaln": [r"blocks\.\d+\.adaLN_modulation\.1"],
+                   "cross-attention": [r"blocks\.\d+\.cross_attn\.\w+"],
+                   "embedding": [r"t_embedder\.mlp\.[02]", r"final_layer\.linear"]}
 
     def __init__(self, config: DiTConfig | None = None, **overrides: Any) -> None:
         super().__init__()

@@ -535,6 +535,13 @@ class HDiT(nn.Module):
     channel_dim = 1  # [B, C, H, W]
     noise_input = "sigma"
     learn_sigma = False
+    #: linear layers by role, for LoRA targets (``finetune.lora.targets``)
+    lora_groups = {
+        "attention": [r"(down_levels\.\d+|mid_level|up_levels\.\d+)(\.\d+)?\.self_attn\.(qkv_proj|out_proj)"],
+        "mlp": [r"(down_levels\.\d+|mid_level|up_levels\.\d+)(\.\d+)?\.ff\.(up_proj|down_proj)"],
+        "adaln": [r"(down_levels\.\d+|mid_level|up_levels\.\d+)(\.\d+)?\.(self_attn|ff)\.norm\.linear"],
+        "mapping": [r"mapping\.blocks\.\d+\.(up_proj|down_proj)"],
+    }
 
     def __init__(self, config: HDiTConfig | None = None, **overrides: Any) -> None:
         super().__init__()

@@ -457,6 +457,15 @@ class Latte(nn.Module):
         self.initialize_weights()
 
     @property
+    def lora_groups(self) -> dict[str, list[str]]:
+        """Linear layers by role, for LoRA targets (``finetune.lora.targets``); ``temporal``: the temporal blocks'
+        attention (variants 1, 2) or every block's temporal attention (variants 3, 4)."""
+        temporal = "|".join(str(i) for i, s in enumerate(self.block_specs) if getattr(s, "axis", None) == "temporal")
+        return {"attention": [r"blocks\.\d+\.attn(_s|_t)?\.(qkv|proj)"], "mlp": [r"blocks\.\d+\.mlp\.fc[12]"],
+                "adaln": [r"blocks\.\d+\.adaLN_modulation(_t)?\.1"],
+                "temporal": [rf"blocks\.({temporal})\.attn\.(qkv|proj)", r"blocks\.\d+\.attn_t\.(qkv|proj)"]}
+
+    @property
     def input_shape(self) -> tuple[int, int, int, int]:
         """Per-sample input shape the model was built for: (num_frames, in_channels, H, W), a clip without images."""
         return (self.num_frames, self.in_channels, *self.config.input_hw)

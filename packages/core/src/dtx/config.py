@@ -35,6 +35,21 @@ def _dataclass_at(schema: Any, parts: Sequence[str]) -> type | None:
     return cls if cls is not None and dataclasses.is_dataclass(cls) else None
 
 
+def _with_aliases(schema: Any, src: Any, parts: tuple[str, ...] = ()) -> Any:
+    """``src`` (a mapping) with the recipe spellings a section declares (``aliases``: e.g. ``finetune.from`` for the
+    field ``source``, a name Python reserves) renamed to their fields, at any depth."""
+    if not isinstance(src, (dict, DictConfig)):
+        return src
+    node = _dataclass_at(schema, parts)
+    aliases = getattr(node, "aliases", {}) if node is not None else {}
+    items = src if isinstance(src, dict) else OmegaConf.to_container(src)
+    out = {}
+    for key, value in items.items():  # type: ignore[union-attr]
+        name = aliases.get(key, key) if isinstance(key, str) else key
+        out[name] = _with_aliases(schema, value, (*parts, str(name))) if node is not None else value
+    return out
+
+
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
@@ -162,7 +177,7 @@ def merge(schema: type[T] | T, *sources: Any) -> DictConfig:
             elif isinstance(src, (list, tuple)):
                 src = parse_dotlist(src)
             _reject_env(src)
-            base = OmegaConf.merge(base, src)
+            base = OmegaConf.merge(base, _with_aliases(schema, src))
         OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, schema) from None

@@ -377,9 +377,16 @@ def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, An
     ckpt, state = load_training_state(path)
     state.update(read_config({k: state[k] for k in ("model_spec", "config", "data_info")}, ckpt))
     spec = dict(state["model_spec"])
+    key = "ema" if options.weights == "ema" and "ema" in state else "model"
+    finetune = (state["config"] or {}).get("finetune") or {}
+    if finetune.get("method") == "lora":  # the checkpoint holds the adapters; the base is finetune.from
+        from .finetune import lora_run_model
+
+        return lora_run_model(spec, finetune, state[key], f"{ckpt} ({key})"), {
+            "format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
+            "step": int(state["step"]), "state": state}
     with weights_of(ckpt, weight_bytes(ckpt / DTX_WEIGHTS) if (ckpt / DTX_WEIGHTS).is_file() else weight_bytes(ckpt)):
         model = create_model(spec.pop("name"), **spec)
-    key = "ema" if options.weights == "ema" and "ema" in state else "model"
     load_state_dict_strict(model, state[key], f"{ckpt} ({key})")
     return model, {"format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
                    "step": int(state["step"]), "state": state}

@@ -204,6 +204,11 @@ class GenTron(nn.Module):
     noise_input = "timestep"
     num_timesteps = 1000
     num_classes = 0
+    #: linear layers by role, for LoRA targets (``finetune.lora.targets``)
+    lora_groups = {"attention": [r"blocks\.\d+\.attn\.(qkv|proj)"], "mlp": [r"blocks\.\d+\.mlp\.fc[12]"],
+                   "adaln": [r"blocks\.\d+\.adaLN_modulation\.1"],
+                   "cross-attention": [r"blocks\.\d+\.cross_attn\.(q|kv|proj)"],
+                   "temporal": [r"blocks\.\d+\.temp_attn\.(qkv|proj)"]}
 
     def __init__(self, config: GenTronConfig | None = None, **overrides: Any) -> None:
         super().__init__()

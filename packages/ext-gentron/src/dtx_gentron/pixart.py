@@ -127,6 +127,10 @@ class PixArt(nn.Module):
     noise_input = "timestep"
     num_timesteps = 1000
     num_classes = 0
+    #: linear layers by role, for LoRA targets (``finetune.lora.targets``); Latte-1's temporal blocks apart
+    lora_groups = {"attention": [r"blocks\.\d+\.attn\.(qkv|proj)"], "mlp": [r"blocks\.\d+\.mlp\.fc[12]"],
+                   "cross-attention": [r"blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)"],
+                   "temporal": [r"temporal_blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"]}
 
     def __init__(self, config: PixArtConfig | None = None, **overrides: Any) -> None:
         super().__init__()

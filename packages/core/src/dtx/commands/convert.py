@@ -32,6 +32,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", help="the registered checkpoint format to read SOURCE with when its tensors cannot "
                                     "tell (e.g. sit: SiT's files have DiT's key names); default: detected")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[], help="model options, e.g. num_classes=10")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--adapter-only", action="store_true",
+                      help="a LoRA run: write only its adapter, in PEFT's format (adapter_model.safetensors + "
+                           "adapter_config.json)")
+    lora.add_argument("--merge", action="store_true",
+                      help="a LoRA run: fold the adapter into the base weights and write a plain model (what "
+                           "converting a LoRA run does anyway)")
     p.add_argument("--raw-weights", action="store_true",
                    help="take a training checkpoint's raw 'model' weights instead of its EMA weights")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -49,6 +56,7 @@ def sampling_facts(info: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from ..diffusers_interop import check_output_folder
+    from ..errors import ConfigError
     from ..models import LoadOptions, count_parameters, load_model_with_info, model_spec, save_model
 
     check_output_folder(Path(args.output))  # before loading; a folder with files (a run, a model) is never written
@@ -57,6 +65,19 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model_with_info(args.source, args.name, options, **_overrides(args.set))
     for note in info.get("notes") or []:
         print(f"note: {note}")
+    from ..adapters import has_lora, merge_lora, save_adapter
+
+    if (args.adapter_only or args.merge) and not has_lora(model):
+        raise ConfigError(f"{'--adapter-only' if args.adapter_only else '--merge'}: {args.source} has no LoRA "
+                          f"adapter (a run with finetune.method: lora has one)")
+    if args.adapter_only:
+        ft = (info.get("state") or {}).get("config", {}).get("finetune") or {}
+        out = save_adapter(model, args.output, base=ft.get("source"))
+        print(f"wrote {out}/ (PEFT LoRA adapter, {len(list(out.glob('*.safetensors')))} weights file)")
+        return 0
+    if has_lora(model):
+        merge_lora(model)
+        print("note: the LoRA adapter is folded into the base weights (--adapter-only writes it alone)")
     if args.to == "diffusers":
         return _to_diffusers(model, info, Path(args.output))
     out = save_model(model, args.output, extra=sampling_facts(info))

@@ -125,6 +125,10 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling objects (trusted files only)")
     p.add_argument("--format", help="the registered checkpoint format to read SOURCE with when its tensors cannot "
                                     "tell (e.g. sit for SiT's .pt files); default: detected")
+    p.add_argument("--adapter", help="a LoRA adapter folder in PEFT's format (dtx convert RUN --adapter-only) to "
+                                     "apply to SOURCE")
+    p.add_argument("--adapter-scale", type=float, help="scale of the adapter's update (1: as trained; 0: the base); "
+                                                       "with --adapter, or SOURCE's own (a LoRA run)")
     p.add_argument("--guide-channels", type=int, help="guide only the first N channels (3 = DiT's legacy CFG)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per model batch")
     p.add_argument("--vae", help="local AutoencoderKL folder to decode latents (default: the run's data.vae)")
@@ -134,6 +138,22 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show the sampler's progress bar (default: when stderr is a terminal)")
+
+
+def _apply_adapter(args: argparse.Namespace, model: Any) -> None:
+    """``--adapter`` / ``--adapter-scale``: a saved adapter added to the model, or the run's own rescaled."""
+    from ..adapters import has_lora, load_adapter, set_adapter_scale
+
+    scale = 1.0 if args.adapter_scale is None else args.adapter_scale
+    if args.adapter:
+        if has_lora(model):
+            raise ConfigError("--adapter: SOURCE already has a LoRA adapter (a LoRA run); sample its base instead")
+        load_adapter(model, args.adapter, scale)
+        model.to(next(model.parameters()).device)
+    elif args.adapter_scale is not None:
+        if not has_lora(model):
+            raise ConfigError("--adapter-scale needs --adapter or a LoRA run as SOURCE")
+        set_adapter_scale(model, scale)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -151,6 +171,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise ConfigError(f"--fps must be a positive number, got {args.fps}")
+    if args.adapter_scale is not None and not math.isfinite(args.adapter_scale):
+        raise ConfigError(f"--adapter-scale must be a finite number, got {args.adapter_scale}")
     if args.scale is not None and not 1 <= args.scale <= 64:
         raise ConfigError(f"--scale must be an integer in 1..64, got {args.scale}")
     if args.out and Path(args.out).suffix.lower() != ".png":
@@ -266,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device) if args.device else default_device()
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
                               device=device, format=args.format)
+    _apply_adapter(args, setup.model)
     _check_request(args, request, setup.stage)
     sample = resolve_sample(setup.cfg.sample, _sample_overrides(args, setup))
     check_sampler(sample, setup.objective.kind)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 from ..conditioning import MAX_SAMPLES, ConditioningConfig, GuidanceStep
+from ..finetune import FinetuneConfig
 from ..config import check, check_finite, load_config
 from ..layers.blocks import recompute_policy
 from ..diffusion.gaussian import MAX_DIFFUSION_STEPS
@@ -169,6 +170,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out: str = "runs/default"
     max_steps: int = 1000
     max_minutes: float = 0.0  # safety net: stop after this much training time, with a warning (0 = no limit)
@@ -237,6 +239,7 @@ class TrainConfig:
         check(o.image_d is None or o.image_d >= 1, "objective.image_d", "must be >= 1 (or null)")
         check(o.noise_d_high is None or o.noise_d_high >= 1, "objective.noise_d_high", "must be >= 1 (or null)")
         self._validate_flow()
+        self.finetune.validate()
 
     def _validate_flow(self) -> None:
         from ..diffusion.flow import LOSS_WEIGHTS, PATHS, PREDICTIONS

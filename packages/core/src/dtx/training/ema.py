@@ -30,7 +30,12 @@ class EMA:
     """A frozen copy of the model in eval mode whose float parameters track the trained ones; buffers are copied."""
 
     def __init__(self, model: nn.Module, cfg: EMAConfig) -> None:
+        from ..finetune import saved_keys
+
         self.cfg = cfg
+        #: a LoRA model's EMA tracks (and saves) only what the run trains: its adapters, not the frozen base
+        self.keys = saved_keys(model)
+        self.tracked = None if self.keys is None else [p.requires_grad for p in model.parameters()]
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
 
@@ -48,7 +53,8 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(params):
             raise RuntimeError("EMA and model have different parameter lists")
-        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        tracked = self.tracked or [True] * len(params)
+        floats = [(e, p) for e, p, t in zip(ema_params, params, tracked) if t and e.is_floating_point()]
         if floats:
             es, ps = [e for e, _ in floats], [p.to(e.dtype) for e, p in floats]
             torch._foreach_lerp_(es, ps, 1.0 - d)  # one pass; equal to mul_(d).add_(p, 1 - d) up to rounding
@@ -58,9 +64,11 @@ class EMA:
         return d
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full EMA weights (collective when sharded: see :func:`dtx.training.sharding.model_state`)."""
-        return model_state(self.model)
+        """Full EMA weights, or a LoRA run's tracked tensors (collective when sharded: see
+        :func:`dtx.training.sharding.model_state`)."""
+        state = model_state(self.model)
+        return state if self.keys is None else {k: v for k, v in state.items() if k in self.keys}
 
     def load_state_dict(self, state: dict[str, Any], updates: int) -> None:
-        load_model_state(self.model, state, "EMA checkpoint")
+        load_model_state(self.model, state, "EMA checkpoint", keys=self.keys)
         self.updates = updates

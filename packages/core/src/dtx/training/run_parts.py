@@ -18,6 +18,7 @@ from ..conditioning import ConditioningStage
 from ..cpu import ThreadGovernor, requested_threads, resolve_cpu_bf16
 from ..data.info import DataInfo
 from ..errors import ConfigError
+from ..finetune import describe_sizes, prepare as prepare_finetune, resolve_source
 from ..layers.blocks import recompute_policy, set_recompute
 from ..models import create_model, model_spec
 from .checks import check_run, check_sampler, data_classes
@@ -80,7 +81,8 @@ def micro_batch(cfg: TrainConfig, ctx: RunContext) -> int:
 
 def _initial_model(cfg: TrainConfig, info: DataInfo, ctx: RunContext, resume: Path | None) -> nn.Module:
     """The model with the same initial weights on every rank, ``model.init_from`` applied (not when resuming: the
-    checkpoint holds the run's own weights) and activation recomputation as ``recompute`` asks."""
+    checkpoint holds the run's own weights), ``finetune`` applied (base weights, adapters, what trains) and
+    activation recomputation as ``recompute`` asks."""
     seed_everything(cfg.seed)
     model = build_model(cfg, info)
     if cfg.model.init_from and resume is None:
@@ -89,6 +91,11 @@ def _initial_model(cfg: TrainConfig, info: DataInfo, ctx: RunContext, resume: Pa
         report = init_weights(model, cfg.model.init_from)
         if ctx.is_main:
             print(report.summary(), file=sys.stderr, flush=True)
+    tuned = prepare_finetune(model, cfg.finetune, load_weights=resume is None)
+    if tuned is not None and ctx.is_main:
+        sizes = describe_sizes(model)
+        print(f"{tuned.summary()}\nfinetune: optimizer state {sizes['optimizer_bytes'] / 2**20:.2f} MiB",
+              file=sys.stderr, flush=True)
     set_recompute(model, recompute_policy(cfg.recompute))
     return model
 
@@ -104,6 +111,7 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     autocast = cfg.precision == "bf16" and (device.type == "cuda"
                                             or (device.type == "cpu" and resolve_cpu_bf16(cfg.cpu_bf16)))
     threads = ThreadGovernor(torch.get_num_threads(), fixed=requested_threads()) if device.type == "cpu" else None
+    resolve_source(cfg.finetune)  # the stored config finds the base from any working directory
     data = build_run_data(cfg, device)
     resume = ctx.resume_checkpoint()
     model = _initial_model(cfg, data.info, ctx, resume)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..models import check_state_dict_fits, load_state_dict_strict
 
 
@@ -81,16 +82,27 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=_options(cpu_offload=True))
 
 
-def load_model_state(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load a full state dict (every key, matching shapes, or ``CheckpointError`` naming ``where``); a sharded module
-    keeps this rank's shard of each tensor."""
+def load_model_state(module: nn.Module, state: dict[str, torch.Tensor], where: str,
+                     keys: set[str] | None = None) -> None:
+    """Load a full state dict (every key, matching shapes, or ``CheckpointError`` naming ``where``), or exactly the
+    ``keys`` a partial one holds (a LoRA run's adapters); a sharded module keeps this rank's shard of each tensor."""
+    if keys is not None:
+        own = module.state_dict()
+        check_state_dict_fits(module, {**{k: v for k, v in own.items() if k not in keys}, **state}, where)
+        missing = sorted(keys - set(state))
+        if missing:
+            raise CheckpointError(f"{where} lacks {len(missing)} trained tensors ({', '.join(missing[:4])} ...)")
     if not is_sharded(module):
-        load_state_dict_strict(module, state, where)
+        if keys is None:
+            load_state_dict_strict(module, state, where)
+        else:
+            module.load_state_dict(state, strict=False)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    check_state_dict_fits(module, state, where)
-    set_model_state_dict(module, state, options=_options())
+    if keys is None:
+        check_state_dict_fits(module, state, where)
+    set_model_state_dict(module, state, options=_options(strict=keys is None))
 
 
 def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

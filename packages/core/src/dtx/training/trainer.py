@@ -94,7 +94,10 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         """What a checkpoint holds; the conditioners are recorded by name and options, never their weights."""
-        return {"model": model_state(self.raw), "ema": self.ema.state_dict(),
+        model = model_state(self.raw)
+        if self.ema.keys is not None:  # a LoRA run: the adapters and what else trains; the base is finetune.from
+            model = {k: v for k, v in model.items() if k in self.ema.keys}
+        return {"model": model, "ema": self.ema.state_dict(),
                 "optimizer": optimizer_state(self.raw, self.optimizer),
                 "step": self.step, "ema_updates": self.ema.updates, "rng": rng_state(),
                 "data": {"epoch": self.position.epoch, "batch": self.position.batch},
@@ -110,7 +113,7 @@ class Trainer:
             raise CheckpointError(f"{path} was trained with model {saved_spec}, but this config builds "
                                   f"{self.model_spec}; use another --out or the original config")
         check_resume(state, path, self.cfg, self.info, self.data_classes)
-        load_model_state(self.raw, state["model"], f"{path} (model)")
+        load_model_state(self.raw, state["model"], f"{path} (model)", keys=self.ema.keys)
         self.ema.load_state_dict(state["ema"], int(state.get("ema_updates", state["step"])))
         try:
             load_optimizer_state(self.raw, self.optimizer, state["optimizer"])
@@ -155,7 +158,13 @@ class Trainer:
         if not self.ctx.is_main:
             return self.ema.model
         full = build_model(self.cfg, self.info)
-        load_state_dict_strict(full, state, "EMA weights")
+        if self.ema.keys is None:
+            load_state_dict_strict(full, state, "EMA weights")
+        else:  # a LoRA run: the base from finetune.from, then the averaged adapters
+            from ..finetune import prepare
+
+            prepare(full, self.cfg.finetune)
+            load_model_state(full, state, "EMA weights", keys=self.ema.keys)
         return full.to(self.device).eval().requires_grad_(False)
 
     # -- one optimizer step --

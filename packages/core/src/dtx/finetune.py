@@ -1,0 +1,165 @@
+"""Fine-tuning from any loadable checkpoint: the recipe's ``finetune:`` section, the base weights it starts from
+(class tables grown when the data has more classes), LoRA or full training, and which tensors a run saves.
+
+``finetune.from`` names anything ``dtx.load_model`` reads (a run, a dtx folder, an official checkpoint, a diffusers
+folder). ``method: full`` trains every parameter (minus ``freeze``); ``method: lora`` freezes the base and trains
+adapters on ``lora.targets`` (plus ``train_also``). A LoRA run saves only what it trains, and rebuilds the rest from
+``finetune.from`` when it resumes or samples.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+from torch import nn
+
+from .adapters import LoraSpec, add_lora, has_lora, is_adapter_key
+from .errors import CheckpointError
+from .interface import unwrap
+
+
+@dataclass
+class FinetuneConfig:
+    """``from`` (stored as ``source``): the checkpoint to start from, read with ``weights`` (ema or raw) and, when
+    its tensors cannot tell, ``format``; ``method`` full or lora; ``train_also`` / ``freeze``: parameter-name globs
+    trained in full besides the adapters / kept frozen."""
+
+    source: Optional[str] = None
+    weights: Literal["ema", "raw"] = "ema"
+    format: Optional[str] = None
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train_also: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+    #: recipe spellings of fields whose names Python reserves
+    aliases: ClassVar[dict[str, str]] = {"from": "source"}
+
+    def validate(self) -> "FinetuneConfig":
+        from .config import check
+
+        check(self.source is not None or (self.method == "full" and not self.train_also),
+              "finetune.from", f"method {self.method!r} needs a checkpoint to start from")
+        self.lora.validate()
+        return self
+
+
+@dataclass
+class FinetuneReport:
+    """What the start of a fine-tuning run did, for the log."""
+
+    source: str
+    method: str
+    grown: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+
+    def summary(self) -> str:
+        lines = [f"finetune: from {self.source} ({self.method}); {self.trainable:,} of {self.total:,} parameters "
+                 f"trained ({100 * self.trainable / max(self.total, 1):.2f}%)"]
+        if self.adapted:
+            lines.append(f"finetune: LoRA on {len(self.adapted)} linear layers ({self.adapted[0]}, ...)")
+        lines += [f"finetune: {g}" for g in self.grown]
+        return "\n".join(lines)
+
+
+def _grow_rows(key: str, new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """A class table with more rows than the checkpoint's: the old class rows kept, the null row (the last, when
+    both tables have one) moved to the end, each new class row initialised from the null row."""
+    if new.ndim != 2 or old.ndim != 2 or new.shape[1] != old.shape[1] or new.shape[0] <= old.shape[0]:
+        return None
+    grown = old[-1:].expand(new.shape[0], -1).clone()  # every row from the checkpoint's last (null) row
+    grown[: old.shape[0] - 1] = old[:-1]
+    grown[-1] = old[-1]
+    return grown, (f"{key}: grown from {old.shape[0]} to {new.shape[0]} rows; {new.shape[0] - old.shape[0]} new "
+                   f"class rows initialised from the null row")
+
+
+def load_base(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    """Copy ``cfg.source``'s weights into ``model`` (same architecture; class tables may grow); returns what grew."""
+    from .models import LoadOptions, load_model_with_info, load_state_dict_strict
+
+    base, _ = load_model_with_info(cfg.source, None, LoadOptions(weights=cfg.weights, format=cfg.format))
+    state, own, grown = base.state_dict(), unwrap(model).state_dict(), []
+    for key, tensor in list(state.items()):
+        if key in own and own[key].shape != tensor.shape and key.endswith("embedding_table.weight"):
+            result = _grow_rows(key, own[key], tensor)
+            if result is not None:
+                state[key], note = result
+                grown.append(note)
+    load_state_dict_strict(unwrap(model), state, f"finetune.from {cfg.source}")
+    return grown
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
+
+
+def prepare(model: nn.Module, cfg: FinetuneConfig, *, load_weights: bool = True) -> FinetuneReport | None:
+    """Set ``model`` up as ``cfg`` asks, in place: base weights (unless ``load_weights`` is false: a full run
+    resuming from its own checkpoint), adapters, which parameters train. None when there is nothing to fine-tune."""
+    if cfg.source is None:
+        return None
+    report = FinetuneReport(str(cfg.source), cfg.method)
+    if load_weights or cfg.method == "lora":  # a LoRA run's checkpoints hold only what it trains
+        report.grown = load_base(model, cfg)
+    if cfg.method == "lora":
+        report.adapted = add_lora(model, cfg.lora)
+    for name, p in unwrap(model).named_parameters():
+        if _matches(name, cfg.train_also):
+            p.requires_grad_(True)
+        if _matches(name, cfg.freeze):
+            p.requires_grad_(False)
+    params = list(unwrap(model).parameters())
+    report.trainable = sum(p.numel() for p in params if p.requires_grad)
+    report.total = sum(p.numel() for p in params)
+    if report.trainable == 0:
+        raise CheckpointError("finetune: no parameter is left to train (check finetune.freeze and the targets)")
+    return report
+
+
+def saved_keys(model: nn.Module) -> set[str] | None:
+    """The state-dict keys a run's checkpoints hold: for a LoRA model the adapters and the trained parameters, else
+    None (everything)."""
+    if not has_lora(model):
+        return None
+    root = unwrap(model)
+    trained = {n for n, p in root.named_parameters() if p.requires_grad}
+    return {k for k in root.state_dict() if k in trained or is_adapter_key(k)}
+
+
+def lora_run_model(spec: dict[str, Any], finetune: dict[str, Any], state: dict[str, torch.Tensor],
+                   where: str) -> nn.Module:
+    """A LoRA run's model: the architecture ``spec``, the base weights of its ``finetune.from``, its adapters (and
+    other trained tensors) from ``state``."""
+    from .config import load_config
+    from .models import check_state_dict_fits, create_model
+
+    spec = dict(spec)
+    model = create_model(spec.pop("name"), **spec)
+    cfg = load_config(FinetuneConfig, finetune)
+    prepare(model, cfg)
+    keys = saved_keys(model) or set()
+    own = model.state_dict()
+    check_state_dict_fits(model, {**{k: v for k, v in own.items() if k not in keys}, **state}, where)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def resolve_source(cfg: FinetuneConfig) -> None:
+    """``cfg.source`` as an absolute path when it names an existing file or folder, so the stored run config finds
+    it from any working directory."""
+    if cfg.source is not None and Path(cfg.source).exists():
+        cfg.source = str(Path(cfg.source).resolve())
+
+
+def describe_sizes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Trainable and total parameters, and the bytes AdamW's state will take (two moments per trained element)."""
+    params = list(unwrap(model).parameters())
+    trained = [p for p in params if p.requires_grad]
+    return {"trainable": sum(p.numel() for p in trained), "total": sum(p.numel() for p in params),
+            "optimizer_bytes": sum(2 * p.numel() * p.element_size() for p in trained)}
