@@ -283,7 +283,7 @@ def _fuzz_cases(d: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("betas-one-value", train + [edit("lr: 1.0e-3", "lr: 1.0e-3, betas: [0.9]")] + out, "optim.betas"),
         ("ema-decay-over-1", train + [cfg(TINY + "ema: {decay: 1.5}\n")] + out, "ema.decay"),
         ("precision-literal", train + [edit("precision: fp32", "precision: fp64")] + out, "'fp32', 'bf16'"),
-        ("objective-literal", train + [edit("kind: gaussian", "kind: flow")] + out, "objective.kind"),
+        ("objective-literal", train + [edit("kind: gaussian", "kind: rectified")] + out, "objective.kind"),
         ("ckpt-every-zero", train + [edit(f"ckpt_every: {CKPT_EVERY}", "ckpt_every: 0")] + out, "ckpt_every"),
         ("keep-last-zero", train + [edit("keep_last: 2", "keep_last: 0")] + out, "keep_last"),
         ("sample-steps-zero", train + [edit("steps: 2", "steps: 0")] + out, "sample.steps"),

@@ -15,7 +15,7 @@ from dtx.cli import main
 from dtx.testing import fresh_plugin_host
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_RECIPES = {"dit-digits": "dit", "dit-digits-flow": "dit", "hdit-digits": "hdit", "latte-moving-digits": "latte",
+SHIPPED_RECIPES = {"dit-digits": "dit", "dit-digits-flow": "dit", "dit-digits-lora": "dit", "hdit-digits": "hdit", "latte-moving-digits": "latte",
                    "gentron-digits": "gentron", "gentron-moving-digits": "gentron"}
 
 

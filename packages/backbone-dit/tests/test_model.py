@@ -23,7 +23,8 @@ def batch(n: int = 2, hw=(8, 8), classes: int = 10):
 
 def test_all_twelve_presets_are_registered_with_the_paper_sizes():
     names = set(dtx.list_models(family="dit"))
-    assert names == {"DiT"} | {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    sizes_patches = {f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    assert names == {"DiT"} | {f"DiT-{sp}" for sp in sizes_patches} | {f"SiT-{sp}" for sp in sizes_patches}
     sizes = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     for name, preset in DIT_PRESETS.items():
         size, patch = name[4:].split("/")

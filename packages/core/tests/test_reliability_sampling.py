@@ -156,7 +156,8 @@ def refused(capsys, argv: list[str], *fragments: str) -> str:
 # -- finding 7: sampler options --------------------------------------------------------------------------------------
 
 def _run_sampler(name: str, options: dict[str, Any]) -> torch.Tensor:
-    """Sampler ``name`` for 3 steps on a toy model (eps 0.1·x, or D(x; σ) = x / (1 + σ²)) from a seeded x_T."""
+    """Sampler ``name`` for 3 steps on a toy model (eps 0.1·x, D(x; σ) = x / (1 + σ²), or the velocity x / t) from a
+    seeded x_T."""
     from dtx.diffusion.karras import get_sigmas_karras
     from dtx.diffusion.respace import create_diffusion
 
@@ -166,6 +167,11 @@ def _run_sampler(name: str, options: dict[str, Any]) -> torch.Tensor:
     if entry.meta["kind"] == "gaussian":
         schedule = create_diffusion("3", learn_sigma=False, diffusion_steps=100)
         return entry.obj(lambda x, t, **_: 0.1 * x, x, schedule, generator=gen, **options)
+    if entry.meta["kind"] == "flow":  # the velocity of point-mass data at 0 on the linear path: x / t
+        from dtx.diffusion.flow import FlowPath, FlowSchedule, time_grid
+
+        schedule = FlowSchedule(time_grid(3, interval=(0.0, 0.999)), FlowPath("linear"))
+        return entry.obj(lambda x, t, **_: x / t.view(-1, 1, 1, 1), x, schedule, generator=gen, **options)
     sigmas = get_sigmas_karras(3, 0.002, 80.0)
     return entry.obj(lambda x, s, **_: x / (1 + s.view(-1, 1, 1, 1) ** 2), x * sigmas[0], sigmas, generator=gen,
                      **options)

@@ -114,3 +114,55 @@ def test_pixart_ms_folder_is_refused_naming_the_key(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ms"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "use_additional_conditions" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("frames", [0, FRAMES])
+def test_a_pixart_lora_adapter_exports_under_diffusers_names_and_peft_loads_it_there(tmp_path, capsys, frames):
+    """A dtx PixArt / Latte-1 with LoRA on every group (fused q/k/v included): the adapter written under diffusers'
+    module names, loaded with PEFT into the exported diffusers transformer, gives dtx's adapted output (diffusers
+    0.42 has no LoRA loader for these models, so PEFT loads it)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from dtx.adapters import LoraSpec, add_lora
+    from dtx_gentron.diffusers_format import export_adapter
+
+    model = randomize(dtx.create_model("PixArt", depth=LAYERS, hidden_size=D, num_heads=HEADS, input_size=SIZE,
+                                       context_dim=CAPTION, text_length=TOKENS, num_frames=frames), 4)
+    save_model(model, tmp_path / "dtx")
+    assert main(["convert", str(tmp_path / "dtx"), "--to", "diffusers", str(tmp_path / "base")]) == 0
+    groups = ["attention", "mlp", "cross-attention"] + (["temporal"] if frames else [])
+    add_lora(model, LoraSpec(rank=4, alpha=8, targets=groups))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    notes = export_adapter(model, tmp_path / "adapter", None)
+    assert notes and "PEFT" in notes[0]
+    cls = LatteTransformer3DModel if frames else PixArtTransformer2DModel
+    theirs = cls.from_pretrained(tmp_path / "base").eval()
+    config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    inject_adapter_in_model(config, theirs)
+    state = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
+    result = set_peft_model_state_dict(theirs, state)
+    assert not result.unexpected_keys
+    ctx, mask = text()
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        if frames:
+            x = torch.randn(2, frames, 4, SIZE, SIZE)
+            got = model.eval()(x, t, ctx)
+            want = theirs(x.transpose(1, 2), timestep=t, encoder_hidden_states=ctx).sample.transpose(1, 2)
+        else:
+            x = torch.randn(2, 4, SIZE, SIZE)
+            got = model.eval()(x, t, ctx, mask)
+            want = theirs(x, encoder_hidden_states=ctx, encoder_attention_mask=mask.long(), timestep=t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    base = cls.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        plain = (base(x.transpose(1, 2), timestep=t, encoder_hidden_states=ctx).sample.transpose(1, 2) if frames else
+                 base(x, encoder_hidden_states=ctx, encoder_attention_mask=mask.long(), timestep=t,
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample)
+    assert float((want - plain).abs().max()) > 1e-3  # the adapter acts
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

@@ -139,3 +139,22 @@ def test_fsdp_workers_train_like_ddp_and_resume_from_full_checkpoints(make_tiny,
     summary = run_with_options(resumed, RayOptions(workers=2, gpus_per_worker=0, strategy="fsdp"))
     assert (summary["step"], summary["steps_run"]) == (9, 3)
     assert losses(resumed.out)[-3:] == fsdp[-3:]
+
+
+def test_lora_trains_on_ddp_and_fsdp_workers_alike_and_saves_only_adapters(make_tiny, tmp_path, two_workers, losses):
+    """LoRA from the 2-worker run's weights: DDP and FSDP2 workers give the same losses; both save only adapters."""
+    from dtx.adapters import is_adapter_key
+
+    base = two_workers[0].out
+    lora = {"finetune": {"from": base, "method": "lora", "lora": {"rank": 4}}}
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = make_tiny(tmp_path / strategy, **lora)
+        summary = run_with_options(cfg, RayOptions(workers=2, gpus_per_worker=0, strategy=strategy))
+        assert summary["step"] == 6
+        state = CheckpointManager(Path(cfg.out) / "checkpoints").load()
+        assert state["model"] and all(is_adapter_key(k) for k in state["model"]), strategy
+        assert set(state["ema"]) == set(state["model"])
+        runs[strategy] = losses(cfg.out)
+    assert [v for _, v in runs["fsdp"]] == pytest.approx([v for _, v in runs["ddp"]], rel=1e-5)
+    assert load_for_sampling(Path(tmp_path / "fsdp")).model is not None

@@ -134,29 +134,41 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 PEFT_PREFIX = "base_model.model."
 
 
-def save_adapter(model: nn.Module, out: str | os.PathLike, base: str | None = None) -> Path:
-    """Write ``model``'s adapter in PEFT's format: ``adapter_model.safetensors`` (keys
-    ``base_model.model.<module>.lora_A.weight``) and ``adapter_config.json``; ``base`` is recorded as the base
-    model's path."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_write, atomic_write_text
-
+def adapter_hyper(model: nn.Module) -> dict[str, float]:
+    """Rank, alpha and dropout of ``model``'s adapter (the first adapted layer's; one spec per run)."""
     layers = lora_layers(model)
     if not layers:
         raise ConfigError("the model has no LoRA adapter to write (--adapter-only needs a LoRA run)")
     layer = layers[0][1]
+    return {"r": int(layer.r[ADAPTER_NAME]), "lora_alpha": float(layer.lora_alpha[ADAPTER_NAME]),
+            "lora_dropout": float(getattr(layer.lora_dropout[ADAPTER_NAME], "p", 0.0))}
+
+
+def write_adapter(out: str | os.PathLike, state: dict[str, torch.Tensor], targets: Sequence[str],
+                  hyper: dict[str, float], base: str | None) -> Path:
+    """A PEFT adapter folder: ``adapter_model.safetensors`` (``state`` under ``base_model.model.``) and
+    ``adapter_config.json`` (LoRA on ``targets`` with ``hyper``'s rank, alpha and dropout)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_write, atomic_write_text
+
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "inference_mode": True,
-              "r": int(layer.r[ADAPTER_NAME]), "lora_alpha": float(layer.lora_alpha[ADAPTER_NAME]),
-              "lora_dropout": float(getattr(layer.lora_dropout[ADAPTER_NAME], "p", 0.0)),
-              "target_modules": sorted(n for n, _ in layers), "bias": "none", "fan_in_fan_out": False,
+              **hyper, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
               "init_lora_weights": True, "use_rslora": False, "use_dora": False}
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {PEFT_PREFIX + k: v.contiguous() for k, v in peft_state(model).items()}
-    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in state.items()}
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def save_adapter(model: nn.Module, out: str | os.PathLike, base: str | None = None) -> Path:
+    """Write ``model``'s adapter in PEFT's format under dtx's module names: ``adapter_model.safetensors`` (keys
+    ``base_model.model.<module>.lora_A.weight``) and ``adapter_config.json``; ``base`` is recorded as the base
+    model's path."""
+    hyper = adapter_hyper(model)
+    return write_adapter(out, peft_state(model), [n for n, _ in lora_layers(model)], hyper, base)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, scale: float = 1.0) -> list[str]:

@@ -67,32 +67,11 @@ class FinetuneReport:
         return "\n".join(lines)
 
 
-def _grow_rows(key: str, new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-    """A class table with more rows than the checkpoint's: the old class rows kept, the null row (the last, when
-    both tables have one) moved to the end, each new class row initialised from the null row."""
-    if new.ndim != 2 or old.ndim != 2 or new.shape[1] != old.shape[1] or new.shape[0] <= old.shape[0]:
-        return None
-    grown = old[-1:].expand(new.shape[0], -1).clone()  # every row from the checkpoint's last (null) row
-    grown[: old.shape[0] - 1] = old[:-1]
-    grown[-1] = old[-1]
-    return grown, (f"{key}: grown from {old.shape[0]} to {new.shape[0]} rows; {new.shape[0] - old.shape[0]} new "
-                   f"class rows initialised from the null row")
-
-
 def load_base(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     """Copy ``cfg.source``'s weights into ``model`` (same architecture; class tables may grow); returns what grew."""
-    from .models import LoadOptions, load_model_with_info, load_state_dict_strict
+    from .models import LoadOptions, load_base_weights
 
-    base, _ = load_model_with_info(cfg.source, None, LoadOptions(weights=cfg.weights, format=cfg.format))
-    state, own, grown = base.state_dict(), unwrap(model).state_dict(), []
-    for key, tensor in list(state.items()):
-        if key in own and own[key].shape != tensor.shape and key.endswith("embedding_table.weight"):
-            result = _grow_rows(key, own[key], tensor)
-            if result is not None:
-                state[key], note = result
-                grown.append(note)
-    load_state_dict_strict(unwrap(model), state, f"finetune.from {cfg.source}")
-    return grown
+    return load_base_weights(model, str(cfg.source), LoadOptions(weights=cfg.weights, format=cfg.format))
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -130,24 +109,6 @@ def saved_keys(model: nn.Module) -> set[str] | None:
     root = unwrap(model)
     trained = {n for n, p in root.named_parameters() if p.requires_grad}
     return {k for k in root.state_dict() if k in trained or is_adapter_key(k)}
-
-
-def lora_run_model(spec: dict[str, Any], finetune: dict[str, Any], state: dict[str, torch.Tensor],
-                   where: str) -> nn.Module:
-    """A LoRA run's model: the architecture ``spec``, the base weights of its ``finetune.from``, its adapters (and
-    other trained tensors) from ``state``."""
-    from .config import load_config
-    from .models import check_state_dict_fits, create_model
-
-    spec = dict(spec)
-    model = create_model(spec.pop("name"), **spec)
-    cfg = load_config(FinetuneConfig, finetune)
-    prepare(model, cfg)
-    keys = saved_keys(model) or set()
-    own = model.state_dict()
-    check_state_dict_fits(model, {**{k: v for k, v in own.items() if k not in keys}, **state}, where)
-    model.load_state_dict(state, strict=False)
-    return model
 
 
 def resolve_source(cfg: FinetuneConfig) -> None:

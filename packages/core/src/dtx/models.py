@@ -380,9 +380,7 @@ def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, An
     key = "ema" if options.weights == "ema" and "ema" in state else "model"
     finetune = (state["config"] or {}).get("finetune") or {}
     if finetune.get("method") == "lora":  # the checkpoint holds the adapters; the base is finetune.from
-        from .finetune import lora_run_model
-
-        return lora_run_model(spec, finetune, state[key], f"{ckpt} ({key})"), {
+        return _lora_run_model(spec, finetune, state[key], f"{ckpt} ({key})"), {
             "format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
             "step": int(state["step"]), "state": state}
     with weights_of(ckpt, weight_bytes(ckpt / DTX_WEIGHTS) if (ckpt / DTX_WEIGHTS).is_file() else weight_bytes(ckpt)):
@@ -390,6 +388,52 @@ def _load_run(path: Path, options: LoadOptions) -> tuple[nn.Module, dict[str, An
     load_state_dict_strict(model, state[key], f"{ckpt} ({key})")
     return model, {"format": "dtx-run", "checkpoint": str(ckpt), "weights": "EMA" if key == "ema" else "raw",
                    "step": int(state["step"]), "state": state}
+
+
+def _grow_rows(key: str, new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """A class table with more rows than the checkpoint's: the old class rows kept, the null row (the last) moved to
+    the end, each new class row initialised from the null row."""
+    if new.ndim != 2 or old.ndim != 2 or new.shape[1] != old.shape[1] or new.shape[0] <= old.shape[0]:
+        return None
+    grown = old[-1:].expand(new.shape[0], -1).clone()  # every row from the checkpoint's last (null) row
+    grown[: old.shape[0] - 1] = old[:-1]
+    return grown, (f"{key}: grown from {old.shape[0]} to {new.shape[0]} rows; {new.shape[0] - old.shape[0]} new "
+                   f"class rows initialised from the null row")
+
+
+def load_base_weights(model: nn.Module, source: str, options: LoadOptions = LoadOptions()) -> list[str]:
+    """Copy the weights of any loadable ``source`` into ``model`` of the same architecture, strictly, except that a
+    class table (``...embedding_table.weight``) may grow for data with more classes; returns what grew."""
+    base, _ = load_model_with_info(source, None, options)
+    state, own, grown = base.state_dict(), model.state_dict(), []
+    for key, tensor in list(state.items()):
+        if key in own and own[key].shape != tensor.shape and key.endswith("embedding_table.weight"):
+            result = _grow_rows(key, own[key], tensor)
+            if result is not None:
+                state[key], note = result
+                grown.append(note)
+    load_state_dict_strict(model, state, f"finetune.from {source}")
+    return grown
+
+
+def _lora_run_model(spec: dict[str, Any], finetune: dict[str, Any], state: dict[str, torch.Tensor],
+                    where: str) -> nn.Module:
+    """A LoRA run's model: the architecture ``spec``, the base weights of its ``finetune.from`` (as stored), its
+    adapters and other trained tensors from ``state``."""
+    from .adapters import LoraSpec, add_lora
+
+    spec = dict(spec)
+    model = create_model(spec.pop("name"), **spec)
+    load_base_weights(model, str(finetune["source"]),
+                      LoadOptions(weights=finetune.get("weights", "ema"), format=finetune.get("format")))
+    add_lora(model, LoraSpec(**dict(finetune.get("lora") or {})))
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(f"{where}: tensors this LoRA model lacks: {', '.join(unexpected[:4])}")
+    check_state_dict_fits(model, {**own, **state}, where)
+    model.load_state_dict(state, strict=False)
+    return model
 
 
 def load_model(source: str | os.PathLike, name: str | None = None, *, weights: Literal["ema", "raw"] = "ema",

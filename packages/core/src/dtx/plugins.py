@@ -124,7 +124,7 @@ def _presets(family: str, sizes: str, patches: str) -> tuple[str, ...]:
 #: it against their registrations
 FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
     "dtx-backbone-dit": {"model": _presets("DiT", "S B L XL", "248") + _presets("SiT", "S B L XL", "248")[1:],
-                         "recipe": ("dit-digits", "dit-digits-flow")},
+                         "recipe": ("dit-digits", "dit-digits-flow", "dit-digits-lora")},
     "dtx-backbone-hdit": {"model": ("HDiT", "HDiT-FFHQ1024", "HDiT-Flowers256", "HDiT-ImageNet128",
                                     "HDiT-ImageNet256"), "recipe": ("hdit-digits",)},
     "dtx-backbone-latte": {"model": _presets("Latte", "S B L XL", "248"), "recipe": ("latte-moving-digits",),

@@ -25,6 +25,7 @@ from torch import nn
 
 from dtx import diffusers_interop as dfi
 from dtx.errors import CheckpointError, ConfigError
+from dtx.interface import unwrap
 from dtx.models import LoadOptions, create_model, load_state_dict_strict
 
 from .model import GenTron
@@ -256,3 +257,47 @@ def export(model: nn.Module, facts: dict[str, Any], out: Path) -> list[str] | No
     dfi.write_model(out, cls, config, to_diffusers(model.state_dict()), readme)
     return notes
 
+
+
+def adapter_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT adapter tensors of a dtx PixArt (``<module>.lora_A.weight`` under PixArt's names) under diffusers'
+    module names. A fused projection's adapter splits exactly: q, k and v share its A, each takes its rows of B
+    (W_q + B_q A is the q rows of W_qkv + B A)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.+)\.(lora_[AB])\.weight", key)
+        if m is None:
+            raise ConfigError(f"adapter key {key} is not a LoRA A or B weight")
+        module, part = m.groups()
+        if module in _TOP:
+            out[f"{_TOP[module]}.{part}.weight"] = value
+            continue
+        b = re.fullmatch(r"(blocks|temporal_blocks)\.(\d+)\.(.+)", module)
+        sub = b.group(3) if b else None
+        if b is None or (sub not in _SPLITS and sub not in _BLOCK):
+            raise ConfigError(f"adapted module {module} has no place in diffusers' layout")
+        prefix = f"{_LISTS[b.group(1)]}.{b.group(2)}."
+        if sub in _BLOCK:
+            out[f"{prefix}{_BLOCK[sub]}.{part}.weight"] = value
+            continue
+        attn, names = _SPLITS[sub]
+        pieces = value.chunk(len(names), dim=0) if part == "lora_B" else [value] * len(names)
+        for name, piece in zip(names, pieces):
+            out[f"{prefix}{attn}.{name}.{part}.weight"] = piece.clone()
+    return out
+
+
+def export_adapter(model: nn.Module, out: Path, base: str | None) -> list[str] | None:
+    """A dtx PixArt's LoRA adapter as a PEFT folder keyed by diffusers' module names, for a
+    ``PixArtTransformer2DModel`` / ``LatteTransformer3DModel``; None for other families."""
+    from dtx import adapters
+
+    if not isinstance(unwrap(model), PixArt):
+        return None
+    state = adapter_to_diffusers(adapters.peft_state(model))
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    adapters.write_adapter(out, state, targets, adapters.adapter_hyper(model), base)
+    return ["keys follow diffusers' PixArtTransformer2DModel / LatteTransformer3DModel module names (fused q/k/v "
+            "adapters split exactly); diffusers 0.42 gives these models no LoRA loader (no load_lora_weights), so "
+            "load it with PEFT: PeftModel.from_pretrained(transformer, OUT) or peft.inject_adapter_in_model + "
+            "set_peft_model_state_dict"]

@@ -67,7 +67,7 @@ def dtx_register_checkpoint_formats(register: Callable[..., Any]) -> None:
     from . import diffusers_format
 
     register(diffusers_format.FORMAT, diffusers_format.detect, load=diffusers_format.load,
-             export=diffusers_format.export,
+             export=diffusers_format.export, export_adapter=diffusers_format.export_adapter,
              description="diffusers PixArtTransformer2DModel and LatteTransformer3DModel folders (read and "
                          "`dtx convert --to diffusers`; GenTron refused with the reason)")
 

@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
                           f"adapter (a run with finetune.method: lora has one)")
     if args.adapter_only:
         ft = (info.get("state") or {}).get("config", {}).get("finetune") or {}
+        if args.to == "diffusers":
+            return _adapter_to_diffusers(model, Path(args.output), ft.get("source"))
         out = save_adapter(model, args.output, base=ft.get("source"))
-        print(f"wrote {out}/ (PEFT LoRA adapter, {len(list(out.glob('*.safetensors')))} weights file)")
+        print(f"wrote {out}/ (PEFT LoRA adapter, dtx module names)")
         return 0
     if has_lora(model):
         merge_lora(model)
@@ -85,6 +87,24 @@ def run(args: argparse.Namespace) -> int:
           f"{count_parameters(model):,} parameters; read as {info.get('format', '?')}"
           f"{', ' + info['weights'] + ' weights' if 'weights' in info else ''})")
     return 0
+
+
+def _adapter_to_diffusers(model: Any, out: Path, base: str | None) -> int:
+    """A LoRA adapter under diffusers' module names, through the format that registered ``export_adapter``."""
+    from .. import plugins
+    from ..errors import ConfigError
+    from ..models import model_spec
+
+    for entry in plugins.host().table("checkpoint_format").values():
+        export = entry.meta.get("export_adapter")
+        notes = export(model, out, base) if export is not None else None
+        if notes is not None:
+            print(f"wrote {out}/ (PEFT LoRA adapter, diffusers module names, via {entry.name})")
+            for note in notes:
+                print(f"note: {note}")
+            return 0
+    name = (model_spec(model) or {}).get("name", type(model).__name__)
+    raise ConfigError(f"no installed plugin exports {name}'s adapter to diffusers' module names")
 
 
 def _to_diffusers(model: Any, info: dict[str, Any], out: Path) -> int:

@@ -111,17 +111,20 @@ def choose_runner(requested: str | None, workers: int | None, address: str | Non
 
 
 def check_init_source(cfg: TrainConfig) -> None:
-    """``model.init_from`` must exist before anything is written, unless the run resumes (it holds its own weights);
-    a missing ``runs/NAME`` of a recipe NAME names the command that makes it."""
-    source = cfg.model.init_from
-    if not source or Path(source).exists() or (Path(cfg.out) / RUN_CHECKPOINTS).is_dir():
-        return
-    path = Path(source)
-    hint = "; point it at a training run, a dtx model folder or a weights file"
-    if path.parent == Path("runs") and path.name in plugins.names("recipe"):
-        hint = (f": it is the run `dtx train {path.name}` writes (this recipe starts from it), so run that first "
-                f"from this folder, or set model.init_from=PATH to another run")
-    raise ConfigError(f"bad value for config key 'model.init_from': {source} not found{hint}")
+    """``model.init_from`` and ``finetune.from`` must exist before anything is written, unless the run resumes and
+    holds its own weights (a LoRA run never does: it rebuilds its base); a missing ``runs/NAME`` of a recipe NAME
+    names the command that makes it."""
+    resuming = (Path(cfg.out) / RUN_CHECKPOINTS).is_dir()
+    for key, source, needed_on_resume in (("model.init_from", cfg.model.init_from, False),
+                                          ("finetune.from", cfg.finetune.source, cfg.finetune.method == "lora")):
+        if not source or Path(source).exists() or (resuming and not needed_on_resume):
+            continue
+        path = Path(source)
+        hint = "; point it at a training run, a dtx model folder or a weights file"
+        if path.parent == Path("runs") and path.name in plugins.names("recipe"):
+            hint = (f": it is the run `dtx train {path.name}` writes (this recipe starts from it), so run that first "
+                    f"from this folder, or set {key}=PATH to another run")
+        raise ConfigError(f"bad value for config key {key!r}: {source} not found{hint}")
 
 
 def run(args: argparse.Namespace) -> int:

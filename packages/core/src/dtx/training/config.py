@@ -240,6 +240,8 @@ class TrainConfig:
         check(o.noise_d_high is None or o.noise_d_high >= 1, "objective.noise_d_high", "must be >= 1 (or null)")
         self._validate_flow()
         self.finetune.validate()
+        check(not (self.model.init_from and self.finetune.source), "finetune.from",
+              "set either model.init_from (grow a model from another's weights) or finetune.from, not both")
 
     def _validate_flow(self) -> None:
         from ..diffusion.flow import LOSS_WEIGHTS, PATHS, PREDICTIONS
