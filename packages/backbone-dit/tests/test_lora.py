@@ -126,3 +126,14 @@ def test_bad_finetune_settings_are_refused_naming_the_key(base, tmp_path, capsys
     assert "finetune.from" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         FinetuneConfig(source="x", lora=dtx.adapters.LoraSpec(rank=0)).validate()
+
+
+def test_lora_trains_the_same_with_recomputed_activations(base, tmp_path):
+    """Activation recomputation (``recompute: all``) around peft-wrapped blocks: the same losses and adapters."""
+    source = f"finetune.from={base}"
+    train(tmp_path / "plain", source, *LORA, "max_steps=3", "ckpt_every=3")
+    train(tmp_path / "recomputed", source, *LORA, "max_steps=3", "ckpt_every=3", "recompute=all")
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "recomputed"), rel=1e-6)
+    a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "step_00000003")["model"]
+    b = load_checkpoint(tmp_path / "recomputed" / "checkpoints" / "step_00000003")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
