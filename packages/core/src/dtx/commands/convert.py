@@ -89,38 +89,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapter_to_diffusers(model: Any, out: Path, base: str | None) -> int:
-    """A LoRA adapter under diffusers' module names, through the format that registered ``export_adapter``."""
+def _export_via(meta: str, model: Any, args: tuple[Any, ...], out: Path, wrote: str, missing: str) -> int:
+    """Hand ``model`` (and ``args``) to the first registered format whose ``meta`` exporter takes it (a None answer
+    is "not my family"), which writes ``out``; print what it notes."""
     from .. import plugins
     from ..errors import ConfigError
     from ..models import model_spec
 
     for entry in plugins.host().table("checkpoint_format").values():
-        export = entry.meta.get("export_adapter")
-        notes = export(model, out, base) if export is not None else None
+        export = entry.meta.get(meta)
+        notes = export(model, *args) if export is not None else None
         if notes is not None:
-            print(f"wrote {out}/ (PEFT LoRA adapter, diffusers module names, via {entry.name})")
+            print(f"wrote {out}/ ({wrote}, via {entry.name})")
             for note in notes:
                 print(f"note: {note}")
             return 0
     name = (model_spec(model) or {}).get("name", type(model).__name__)
-    raise ConfigError(f"no installed plugin exports {name}'s adapter to diffusers' module names")
+    raise ConfigError(f"no installed plugin exports {name} ({type(model).__name__}) {missing}")
+
+
+def _adapter_to_diffusers(model: Any, out: Path, base: str | None) -> int:
+    """A LoRA adapter under diffusers' module names, through the format that registered ``export_adapter``."""
+    return _export_via("export_adapter", model, (out, base), out, "PEFT LoRA adapter, diffusers module names",
+                       "adapters to diffusers' module names")
 
 
 def _to_diffusers(model: Any, info: dict[str, Any], out: Path) -> int:
     """Hand ``model`` to the registered format that exports its family to diffusers; print what it notes."""
-    from .. import plugins
-    from ..errors import ConfigError
-    from ..models import model_spec
-
-    facts = sampling_facts(info)
-    for entry in plugins.host().table("checkpoint_format").values():
-        export = entry.meta.get("export")
-        notes = export(model, facts, out) if export is not None else None
-        if notes is not None:
-            print(f"wrote {out}/ (diffusers, via {entry.name})")
-            for note in notes:
-                print(f"note: {note}")
-            return 0
-    name = (model_spec(model) or {}).get("name", type(model).__name__)
-    raise ConfigError(f"no installed plugin exports {name} ({type(model).__name__}) to diffusers")
+    return _export_via("export", model, (sampling_facts(info), out), out, "diffusers", "to diffusers")
