@@ -277,7 +277,7 @@ def test_plugins_module_does_not_import_builtin():
 
 
 def test_objective_kind_and_hook_api_version(fresh_host):
-    assert plugins.KINDS["objective"] == "dtx_register_objectives" and dtx.hookspecs.HOOK_API_VERSION == "1.1"
+    assert plugins.KINDS["objective"] == "dtx_register_objectives" and dtx.hookspecs.HOOK_API_VERSION == "1.2"
     module = types.ModuleType("objective_plugin")
 
     def factory(cfg, model, info):

@@ -609,8 +609,7 @@ class Latte(nn.Module):
         lay = Layout(batch=b, frames=frames, images=images, tokens=tokens, spatial=spatial, temporal=temporal,
                      temp_embed=self.temporal_table(frames))
 
-        for i in range(len(self.blocks)):
-            h = self.blocks.call(i, h, lay, i == self.first_temporal)  # [(B F), t, D]
+        h = self.blocks.run(h, lambda i: (lay, i == self.first_temporal))  # [(B F), t, D]
         h = self.final_layer(h, spatial.c)  # [(B F), t, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         if self.temporal_upsample is None:

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import pluggy
 
-HOOK_API_VERSION = "1.1"  # 1.1: added dtx_register_objectives; no hook changed
+HOOK_API_VERSION = "1.2"  # 1.1: added dtx_register_objectives; 1.2: dtx_register_caches; no hook changed
 
 #: the plugin module attribute that states the hook API a plugin was written for, e.g. ``DTX_HOOK_API = "1.1"``
 PLUGIN_API_ATTRIBUTE = "DTX_HOOK_API"
 
 #: the hook API version (major, minor) that introduced each hook; hooks not listed are in 1.0
-HOOK_ADDED: dict[str, tuple[int, int]] = {"dtx_register_objectives": (1, 1)}
+HOOK_ADDED: dict[str, tuple[int, int]] = {"dtx_register_objectives": (1, 1), "dtx_register_caches": (1, 2)}
 
 
 def parse_api_version(value: object) -> tuple[int, int]:
@@ -72,7 +72,14 @@ def dtx_register_schedules(register: Callable[..., Any]) -> None:
 
 @hookspec
 def dtx_register_samplers(register: Callable[..., Any]) -> None:
-    """Register samplers: ``register(name, fn, *, kind="gaussian"|"karras", description="")``."""
+    """Register samplers: ``register(name, fn, *, kind="gaussian"|"karras"|"flow", description="")``."""
+
+
+@hookspec
+def dtx_register_caches(register: Callable[..., Any]) -> None:
+    """Register sampling step caches (``sample.cache``, ``--cache``): ``register(name, factory, *, description="")``
+    where ``factory(stats, **options)`` returns an object with ``run(n, block, h, args_of)`` (see
+    ``dtx.layers.step_cache``)."""
 
 
 @hookspec

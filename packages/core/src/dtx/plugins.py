@@ -59,6 +59,7 @@ KINDS: dict[str, str] = {
     "conditioner": "dtx_register_conditioners",
     "schedule": "dtx_register_schedules",
     "sampler": "dtx_register_samplers",
+    "cache": "dtx_register_caches",
     "loss": "dtx_register_losses",
     "objective": "dtx_register_objectives",
     "dataset": "dtx_register_datasets",

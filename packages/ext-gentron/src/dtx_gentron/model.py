@@ -429,10 +429,12 @@ class GenTron(nn.Module):
                 table = sincos_1d_torch(self.config.hidden_size, x.shape[1])[0].to(w.device, w.dtype)  # [F, D]
                 h = h + repeat(self.frame_embedder(table), "f d -> (b f) 1 d", b=b).to(h.dtype)  # [(B F), N, D]
         stride = 2 if texts[1] is not None else 1
-        for i in range(len(self.blocks)):
+
+        def block_args(i: int) -> tuple[Any, ...]:
             text = texts[i % stride]
-            text = None if text is None else text.at(i // stride)  # this block's caption or K/V [B, L, 2D]
-            h = self.blocks.call(i, h, c, text, layout)  # [(B F), N, D]
+            return c, None if text is None else text.at(i // stride), layout  # this block's caption or K/V [B, L, 2D]
+
+        h = self.blocks.run(h, block_args)  # [(B F), N, D]
         h = self.final_layer(h, c)  # [(B F), N, p * p * out]
         out = unpatchify(h, p, self.out_channels, grid_h, grid_w)  # [(B F), out, H, W]
         return rearrange(out, "(b f) c h w -> b f c h w", b=b) if video else out  # [B, (F,) out, H, W]

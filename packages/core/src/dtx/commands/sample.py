@@ -125,6 +125,10 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling objects (trusted files only)")
     p.add_argument("--format", help="the registered checkpoint format to read SOURCE with when its tensors cannot "
                                     "tell (e.g. sit for SiT's .pt files); default: detected")
+    p.add_argument("--cache", help="a registered step cache skipping block work between steps: first-block, "
+                                   "teacache (default: the run's sample.cache, usually none)")
+    p.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the cache, e.g. threshold=0.1 (repeatable)")
     p.add_argument("--adapter", help="a LoRA adapter folder in PEFT's format (dtx convert RUN --adapter-only) to "
                                      "apply to SOURCE")
     p.add_argument("--adapter-scale", type=float, help="scale of the adapter's update (1: as trained; 0: the base); "
@@ -260,6 +264,10 @@ def _sample_overrides(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
     scales = {name: getattr(args, f"scale_{name.replace('-', '_')}", None) for _, (name, _) in plugin_scales().items()}
     if any(v is not None for v in scales.values()):
         given["guidance_scales"] = {k: v for k, v in scales.items() if v is not None}
+    if args.cache is not None:
+        given["cache"] = None if args.cache == "none" else args.cache
+    if args.cache_option:
+        given["cache_options"] = parse_options(args.cache_option)
     if args.sampler_option:
         name = args.sampler or setup.cfg.sample.sampler
         given["sampler_options"] = check_options(name, sampler_entry(name, setup.objective.kind),
@@ -302,5 +310,6 @@ def run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, vae=vae,
                        progress=sys.stderr.isatty() if args.progress is None else args.progress)
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=sample.fps, scale=args.scale)
-    print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema}))
+    cache = {"cache": {"name": sample.cache, **samples.cache}} if samples.cache is not None else {}
+    print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema, **cache}))
     return 0

@@ -46,6 +46,11 @@ class BlockStack(nn.ModuleList):
         super().__init__(blocks)
         self.recompute_every = 0
         self.set_recompute(recompute_every)
+        self._step_cache: Any = None  # a sampling run's step cache (``dtx.layers.step_cache``), or None
+
+    def set_step_cache(self, cache: Any) -> None:
+        """Let ``cache`` (``run(n, block, h, args_of)``) decide which blocks ``run`` computes; None: all of them."""
+        self._step_cache = cache
 
     def set_recompute(self, every: int) -> None:
         """Recompute blocks 0, k, 2k, ... for ``every`` = k (1: all, 0: none)."""
@@ -54,15 +59,28 @@ class BlockStack(nn.ModuleList):
         self.recompute_every = int(every)
 
     def call(self, i: int, h: torch.Tensor, *args: Any) -> torch.Tensor:
-        """Block ``i`` on ``h`` and its own arguments (for loops that give blocks different inputs)."""
+        """Block ``i`` on ``h`` and its own arguments (for loops that run blocks one at a time)."""
+        if self._step_cache is not None:
+            raise ConfigError("sample.cache: this model runs its blocks one at a time (BlockStack.call); a step cache "
+                              "needs them run through BlockStack.run")
+        return self._block(i, h, *args)
+
+    def _block(self, i: int, h: torch.Tensor, *args: Any) -> torch.Tensor:
         every = self.recompute_every
         return recomputed(self[i], h, *args, enabled=every > 0 and i % every == 0)
 
+    def run(self, h: torch.Tensor, args_of: Callable[[int], tuple[Any, ...]]) -> torch.Tensor:
+        """Every block in order, block ``i`` on the previous output and ``args_of(i)``; a step cache, when one is
+        set, may skip blocks."""
+        if self._step_cache is not None:
+            return self._step_cache.run(len(self), self._block, h, args_of)
+        for i in range(len(self)):
+            h = self._block(i, h, *args_of(i))
+        return h
+
     def forward(self, h: torch.Tensor, *args: Any) -> torch.Tensor:  # type: ignore[override]
         """Every block in order, each on the previous output and the same ``args``."""
-        for i in range(len(self)):
-            h = self.call(i, h, *args)
-        return h
+        return self.run(h, lambda i: args)
 
 
 def set_recompute(model: nn.Module, every: int) -> None:

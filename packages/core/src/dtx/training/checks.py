@@ -71,6 +71,15 @@ def check_sampler(sample: SampleConfig, kind: str) -> None:
 
     check_options(sample.sampler, sampler_entry(sample.sampler, kind), sample.sampler_options,
                   "sample.sampler_options")
+    if sample.cache is not None:  # the name, and its options by building one (nothing runs)
+        from ..errors import ConfigError
+        from ..layers.step_cache import CacheStats
+        from .sampling import cache_factory
+
+        try:
+            cache_factory(sample.cache)(CacheStats(), **sample.cache_options)
+        except TypeError as exc:
+            raise ConfigError(f"bad value for config key 'sample.cache_options': {exc}") from None
 
 
 def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: ConditioningStage) -> None:

@@ -127,6 +127,8 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)
     negative_prompt: Optional[str] = None
     fps: float = 8.0  # videos
+    cache: Optional[str] = None  # a registered step cache (first-block, teacache) skipping block work between steps
+    cache_options: dict[str, Any] = field(default_factory=dict)  # e.g. {threshold: 0.1}
 
     def validate(self, prefix: str = "sample.") -> None:
         """Ranges of the sampling settings, errors naming ``prefix`` + the key."""

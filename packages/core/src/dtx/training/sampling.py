@@ -23,6 +23,7 @@ from ..conditioning import ConditioningStage, Fields, SampleRequest
 from ..data.info import DataInfo
 from ..errors import ConfigError
 from ..interface import interface_of
+from ..layers.step_cache import CacheStats, step_cache
 from .config import SampleConfig, TrainConfig, config_from_dict
 from .objectives import Objective, build_objective
 
@@ -35,6 +36,7 @@ class Samples:
     fields: Fields
     per_subject: int
     channel_dim: int
+    cache: dict[str, float] | None = None  # the step cache's counts of full and skipped block evaluations
 
 
 @dataclass
@@ -71,13 +73,17 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
     was_training = model.training
     model.eval()
     out = []
+    factory = cache_factory(sample.cache)
+    stats = CacheStats()
     try:
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
-            x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
-                                       sample.steps, gen, guide_channels=sample.guide_channels, progress=progress,
-                                       options=sample.sampler_options)
+            with step_cache(model, factory, sample.cache_options) as batch_stats:  # fresh per batch
+                x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
+                                           sample.steps, gen, guide_channels=sample.guide_channels,
+                                           progress=progress, options=sample.sampler_options)
+            stats.full, stats.skipped = stats.full + batch_stats.full, stats.skipped + batch_stats.skipped
             if vae is not None:
                 from ..data.vae import decode
 
@@ -86,7 +92,16 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
     finally:
         model.train(was_training)
     return Samples(torch.cat(out), raw, sample.n_per_class if per_subject is None else per_subject,
-                   interface_of(model).channel_dim)
+                   interface_of(model).channel_dim, stats.as_dict() if factory is not None else None)
+
+
+def cache_factory(name: str | None) -> Any:
+    """The registered step cache ``name`` (None: no cache); an unknown name is an error naming ``sample.cache``."""
+    if name is None:
+        return None
+    from .objectives import lookup
+
+    return lookup("sample.cache", "cache", name).obj
 
 
 def _prompts(fields: Fields) -> list[str] | None:

@@ -1,0 +1,133 @@
+"""Step caches: during sampling, skip the work of a model's transformer blocks when it would barely change, reusing
+what was computed at an earlier step. A cache sees the whole batched forward of one sampling step (every guidance
+term at once), so all terms of a step use the same fresh or cached features.
+
+- ``first-block`` (first-block cache, as ParaAttention's FBCache and diffusers' ``FirstBlockCache``): run the first
+  block; when its residual changed by less than ``threshold`` (relative mean absolute difference) since the last
+  step computed in full, add the remaining blocks' residual of that step instead of running them.
+- ``teacache`` (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"):
+  accumulate the relative change of the blocks' input tokens and conditioning since the last full step; while the
+  sum stays below ``threshold``, skip every block and add the last full step's residual. (TeaCache rescales the
+  change with a polynomial fitted per model; here it is used as measured.)
+
+A model opts in by running its blocks through ``dtx.layers.BlockStack.run``; ``threshold`` 0 computes every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+ArgsOf = Callable[[int], tuple[Any, ...]]
+Block = Callable[..., torch.Tensor]
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    """mean |new - old| / mean |old|: how much a tensor moved between two steps."""
+    return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
+
+
+@dataclass
+class CacheStats:
+    """Forward passes of the blocks run in full and skipped (one count per block stack and step)."""
+
+    full: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        total = self.full + self.skipped
+        return {"full": self.full, "skipped": self.skipped,
+                "fewer_full_evaluations": round(total / self.full, 3) if self.full else 0.0}
+
+
+class FirstBlockCache:
+    """Reuse the remaining blocks' residual while the first block's residual stays within ``threshold``."""
+
+    def __init__(self, stats: CacheStats, threshold: float = 0.08) -> None:
+        if not threshold >= 0:
+            raise ConfigError(f"cache first-block: threshold must be >= 0, got {threshold}")
+        self.stats, self.threshold = stats, float(threshold)
+        self.first: torch.Tensor | None = None
+        self.rest: torch.Tensor | None = None
+
+    def run(self, n: int, block: Block, h: torch.Tensor, args_of: ArgsOf) -> torch.Tensor:
+        h1 = block(0, h, *args_of(0))
+        first = h1 - h
+        fits = self.first is not None and self.first.shape == first.shape
+        if fits and self.rest is not None and relative_change(first, self.first) < self.threshold:
+            self.stats.skipped += 1
+            return h1 + self.rest
+        out = h1
+        for i in range(1, n):
+            out = block(i, out, *args_of(i))
+        self.first, self.rest = first, out - h1
+        self.stats.full += 1
+        return out
+
+
+class TeaCache:
+    """Skip every block while the accumulated relative change of their inputs stays below ``threshold``."""
+
+    def __init__(self, stats: CacheStats, threshold: float = 0.1) -> None:
+        if not threshold >= 0:
+            raise ConfigError(f"cache teacache: threshold must be >= 0, got {threshold}")
+        self.stats, self.threshold = stats, float(threshold)
+        self.previous: list[torch.Tensor] | None = None
+        self.residual: torch.Tensor | None = None
+        self.accumulated = 0.0
+
+    def run(self, n: int, block: Block, h: torch.Tensor, args_of: ArgsOf) -> torch.Tensor:
+        inputs = [h] + [a for a in args_of(0) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        fits = self.previous is not None and [t.shape for t in self.previous] == [t.shape for t in inputs]
+        if fits and self.residual is not None:
+            self.accumulated += sum(relative_change(a, b) for a, b in zip(inputs, self.previous))  # type: ignore[arg-type]
+        self.previous = [t.detach() for t in inputs]
+        if fits and self.residual is not None and self.accumulated < self.threshold:
+            self.stats.skipped += 1
+            return h + self.residual
+        out = h
+        for i in range(n):
+            out = block(i, out, *args_of(i))
+        self.residual, self.accumulated = out - h, 0.0
+        self.stats.full += 1
+        return out
+
+
+CACHES: dict[str, Callable[..., Any]] = {"first-block": FirstBlockCache, "teacache": TeaCache}
+
+
+def _stacks(model: nn.Module) -> list[Any]:
+    from .blocks import BlockStack
+
+    return [m for m in model.modules() if isinstance(m, BlockStack)]
+
+
+@contextlib.contextmanager
+def step_cache(model: nn.Module, factory: Callable[..., Any] | None, options: dict[str, Any] | None = None,
+               key: str = "sample.cache") -> Iterator[CacheStats]:
+    """Install a fresh cache (``factory(stats, **options)``) on each block stack of ``model`` for one sampling run;
+    the stacks are restored afterwards. ``factory`` None yields empty stats and changes nothing."""
+    stats = CacheStats()
+    if factory is None:
+        yield stats
+        return
+    stacks = _stacks(model)
+    if not stacks:
+        raise ConfigError(f"{key}: {type(model).__name__} has no dtx.layers.BlockStack, so no step cache can skip "
+                          f"its blocks")
+    try:
+        for stack in stacks:
+            stack.set_step_cache(factory(stats, **(options or {})))
+    except TypeError as exc:
+        raise ConfigError(f"{key}_options: {exc}") from None
+    try:
+        yield stats
+    finally:
+        for stack in stacks:
+            stack.set_step_cache(None)
