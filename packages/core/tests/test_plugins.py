@@ -342,7 +342,7 @@ def versioned_plugins(tmp_path, monkeypatch, fresh_host):
 def test_another_major_hook_api_is_reported_and_not_loaded(versioned_plugins):
     recs = versioned_plugins
     new, old = recs["newmajor"], recs["oldmajor"]
-    assert new.error.startswith("written for hook API 2.0, but this dtx-core") and "has hook API 1.1" in new.error
+    assert new.error.startswith("written for hook API 2.0, but this dtx-core") and "has hook API 1.2" in new.error
     assert "upgrade dtx-core (pip install -U dtx-core)" in new.hint and "DTX_DISABLE_PLUGINS=newmajor" in new.hint
     assert "upgrade dtx-newmajor-conflict" not in new.hint
     assert old.error.startswith("written for hook API 0.9") and "pip install -U dtx-oldmajor-conflict" in old.hint
@@ -355,20 +355,20 @@ def test_another_major_hook_api_is_reported_and_not_loaded(versioned_plugins):
 
 def test_a_malformed_declaration_names_the_attribute(versioned_plugins):
     rec = versioned_plugins["floatapi"]
-    assert rec.error == "DTX_HOOK_API must be a string 'MAJOR.MINOR' such as '1.1', got 1.1"
-    assert rec.hint == "write DTX_HOOK_API = '1.1' in dtx_floatapi_conflict" and rec.registers == {}
+    assert rec.error == "DTX_HOOK_API must be a string 'MAJOR.MINOR' such as '1.2', got 1.1"
+    assert rec.hint == "write DTX_HOOK_API = '1.2' in dtx_floatapi_conflict" and rec.registers == {}
 
 
 def test_newer_minor_and_hooks_newer_than_declared_load_with_a_warning(versioned_plugins):
     recs = versioned_plugins
     assert recs["newminor"].error is None and recs["newminor"].registers == {"model": ["newminor-net"]}
-    assert recs["newminor"].warnings == ["written for hook API 1.9, newer than this dtx's 1.1: hooks added since are "
+    assert recs["newminor"].warnings == ["written for hook API 1.9, newer than this dtx's 1.2: hooks added since are "
                                          "not called; upgrade dtx-core (pip install -U dtx-core)"]
     assert recs["declares10"].warnings == ["implements dtx_register_objectives, added in hook API 1.1, but declares "
                                            "1.0: write DTX_HOOK_API = '1.1' in dtx_declares10_conflict"]
     assert "declares 1.0 (no DTX_HOOK_API)" in recs["undeclared"].warnings[0]
     assert plugins.get("objective", "declares10-objective").plugin == "declares10"  # still works
-    assert recs["core"].hook_api == "1.1" and recs["core"].warnings == [] and recs["core"].error is None
+    assert recs["core"].hook_api == "1.2" and recs["core"].warnings == [] and recs["core"].error is None
 
 
 def test_run_time_plugin_of_another_major_is_refused(fresh_host):

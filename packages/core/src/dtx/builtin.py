@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from .hookspecs import hookimpl
 
-DTX_HOOK_API = "1.1"  # the hook API these registrations are written for (dtx.hookspecs)
+DTX_HOOK_API = "1.2"  # the hook API these registrations are written for (dtx.hookspecs)
 
 
 @hookimpl
