@@ -49,7 +49,7 @@ class CacheStats:
 class FirstBlockCache:
     """Reuse the remaining blocks' residual while the first block's residual stays within ``threshold``."""
 
-    def __init__(self, stats: CacheStats, threshold: float = 0.08) -> None:
+    def __init__(self, stats: CacheStats, threshold: float = 0.2) -> None:
         if not threshold >= 0:
             raise ConfigError(f"cache first-block: threshold must be >= 0, got {threshold}")
         self.stats, self.threshold = stats, float(threshold)
@@ -74,7 +74,7 @@ class FirstBlockCache:
 class TeaCache:
     """Skip every block while the accumulated relative change of their inputs stays below ``threshold``."""
 
-    def __init__(self, stats: CacheStats, threshold: float = 0.1) -> None:
+    def __init__(self, stats: CacheStats, threshold: float = 0.4) -> None:
         if not threshold >= 0:
             raise ConfigError(f"cache teacache: threshold must be >= 0, got {threshold}")
         self.stats, self.threshold = stats, float(threshold)
