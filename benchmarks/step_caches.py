@@ -29,14 +29,9 @@ def sample_once(setup: Any, settings: Any, n_per_class: int, seed: int) -> tuple
 
 
 def scores(samples: Any) -> dict[str, float]:
-    from dtx.evaluation.digits import digits_accuracy, digits_features
-    from dtx.evaluation.frechet import feature_stats, frechet_distance_from_stats
-    from dtx.evaluation.report import reference_stats, to_unit
-    from dtx.writers import quantize
+    from dtx.evaluation.report import digits_scores
 
-    x = to_unit(quantize(samples.x))
-    return {"accuracy": digits_accuracy(x, samples.fields["y"]),
-            "fd": frechet_distance_from_stats(*feature_stats(digits_features(x)), *reference_stats("train"))}
+    return digits_scores(samples.x, samples.fields["y"])
 
 
 def main(argv: list[str] | None = None) -> int:

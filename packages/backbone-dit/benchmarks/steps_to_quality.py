@@ -62,20 +62,15 @@ def count_nfe(setup: Any, sampler: str, steps: int, cfg: float) -> int:
 def score(setup: Any, sampler: str, steps: int, cfg: float, n_per_class: int, seed: int) -> dict[str, Any]:
     """Accuracy and Frechet distance (vs the real training digits) of ``10 * n_per_class`` samples."""
     from dtx.conditioning import SampleRequest
-    from dtx.evaluation.digits import digits_accuracy, digits_features
-    from dtx.evaluation.frechet import feature_stats, frechet_distance_from_stats
-    from dtx.evaluation.report import reference_stats, to_unit
+    from dtx.evaluation.report import digits_scores
     from dtx.training.sampling import generate
-    from dtx.writers import quantize
 
     t0 = time.perf_counter()
     samples = generate(setup, SampleRequest(classes=list(range(10))), settings(setup, sampler, steps, cfg),
                        per_subject=n_per_class, seed=seed)
-    x = to_unit(quantize(samples.x))
     return {"sampler": sampler, "steps": steps, "cfg": cfg, "nfe": count_nfe(setup, sampler, steps, cfg),
-            "accuracy": digits_accuracy(x, samples.fields["y"]),
-            "fd": frechet_distance_from_stats(*feature_stats(digits_features(x)), *reference_stats("train")),
-            "n": len(x), "seconds": round(time.perf_counter() - t0, 2)}
+            **digits_scores(samples.x, samples.fields["y"]), "n": len(samples.x),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def real_baseline() -> float:

@@ -89,6 +89,17 @@ def reference_stats(reference: str) -> tuple[np.ndarray, np.ndarray]:
     return feature_stats(digits_features(digits_arrays(reference, 8)[0]))
 
 
+def digits_scores(images: torch.Tensor, labels: torch.Tensor, reference: str = "train") -> dict[str, float]:
+    """Digits-classifier accuracy and Frechet distance in its features (against the real ``reference`` split) of
+    generated digits in [-1, 1], quantised to uint8 first as archives store them (the scores of ``dtx eval``)."""
+    from .digits import digits_accuracy, digits_features
+    from .frechet import feature_stats, frechet_distance_from_stats
+
+    x = to_unit(quantize(images))
+    return {"accuracy": digits_accuracy(x, labels),
+            "fd": frechet_distance_from_stats(*feature_stats(digits_features(x)), *reference_stats(reference))}
+
+
 def evaluate_samples(path: str | Path, reference: str = "train",
                      inception_weights: str | Path | None = None) -> dict[str, Any]:
     """Scores of one sample archive (or a run folder's newest) as a JSON-ready dict."""
