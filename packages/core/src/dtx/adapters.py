@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,6 +86,10 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every LoRA-wrapped layer; a model can hold none before peft is imported (peft imports
+    transformers: seconds that runs without adapters do not pay)."""
+    if "peft.tuners.lora" not in sys.modules:
+        return []
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)]

@@ -93,27 +93,32 @@ def velocity_sign(noise_input: str) -> float:
     return -1.0 if noise_input == "sit_time" else 1.0
 
 
+def _from_sigma(noise_input: str, num_timesteps: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """sigma -> what a model declared (None: sigma itself)."""
+    if noise_input == "sigma":
+        return None
+    if noise_input in FLOW_TIMES:
+        return lambda sigma: flow_time_as(_rf_time(sigma), noise_input)
+    if noise_input == "c_noise":
+        return c_noise
+    return DiscreteSigmas.reference(num_timesteps).sigma_to_t
+
+
 def from_flow_time(model: Model, noise_input: str, path: FlowPath, num_timesteps: int = 1000) -> Model:
     """``model`` behind a flow objective (called with flow time t) converted to what it declared."""
     if noise_input == "flow_time":
         return model
     if noise_input in FLOW_TIMES:
         return NoiseLevelAdapter(model, lambda t: flow_time_as(t, noise_input))
-    to_sigma = from_sigma(lambda x, sigma, **kw: (x, sigma), noise_input, num_timesteps)
+    convert = _from_sigma(noise_input, num_timesteps) or (lambda sigma: sigma)
     # the ends (sigma 0 at the data, inf at the noise on the linear path) clamped to a finite, embeddable range
-    return NoiseLevelAdapter(model, lambda t: to_sigma(t, path.noise_to_signal(t).clamp(1e-4, 1e4))[1])
+    return NoiseLevelAdapter(model, lambda t: convert(path.noise_to_signal(t).clamp(1e-4, 1e4)))
 
 
 def from_sigma(model: Model, noise_input: str, num_timesteps: int = 1000) -> Model:
     """``model`` behind a sigma-space objective: it is called with sigma converted to what it declared."""
-    if noise_input == "sigma":
-        return model
-    if noise_input in FLOW_TIMES:
-        return NoiseLevelAdapter(model, lambda sigma: flow_time_as(_rf_time(sigma), noise_input))
-    if noise_input == "c_noise":
-        return NoiseLevelAdapter(model, c_noise)
-    reference = DiscreteSigmas.reference(num_timesteps)
-    return NoiseLevelAdapter(model, reference.sigma_to_t)
+    convert = _from_sigma(noise_input, num_timesteps)
+    return model if convert is None else NoiseLevelAdapter(model, convert)
 
 
 def from_timestep(model: Model, noise_input: str, alphas_cumprod: np.ndarray) -> Model:

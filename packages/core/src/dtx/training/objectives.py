@@ -230,9 +230,13 @@ class FlowObjective:
             out = out.narrow(cd, 0, out.shape[cd] // 2)
         return out * self.sign if self.sign != 1.0 else out
 
+    def _inner(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The model called with flow time converted to the noise input it declared."""
+        return noise_levels.from_flow_time(model, self.iface.noise_input, self.path, self.iface.num_timesteps)
+
     def net(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``v(x, t, **cond)``: the velocity dx/dt the model's prediction implies, t a flow-time vector."""
-        inner = noise_levels.from_flow_time(model, self.iface.noise_input, self.path, self.iface.num_timesteps)
+        inner = self._inner(model)
 
         def velocity(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
             out = self._output(inner(x, t, **cond))
@@ -248,8 +252,7 @@ class FlowObjective:
                                    self._interval(training=True)).to(x.device)
         noise = _randn(x.shape, generator, x.device).to(x.dtype)
         x_t, _ = self.path.sample(x, noise, t.reshape(-1, *([1] * (x.ndim - 1))))
-        inner = noise_levels.from_flow_time(model, self.iface.noise_input, self.path, self.iface.num_timesteps)
-        out = self._output(inner(x_t.to(x.dtype), t, **cond))
+        out = self._output(self._inner(model)(x_t.to(x.dtype), t, **cond))
         return self.flow.flow_loss(self.path, out, x, noise, t, c.prediction, c.loss_weight)  # type: ignore[arg-type]
 
     def _guided(self, model: nn.Module, conds: Sequence[Cond], scales: Sequence[float],
