@@ -28,6 +28,14 @@ ArgsOf = Callable[[int], tuple[Any, ...]]
 Block = Callable[..., torch.Tensor]
 
 
+def _threshold(cache: str, value: Any) -> float:
+    """A cache's threshold: a finite number >= 0 (a ConfigError naming the option otherwise)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    if not ok:
+        raise ConfigError(f"sample.cache_options: cache {cache!r} takes threshold as a number >= 0, got {value!r}")
+    return float(value)
+
+
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     """mean |new - old| / mean |old|: how much a tensor moved between two steps."""
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
@@ -50,9 +58,7 @@ class FirstBlockCache:
     """Reuse the remaining blocks' residual while the first block's residual stays within ``threshold``."""
 
     def __init__(self, stats: CacheStats, threshold: float = 0.2) -> None:
-        if not threshold >= 0:
-            raise ConfigError(f"cache first-block: threshold must be >= 0, got {threshold}")
-        self.stats, self.threshold = stats, float(threshold)
+        self.stats, self.threshold = stats, _threshold("first-block", threshold)
         self.first: torch.Tensor | None = None
         self.rest: torch.Tensor | None = None
 
@@ -75,9 +81,7 @@ class TeaCache:
     """Skip every block while the accumulated relative change of their inputs stays below ``threshold``."""
 
     def __init__(self, stats: CacheStats, threshold: float = 0.4) -> None:
-        if not threshold >= 0:
-            raise ConfigError(f"cache teacache: threshold must be >= 0, got {threshold}")
-        self.stats, self.threshold = stats, float(threshold)
+        self.stats, self.threshold = stats, _threshold("teacache", threshold)
         self.previous: list[torch.Tensor] | None = None
         self.residual: torch.Tensor | None = None
         self.accumulated = 0.0
