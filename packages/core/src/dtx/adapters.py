@@ -16,7 +16,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -203,9 +203,3 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, scale: float = 1.0
         raise CheckpointError(f"{folder}: adapter tensors missing for {', '.join(missing[:4])}")
     set_adapter_scale(model, scale)
     return [n for n, _ in lora_layers(model)]
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """Trainable and total parameter counts."""
-    params = list(unwrap(model).parameters())
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}

@@ -12,14 +12,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-import torch
 from torch import nn
 
 from .adapters import LoraSpec, add_lora, has_lora, is_adapter_key
 from .errors import CheckpointError
 from .interface import unwrap
+from .models import count_parameters
 
 
 @dataclass
@@ -57,10 +57,12 @@ class FinetuneReport:
     adapted: list[str] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    optimizer_bytes: int = 0  # AdamW's two moments per trained element
 
     def summary(self) -> str:
         lines = [f"finetune: from {self.source} ({self.method}); {self.trainable:,} of {self.total:,} parameters "
-                 f"trained ({100 * self.trainable / max(self.total, 1):.2f}%)"]
+                 f"trained ({100 * self.trainable / max(self.total, 1):.2f}%); optimizer state "
+                 f"{self.optimizer_bytes / 2**20:.2f} MiB"]
         if self.adapted:
             lines.append(f"finetune: LoRA on {len(self.adapted)} linear layers ({self.adapted[0]}, ...)")
         lines += [f"finetune: {g}" for g in self.grown]
@@ -93,9 +95,9 @@ def prepare(model: nn.Module, cfg: FinetuneConfig, *, load_weights: bool = True)
             p.requires_grad_(True)
         if _matches(name, cfg.freeze):
             p.requires_grad_(False)
-    params = list(unwrap(model).parameters())
-    report.trainable = sum(p.numel() for p in params if p.requires_grad)
-    report.total = sum(p.numel() for p in params)
+    root = unwrap(model)
+    report.trainable, report.total = count_parameters(root, trainable_only=True), count_parameters(root)
+    report.optimizer_bytes = sum(2 * p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)
     if report.trainable == 0:
         raise CheckpointError("finetune: no parameter is left to train (check finetune.freeze and the targets)")
     return report
@@ -116,11 +118,3 @@ def resolve_source(cfg: FinetuneConfig) -> None:
     it from any working directory."""
     if cfg.source is not None and Path(cfg.source).exists():
         cfg.source = str(Path(cfg.source).resolve())
-
-
-def describe_sizes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Trainable and total parameters, and the bytes AdamW's state will take (two moments per trained element)."""
-    params = list(unwrap(model).parameters())
-    trained = [p for p in params if p.requires_grad]
-    return {"trainable": sum(p.numel() for p in trained), "total": sum(p.numel() for p in params),
-            "optimizer_bytes": sum(2 * p.numel() * p.element_size() for p in trained)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -202,5 +202,3 @@ class FlowSchedule:
     times: torch.Tensor
     path: FlowPath
 
-
-VelocityModel = Callable[..., torch.Tensor]

@@ -207,9 +207,6 @@ class FlowObjective:
         self.cfg, self.flow = cfg, flow
         self.iface = interface_of(model)
         self.path = flow.FlowPath(cfg.path)
-        if cfg.prediction == "velocity" and cfg.loss_weight != "none":
-            raise ConfigError(f"objective.loss_weight {cfg.loss_weight!r} applies to noise and score predictions; "
-                              "a velocity model's loss is unweighted (as SiT's)")
         self.sign = noise_levels.velocity_sign(self.iface.noise_input) if cfg.prediction == "velocity" else 1.0
         self.shift = cfg.t_shift
         if cfg.t_shift_tokens:

@@ -18,7 +18,7 @@ from ..conditioning import ConditioningStage
 from ..cpu import ThreadGovernor, requested_threads, resolve_cpu_bf16
 from ..data.info import DataInfo
 from ..errors import ConfigError
-from ..finetune import describe_sizes, prepare as prepare_finetune, resolve_source
+from ..finetune import prepare as prepare_finetune, resolve_source
 from ..layers.blocks import recompute_policy, set_recompute
 from ..models import create_model, model_spec
 from .checks import check_run, check_sampler, data_classes
@@ -93,9 +93,7 @@ def _initial_model(cfg: TrainConfig, info: DataInfo, ctx: RunContext, resume: Pa
             print(report.summary(), file=sys.stderr, flush=True)
     tuned = prepare_finetune(model, cfg.finetune, load_weights=resume is None)
     if tuned is not None and ctx.is_main:
-        sizes = describe_sizes(model)
-        print(f"{tuned.summary()}\nfinetune: optimizer state {sizes['optimizer_bytes'] / 2**20:.2f} MiB",
-              file=sys.stderr, flush=True)
+        print(tuned.summary(), file=sys.stderr, flush=True)
     set_recompute(model, recompute_policy(cfg.recompute))
     return model
 
