@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--motion-cfg", type=float, nargs="+", default=[1.2], help="motion-free guidance scales (T2V)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="prompts of the held-out test split (default) or of the training split (seen combinations)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true",
                    help="sample under bfloat16 autocast (about 3x faster on CPUs with native bf16; dtx sample is fp32)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = load_for_sampling(args.run, weights="ema", device="cpu")
     video = setup.info.frames is not None
-    data = CaptionedMovingDigits("test", frames=setup.info.frames) if video else CaptionedDigits("test")
+    data = CaptionedMovingDigits(args.split, frames=setup.info.frames) if video else CaptionedDigits(args.split)
     n = min(args.n, len(data))
     prompts = [data[i]["text"] for i in range(n)]
     scenes = [data.scene(i) for i in range(n)]

@@ -203,3 +203,17 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, scale: float = 1.0
         raise CheckpointError(f"{folder}: adapter tensors missing for {', '.join(missing[:4])}")
     set_adapter_scale(model, scale)
     return [n for n, _ in lora_layers(model)]
+
+
+def apply_adapter(model: nn.Module, folder: str | os.PathLike | None, scale: float | None) -> None:
+    """What ``dtx sample --adapter/--adapter-scale`` do: add the saved adapter in ``folder`` at ``scale`` (default
+    1), or, with no folder, rescale the model's own adapter (a LoRA run); nothing when neither is given."""
+    if folder:
+        if has_lora(model):
+            raise ConfigError("--adapter: SOURCE already has a LoRA adapter (a LoRA run); sample its base instead")
+        load_adapter(model, folder, 1.0 if scale is None else scale)
+        model.to(next(model.parameters()).device)
+    elif scale is not None:
+        if not has_lora(model):
+            raise ConfigError("--adapter-scale needs --adapter or a LoRA run as SOURCE")
+        set_adapter_scale(model, scale)

@@ -427,6 +427,10 @@ class ConditioningStage:
             raw.update(p)
         return raw, n
 
+    def request_reads(self, part: str) -> bool:
+        """Whether some conditioner of this model reads ``part`` of a request (``classes``, ``prompts``, ...)."""
+        return any(part in (m.conditioner.request_parts() or ()) for m in self.members)
+
     def request_problem(self, request: SampleRequest, names: Mapping[str, str]) -> tuple[str, str] | None:
         """(option, what is wrong) for the first part of ``request`` that no conditioner of this model reads
         (``--prompt`` for a class model, ``--classes`` for a text model, a flag it has no field for), saying what

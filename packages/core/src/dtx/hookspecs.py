@@ -104,7 +104,11 @@ def dtx_register_datasets(register: Callable[..., Any]) -> None:
 
 @hookspec
 def dtx_register_runners(register: Callable[..., Any]) -> None:
-    """Register training runners: ``register(name, run_fn, *, description="")``."""
+    """Register training runners: ``register(name, run_fn, *, description="", configure_parser=None, sample=None)``.
+
+    ``run_fn(cfg, args)`` trains; ``configure_parser(parser)`` adds the runner's ``dtx train`` flags; ``sample(job,
+    workers, address, gpus_per_worker)``, when given, samples a ``dtx.training.sample_set.SampleSetJob``'s missing
+    chunks on ``workers`` processes (``dtx sample --num-samples N --workers W``) and returns each one's counts."""
 
 
 @hookspec

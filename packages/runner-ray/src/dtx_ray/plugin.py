@@ -1,4 +1,5 @@
-"""dtx plugin entry point of dtx-runner-ray: registers the ``ray`` training runner."""
+"""dtx plugin entry point of dtx-runner-ray: registers the ``ray`` runner (training, and
+the sample sets of ``dtx sample --num-samples N --workers W``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ DTX_HOOK_API = "1.1"  # the dtx hook API this plugin is written for (dtx.hookspe
 def dtx_register_runners(register: Callable[..., Any]) -> None:
     from .options import add_arguments
     from .runner import run_ray
+    from .sampling import sample_ray
 
-    register("ray", run_ray, configure_parser=add_arguments,
+    register("ray", run_ray, configure_parser=add_arguments, sample=sample_ray,
              description="Ray Train: an in-process Ray instance by default, a cluster with --address; "
                          "--workers N --gpus-per-worker G")

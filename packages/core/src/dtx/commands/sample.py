@@ -140,24 +140,26 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, help="enlarge each sample in the PNG grid by this integer factor, nearest "
                                             "neighbour (default: to at least 64 px; 1: actual size)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision of the model (auto: bf16 on a GPU that has it, else fp16 on a GPU, "
+                        "fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: for sample sets of at least 1000 samples on a GPU)")
+    set_group = p.add_argument_group("evaluation-scale sample sets")
+    set_group.add_argument("--num-samples", type=int,
+                           help="write a sample set of N samples to --out (a .npz in the ADM evaluation format, "
+                                "with per-sample seeds); resumes a partly written one")
+    set_group.add_argument("--sample-index", type=int, action="append", metavar="I",
+                           help="regenerate sample I of the set of this --seed alone (repeatable); written as usual "
+                                "(PNG grid and .npz)")
+    set_group.add_argument("--workers", type=int, default=1,
+                           help="sampling processes (more than 1: Ray workers, embedded or at --address)")
+    set_group.add_argument("--address", help="a Ray cluster to sample on (auto, ray://HOST:10001); default: "
+                                             "RAY_ADDRESS, else an in-process Ray instance")
+    set_group.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default: one each when the "
+                                                                 "cluster has enough)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show the sampler's progress bar (default: when stderr is a terminal)")
-
-
-def _apply_adapter(args: argparse.Namespace, model: Any) -> None:
-    """``--adapter`` / ``--adapter-scale``: a saved adapter added to the model, or the run's own rescaled."""
-    from ..adapters import has_lora, load_adapter, set_adapter_scale
-
-    scale = 1.0 if args.adapter_scale is None else args.adapter_scale
-    if args.adapter:
-        if has_lora(model):
-            raise ConfigError("--adapter: SOURCE already has a LoRA adapter (a LoRA run); sample its base instead")
-        load_adapter(model, args.adapter, scale)
-        model.to(next(model.parameters()).device)
-    elif args.adapter_scale is not None:
-        if not has_lora(model):
-            raise ConfigError("--adapter-scale needs --adapter or a LoRA run as SOURCE")
-        set_adapter_scale(model, scale)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -179,14 +181,26 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--adapter-scale must be a finite number, got {args.adapter_scale}")
     if args.scale is not None and not 1 <= args.scale <= 64:
         raise ConfigError(f"--scale must be an integer in 1..64, got {args.scale}")
-    if args.out and Path(args.out).suffix.lower() != ".png":
-        raise ConfigError(f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.sample_index and (args.num_samples is not None or min(args.sample_index) < 0):
+        raise ConfigError("--sample-index takes indices >= 0 and regenerates them alone (without --num-samples)")
+    if args.num_samples is None and (args.workers > 1 or args.address):
+        raise ConfigError("--workers/--address sample sets: add --num-samples N (and --out SET.npz)")
+    suffix = ".npz" if args.num_samples is not None else ".png"
+    if args.out and Path(args.out).suffix.lower() != suffix:
+        raise ConfigError(f"--out must be a .npz path for a sample set (--num-samples), got {args.out}"
+                          if suffix == ".npz" else
+                          f"--out must be a .png path (the .npz and videos are written beside it), got {args.out}")
     if args.out:
         from ..checkpoint import checkpoints_holding
         from ..io import check_output_path
 
         check_output_path(args.out, "--out")
-        check_output_path(Path(args.out).with_suffix(".npz"), "--out (its .npz)")
+        if suffix == ".png":
+            check_output_path(Path(args.out).with_suffix(".npz"), "--out (its .npz)")
 
         holder = checkpoints_holding(args.out)
         if holder is not None:
@@ -286,17 +300,18 @@ def _default_out(source: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..adapters import apply_adapter
     from ..training.checks import check_sampler
     from ..training.config import resolve_sample
     from ..training.context import default_device
-    from ..training.sampling import generate, load_for_sampling, write_samples
+    from ..training.sampling import generate, load_for_sampling, precision_context, write_samples
 
     _check_args(args)
     request = _request(args)
     device = parse_device(args.device) if args.device else default_device()
     setup = load_for_sampling(args.source, weights="raw" if args.no_ema else "ema", trust=args.trust_checkpoint,
                               device=device, format=args.format)
-    _apply_adapter(args, setup.model)
+    apply_adapter(setup.model, args.adapter, args.adapter_scale)
     _check_request(args, request, setup.stage)
     sample = resolve_sample(setup.cfg.sample, _sample_overrides(args, setup))
     check_sampler(sample, setup.objective.kind)
@@ -305,11 +320,102 @@ def run(args: argparse.Namespace) -> int:
     if not request.prompts and sample.prompts:
         request.prompts = list(sample.prompts)
     vae = _vae(args, setup, device)
+    precision = _precision(args.precision, device)
+    if args.num_samples is not None:
+        return _sample_set(args, setup, request, sample, vae, device, precision)
     default_out = _default_out(Path(args.source))
-    samples = generate(setup, request, sample, per_subject=args.n_per_class, seed=args.seed,
-                       batch_size=args.batch_size, vae=vae,
-                       progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    per_subject, seeds = args.n_per_class, None
+    if args.sample_index:
+        request, seeds = _indexed(args, setup, request, sample)
+        per_subject = 1
+    import torch
+
+    with torch.inference_mode(), precision_context(precision, device):
+        samples = generate(setup, request, sample, per_subject=per_subject, seed=args.seed, seeds=seeds,
+                           batch_size=args.batch_size, vae=vae,
+                           progress=sys.stderr.isatty() if args.progress is None else args.progress)
     written = write_samples(samples, Path(args.out) if args.out else default_out, fps=sample.fps, scale=args.scale)
     cache = {"cache": {"name": sample.cache, **samples.cache}} if samples.cache is not None else {}
     print(json.dumps({**written, "source": setup.source, "step": setup.step, "ema": not args.no_ema, **cache}))
     return 0
+
+
+def _precision(asked: str, device: Any) -> str:
+    """``--precision auto``: bf16 autocast on a GPU with bf16, fp16 on other GPUs, float32 on CPU (where dtx sample
+    reproduces the training-time samples exactly)."""
+    import torch
+
+    if asked != "auto":
+        if asked != "fp32" and device.type == "cpu" and asked == "fp16":
+            raise ConfigError("--precision fp16 runs on a GPU only; on CPU use bf16 or fp32")
+        return asked
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _set_subjects(args: argparse.Namespace, request: SampleRequest, setup: Any) -> None:
+    """A text model's sample set needs prompts to cycle through (a prompts file of the evaluation captions)."""
+    if request.prompts or request.classes:
+        return
+    if setup.stage.request_reads("prompts"):
+        raise ConfigError("--num-samples: this model samples from text; give the prompts to cycle through "
+                          "(--prompts-file FILE or --prompt)")
+
+
+def _set_plan(args: argparse.Namespace, setup: Any, request: SampleRequest, sample: Any, num_samples: int,
+              settings: dict[str, Any]) -> Any:
+    from ..training.sample_set import make_plan
+
+    _set_subjects(args, request, setup)
+    num_classes = int(setup.info.num_classes or 0) if setup.stage.request_reads("classes") else 0
+    return make_plan(num_samples, args.seed, args.batch_size, request, num_classes, settings)
+
+
+def _indexed(args: argparse.Namespace, setup: Any, request: SampleRequest, sample: Any
+             ) -> tuple[SampleRequest, list[int]]:
+    """``--sample-index``: the requests and seeds of those samples of the set of ``--seed``."""
+    plan = _set_plan(args, setup, request, sample, max(args.sample_index) + 1, {})
+    parts = [plan.request(i, i + 1) for i in args.sample_index]
+    joined = SampleRequest(classes=[c for p in parts for c in p.classes], prompts=[t for p in parts for t in p.prompts],
+                           negative_prompt=request.negative_prompt, flags=dict(request.flags))
+    return joined, [plan.seeds(i, i + 1)[0] for i in args.sample_index]
+
+
+def _sample_set(args: argparse.Namespace, setup: Any, request: SampleRequest, sample: Any, vae: Any, device: Any,
+                precision: str) -> int:
+    """``--num-samples``: an evaluation-scale set in one ``.npz``, sampled here or on Ray workers, resumable."""
+    from ..training.config import config_dict
+    from ..training.sample_set import SampleSetJob, assemble, open_parts, run_job, sample_settings
+
+    out = Path(args.out) if args.out else _default_out(Path(args.source)).with_name("samples.npz")
+    vae_path = args.vae or (setup.info.vae if vae is not None else None)
+    settings = sample_settings(args.source, "raw" if args.no_ema else "ema", sample,
+                               {"adapter": args.adapter, "adapter_scale": args.adapter_scale, "vae": vae_path,
+                                "precision": precision, "format": args.format})
+    plan = _set_plan(args, setup, request, sample, args.num_samples, settings)
+    compile_model = (args.compile if args.compile is not None
+                     else device.type == "cuda" and args.num_samples >= 1000)
+    job = SampleSetJob(plan, str(out.resolve()), str(Path(args.source).resolve()) if Path(args.source).exists()
+                       else args.source, config_dict(sample), "raw" if args.no_ema else "ema", args.trust_checkpoint,
+                       args.format, str(device), args.adapter, args.adapter_scale, vae_path, precision, compile_model,
+                       sys.stderr.isatty() if args.progress is None else args.progress)
+    del setup  # each sampling process loads its own copy
+    open_parts(out, plan)
+    if args.workers > 1 or args.address:
+        counts = _ray_sampler()(job, args.workers, args.address, args.gpus_per_worker)
+    else:
+        counts = [run_job(job)]
+    written = assemble(out, plan)
+    sampled = sum(c["samples"] for c in counts)
+    print(json.dumps({**written, "sampled": sampled, "resumed": written["n"] - sampled, "workers": args.workers,
+                      "seed": args.seed, "precision": precision}))
+    return 0
+
+
+def _ray_sampler() -> Any:
+    """The registered runner's set sampler (dtx-runner-ray's ``ray``)."""
+    entry = plugins.host().table("runner").get("ray")
+    if entry is None or not callable(entry.meta.get("sample")):
+        raise ConfigError("--workers > 1 / --address sample on Ray: pip install dtx-runner-ray")
+    return entry.meta["sample"]

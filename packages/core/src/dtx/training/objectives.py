@@ -20,6 +20,7 @@ from .. import plugins
 from ..data.info import DataInfo
 from ..diffusion import noise_levels
 from ..diffusion.guidance import guided
+from ..diffusion.noise import Generators, randn
 from ..errors import ConfigError, UnknownNameError
 from ..interface import ModelInterface, interface_of, unwrap
 from ..diffusion.sampler_api import check_options
@@ -36,14 +37,14 @@ class Objective(Protocol):
              generator: torch.Generator | None = None) -> torch.Tensor: ...
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
-               sampler: str, steps: int, generator: torch.Generator | None,
+               sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
                options: Mapping[str, Any] | None = None) -> torch.Tensor: ...
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal drawn from a CPU generator (so seeds mean the same on every device), then moved."""
-    return torch.randn(tuple(shape), generator=generator).to(device)
+def _randn(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal drawn from CPU generators (so seeds mean the same on every device), then moved."""
+    return randn(shape, generator).to(device)
 
 
 def lookup(key: str, registry: str, name: str) -> plugins.Entry:
@@ -73,7 +74,7 @@ def schedule_entry(key: str, name: str, kind: str) -> Callable[..., Any]:
 
 
 def call_sampler(fn: Callable[..., torch.Tensor], name: str, net: Callable[..., torch.Tensor], x: torch.Tensor,
-                 schedule: Any, generator: torch.Generator | None, progress: bool,
+                 schedule: Any, generator: Generators, progress: bool,
                  options: Mapping[str, Any] | None) -> torch.Tensor:
     """Run a registered sampler with the recipe's/CLI's sampler options (eta, solver_type, ...), checked by name,
     type and range (``dtx sample`` and ``dtx train`` check them earlier, naming their key)."""
@@ -119,7 +120,7 @@ class GaussianObjective:
         return self.diffusion.training_losses(self.net(model), x, t, model_kwargs=cond, noise=noise)["loss"]
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
-               sampler: str, steps: int, generator: torch.Generator | None,
+               sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
                options: Mapping[str, Any] | None = None) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
@@ -179,7 +180,7 @@ class KarrasObjective:
         return loss.reshape(x.shape[0], -1).mean(1)
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
-               sampler: str, steps: int, generator: torch.Generator | None,
+               sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
                options: Mapping[str, Any] | None = None) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
@@ -269,7 +270,7 @@ class FlowObjective:
         return fn
 
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
-               sampler: str, steps: int, generator: torch.Generator | None,
+               sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
                options: Mapping[str, Any] | None = None) -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)

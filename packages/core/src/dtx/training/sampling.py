@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..conditioning import ConditioningStage, Fields, SampleRequest
 from ..data.info import DataInfo
+from ..diffusion.noise import per_sample_generators
 from ..errors import ConfigError
 from ..interface import interface_of
 from ..layers.step_cache import CacheStats, step_cache
@@ -61,14 +62,17 @@ def request_of(sample: SampleConfig) -> SampleRequest:
 @torch.no_grad()
 def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig, *, seed: int = 0,
              per_subject: int | None = None, batch_size: int = 256, vae: Any = None,
-             progress: bool = False) -> Samples:
+             progress: bool = False, seeds: Sequence[int] | None = None) -> Samples:
     """``per_subject`` (default ``sample.n_per_class``) samples of each subject of ``request`` (all classes/prompts;
     or ``per_subject`` in all) with the sampler, steps, guidance and options of ``sample`` (see ``resolve_sample``):
-    its ``guidance`` terms, else its ``guidance_scales`` terms then classic CFG at ``sample.cfg``."""
+    its ``guidance`` terms, else its ``guidance_scales`` terms then classic CFG at ``sample.cfg``. The noise comes
+    from one generator seeded ``seed``, or with ``seeds`` (one per sample) from each sample's own generator."""
     model, stage = setup.model, setup.stage
     raw, n = stage.request_fields(request, sample.n_per_class if per_subject is None else per_subject)
     plan = stage.guidance_steps(sample.cfg, sample.guidance, sample.guidance_scales)
     device = next(model.parameters()).device
+    if seeds is not None and len(seeds) != n:
+        raise ConfigError(f"{len(seeds)} seeds for {n} samples; give one seed per sample")
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -81,7 +85,8 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
             with step_cache(model, factory, sample.cache_options) as batch_stats:  # fresh per batch
                 x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
-                                           sample.steps, gen, guide_channels=sample.guide_channels,
+                                           sample.steps, gen if seeds is None else
+                                           per_sample_generators(seeds[start:start + m]), guide_channels=sample.guide_channels,
                                            progress=progress, options=sample.sampler_options)
             stats.full, stats.skipped = stats.full + batch_stats.full, stats.skipped + batch_stats.skipped
             if vae is not None:
@@ -93,6 +98,15 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
         model.train(was_training)
     return Samples(torch.cat(out), raw, sample.n_per_class if per_subject is None else per_subject,
                    interface_of(model).channel_dim, stats.as_dict() if factory is not None else None)
+
+
+def precision_context(precision: str, device: torch.device) -> Any:
+    """The autocast of a sampling precision (``fp32``: none; ``bf16``, ``fp16``)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def cache_factory(name: str | None) -> Any:
