@@ -262,3 +262,47 @@ def test_dits_diffusers_cannot_hold_are_refused(tmp_path, capsys, kw, reason):
     assert main(["convert", str(tmp_path / "dtx"), "--to", "diffusers", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot hold" in err and reason in err
+
+
+def test_dtx_sample_reproduces_dit_pipeline_with_its_ddim_steps(tmp_path, capsys):
+    """A DiTPipeline folder with DDIM: ``dtx sample`` takes the scheduler's leading timesteps (0, T/N, 2T/N, ...),
+    not DiT's even sections, so it samples what the pipeline samples from the same seed (diffusers' modules set to
+    DiT's timestep divisor and norm eps, the two stated numerics differences)."""
+    from diffusers import DDIMScheduler
+
+    from dtx.testing import save_tiny_vae
+
+    model = DiTTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
+                                  out_channels=8, num_layers=LAYERS, sample_size=SIZE, patch_size=2,
+                                  num_embeds_ada_norm=1000)  # DiTPipeline's null class is 1000
+    tied_embedders(randomize(model, 4))
+    vae, _ = save_tiny_vae(tmp_path / "vae-src")
+    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=DDIMScheduler(beta_schedule="linear",
+                                                                             clip_sample=False))
+    pipe.save_pretrained(tmp_path / "pipe")
+    _, info = load_model_with_info(tmp_path / "pipe")
+    assert info["config"]["sample"]["timestep_spacing"] == "leading"
+    assert main(["sample", str(tmp_path / "pipe"), "--classes", "3,7", "--n-per-class", "1", "--steps", "4",
+                 "--cfg", "4", "--seed", "0", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    ours = np.load(tmp_path / "s.npz")["arr_0"].astype(int)
+    for block in pipe.transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm3.eps = 1e-6
+    theirs = pipe(class_labels=[3, 7], num_inference_steps=4, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    theirs = np.round(np.clip(theirs, 0, 1) * 255).astype(int)
+    assert ours.shape == theirs.shape == (2, 16, 16, 3)
+    assert np.abs(ours - theirs).max() <= 1  # uint8 rounding of equal floats
+    # DiT's own spacing visits other timesteps: a different sample
+    assert main(["sample", str(tmp_path / "pipe"), "--classes", "3,7", "--n-per-class", "1", "--steps", "4",
+                 "--cfg", "4", "--seed", "0", "--out", str(tmp_path / "d.png"), "--device", "cpu",
+                 "--timestep-spacing", "sections"]) == 0
+    assert np.abs(np.load(tmp_path / "d.npz")["arr_0"].astype(int) - theirs).max() > 1
+
+
+def test_kept_timesteps_of_each_spacing():
+    from dtx.training.objectives import kept_timesteps
+
+    assert kept_timesteps(1000, 10, "leading") == list(range(0, 1000, 100))
+    assert kept_timesteps(1000, 7, "leading") == [0, 142, 284, 426, 568, 710, 852]  # diffusers: i * (T // N)
+    assert kept_timesteps(1000, 4, "sections") == [0, 333, 666, 999]  # DiT: both ends of [0, T-1]

@@ -372,7 +372,10 @@ def scheduler_sampling(source: DiffusersSource) -> dict[str, Any]:
     if known is None:
         return {}
     sampler, keys = known
-    return {"sampler": sampler, "sampler_options": {k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    out = {"sampler": sampler, "sampler_options": {k: cfg[k] for k in keys if cfg.get(k) is not None}}
+    if sampler in ("ddim", "ddpm") and cfg.get("timestep_spacing", "leading") == "leading":
+        out["timestep_spacing"] = "leading"  # the scheduler's default: t = 0, T/N, 2T/N, ... (DiT's: even sections)
+    return out
 
 
 def latent_facts(source: DiffusersSource, channels: int, size: tuple[int, int], frames: int | None = None,

@@ -108,6 +108,9 @@ def _core_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, ... (default: the run's sample.sampler)")
     p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option (repeatable), e.g. eta=0 or solver_type=heun (default: the run's)")
+    p.add_argument("--timestep-spacing", choices=["sections", "leading"],
+                   help="Gaussian samplers: the training timesteps N steps visit, DiT's even sections or diffusers' "
+                        "leading 0, T/N, 2T/N, ... (default: the run's; a DDIM/DDPM pipeline folder: leading)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale over every condition (1 = off)")
     p.add_argument("--guide", type=_guide_step, action="append", metavar="KEYS=SCALE",
                    help="a nested guidance term (repeatable, in order), e.g. --guide motion=1.2 --guide text=7.5")
@@ -272,7 +275,7 @@ def _sample_overrides(args: argparse.Namespace, setup: Any) -> dict[str, Any]:
 
     given: dict[str, Any] = {key: value for key, value in (
         ("steps", args.steps), ("sampler", args.sampler), ("cfg", args.cfg), ("guide_channels", args.guide_channels),
-        ("fps", args.fps)) if value is not None}
+        ("fps", args.fps), ("timestep_spacing", args.timestep_spacing)) if value is not None}
     if args.guide:
         given["guidance"] = [dataclasses.asdict(step) for step in args.guide]
     scales = {name: getattr(args, f"scale_{name.replace('-', '_')}", None) for _, (name, _) in plugin_scales().items()}

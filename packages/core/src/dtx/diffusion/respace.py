@@ -78,9 +78,10 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_
                      use_kl: bool = False, sigma_small: bool = False, predict_xstart: bool = False,
                      predict_v: bool = False, learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
                      diffusion_steps: int = 1000, channel_dim: int = 1,
-                     betas: np.ndarray | None = None) -> GaussianDiffusion:
+                     betas: np.ndarray | None = None, use_timesteps: Sequence[int] | None = None) -> GaussianDiffusion:
     """DiT's factory: epsilon prediction, learned-range variance and MSE(+VB) loss by default; empty respacing keeps
-    all ``diffusion_steps``. ``betas`` (e.g. from the ``schedule`` registry) replaces the named ``noise_schedule``."""
+    all ``diffusion_steps``. ``betas`` (e.g. from the ``schedule`` registry) replaces the named ``noise_schedule``;
+    ``use_timesteps`` lists the kept steps directly instead of ``timestep_respacing``."""
     if predict_xstart and predict_v:
         raise ConfigError("predict_xstart and predict_v are mutually exclusive")
     betas = get_beta_schedule(noise_schedule, diffusion_steps) if betas is None else np.asarray(betas, np.float64)
@@ -99,6 +100,7 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "", noise_
     mean_type = "x0" if predict_xstart else "v" if predict_v else "epsilon"
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
-    new_betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
+    kept = list(use_timesteps) if use_timesteps is not None else space_timesteps(diffusion_steps, timestep_respacing)
+    new_betas, timestep_map = respace_betas(betas, kept)
     return GaussianDiffusion(new_betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=loss_type,
                              timestep_map=timestep_map, channel_dim=channel_dim)

@@ -71,6 +71,11 @@ def check_sampler(sample: SampleConfig, kind: str) -> None:
 
     check_options(sample.sampler, sampler_entry(sample.sampler, kind), sample.sampler_options,
                   "sample.sampler_options")
+    if sample.timestep_spacing != "sections" and kind != "gaussian":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"sample.timestep_spacing: {sample.timestep_spacing!r} chooses timesteps of a Gaussian "
+                          f"(DDPM) chain; this run's objective is {kind}")
     if sample.cache is not None:  # the name, and its options by building one (nothing runs)
         from ..errors import ConfigError
         from ..layers.step_cache import CacheStats

@@ -105,6 +105,9 @@ class EMAConfig:
     max_decay: float = 0.9999
 
 
+TIMESTEP_SPACINGS = ("sections", "leading")
+
+
 @dataclass
 class SampleConfig:
     """Sampling defaults for the periodic grids (``every`` steps, 0 = only at the end) and for ``dtx sample``.
@@ -129,6 +132,8 @@ class SampleConfig:
     fps: float = 8.0  # videos
     cache: Optional[str] = None  # a registered step cache (first-block, teacache) skipping block work between steps
     cache_options: dict[str, Any] = field(default_factory=dict)  # e.g. {threshold: 0.1}
+    # Gaussian samplers: which training timesteps `steps` steps visit: sections (DiT) or leading (diffusers' DDIM)
+    timestep_spacing: str = "sections"
 
     def validate(self, prefix: str = "sample.") -> None:
         """Ranges of the sampling settings, errors naming ``prefix`` + the key."""
@@ -140,6 +145,8 @@ class SampleConfig:
         check(self.guide_channels is None or self.guide_channels >= 1, prefix + "guide_channels",
               f"must be >= 1 (or null for all channels), got {self.guide_channels}")
         check(all(c >= 0 for c in self.classes), prefix + "classes", f"class ids must be >= 0, got {list(self.classes)}")
+        check(self.timestep_spacing in TIMESTEP_SPACINGS, prefix + "timestep_spacing",
+              f"must be one of {', '.join(TIMESTEP_SPACINGS)}, got {self.timestep_spacing!r}")
 
 
 def resolve_sample(stored: SampleConfig, overrides: dict[str, Any]) -> SampleConfig:

@@ -39,12 +39,22 @@ class Objective(Protocol):
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
-               options: Mapping[str, Any] | None = None) -> torch.Tensor: ...
+               options: Mapping[str, Any] | None = None, spacing: str = "sections") -> torch.Tensor: ...
 
 
 def _randn(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
     """Standard normal drawn from CPU generators (so seeds mean the same on every device), then moved."""
     return randn(shape, generator).to(device)
+
+
+def kept_timesteps(num_timesteps: int, steps: int, spacing: str) -> list[int]:
+    """The training timesteps a ``steps``-step Gaussian sampler visits: ``sections`` (DiT and ADM: evenly over
+    [0, T-1], both ends kept) or ``leading`` (diffusers' DDIM/DDPM default: 0, T//N, 2T//N, ...)."""
+    from ..diffusion.respace import space_timesteps
+
+    if spacing == "leading":
+        return [i * (num_timesteps // steps) for i in range(steps)]
+    return space_timesteps(num_timesteps, str(steps))
 
 
 def lookup(key: str, registry: str, name: str) -> plugins.Entry:
@@ -106,7 +116,7 @@ class GaussianObjective:
                                          predict_xstart=cfg.predict_xstart, predict_v=cfg.predict_v,
                                          diffusion_steps=cfg.diffusion_steps, channel_dim=self.iface.channel_dim)
         self.diffusion = self._create(timestep_respacing="")
-        self._cache: dict[int, Any] = {}
+        self._cache: dict[tuple[int, str], Any] = {}
 
     def net(self, model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The model as the diffusion calls it: original-schedule timesteps mapped to its declared noise input."""
@@ -122,15 +132,16 @@ class GaussianObjective:
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
-               options: Mapping[str, Any] | None = None) -> torch.Tensor:
+               options: Mapping[str, Any] | None = None, spacing: str = "sections") -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
-        if steps not in self._cache:
-            self._cache[steps] = self._create(timestep_respacing=str(steps))
+        if (steps, spacing) not in self._cache:
+            self._cache[steps, spacing] = self._create(use_timesteps=kept_timesteps(
+                self.cfg.diffusion_steps, steps, spacing))
         noise = _randn(noise_shape, generator, _device(model))
         channels = guide_channels or self.iface.in_channels or noise_shape[self.iface.channel_dim]
         net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim,
                      prepare=prepare_hook(model))
-        return call_sampler(fn, sampler, net, noise, self._cache[steps], generator, progress, options)
+        return call_sampler(fn, sampler, net, noise, self._cache[steps, spacing], generator, progress, options)
 
 
 class KarrasObjective:
@@ -182,7 +193,7 @@ class KarrasObjective:
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
-               options: Mapping[str, Any] | None = None) -> torch.Tensor:
+               options: Mapping[str, Any] | None = None, spacing: str = "sections") -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
         device = _device(model)
         c = self.cfg
@@ -272,7 +283,7 @@ class FlowObjective:
     def sample(self, model: nn.Module, noise_shape: Sequence[int], conds: Sequence[Cond], scales: Sequence[float],
                sampler: str, steps: int, generator: Generators,
                guide_channels: int | None = None, progress: bool = False,
-               options: Mapping[str, Any] | None = None) -> torch.Tensor:
+               options: Mapping[str, Any] | None = None, spacing: str = "sections") -> torch.Tensor:
         fn = sampler_entry(sampler, self.kind)
         device = _device(model)
         sde = bool(lookup("sample.sampler", "sampler", sampler).meta.get("sde"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -205,7 +204,7 @@ def run_job(job: SampleSetJob, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Sample the missing chunks ``rank, rank + world, ...`` of the job's set into its parts folder; returns the
     counts. Each process rebuilds the model from the job (the same weights, adapter and settings everywhere)."""
     from ..adapters import apply_adapter
-    from .sampling import generate, load_for_sampling, precision_context
+    from .sampling import generate, load_for_sampling, precision_context, samples_bar
 
     plan, parts = job.plan, parts_dir(job.out)
     todo = pending_chunks(parts, plan)[rank::world]
@@ -220,7 +219,7 @@ def run_job(job: SampleSetJob, rank: int = 0, world: int = 1) -> dict[str, Any]:
     sample = load_config(SampleConfig, job.sample)
     chunks = plan.chunks()
     done, t0 = 0, time.perf_counter()
-    bar = _progress(job.progress, sum(chunks[k][1] - chunks[k][0] for k in todo), setup.info.frames is not None)
+    bar = samples_bar(job.progress, sum(chunks[k][1] - chunks[k][0] for k in todo), setup.info.frames is not None)
     for k in todo:
         start, end = chunks[k]
         request = plan.request(start, end)
@@ -242,15 +241,6 @@ def _load_vae(path: str | None, device: torch.device) -> Any:
     from ..data.vae import load_vae
 
     return load_vae(path).to(device)
-
-
-def _progress(enabled: bool, total: int, video: bool) -> Any:
-    """A progress bar counted in samples, so its rate reads as images (clips) per second."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="clip" if video else "image", file=sys.stderr, desc="sample")
 
 
 def sample_settings(source: str, weights: str, sample: SampleConfig, extra: dict[str, Any]) -> dict[str, Any]:

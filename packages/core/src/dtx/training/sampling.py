@@ -79,25 +79,42 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
     out = []
     factory = cache_factory(sample.cache)
     stats = CacheStats()
+    bar = samples_bar(progress and n > batch_size, n, setup.info.frames is not None)
     try:
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
+            generator = gen if seeds is None else per_sample_generators(seeds[start:start + m])
             with step_cache(model, factory, sample.cache_options) as batch_stats:  # fresh per batch
                 x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
-                                           sample.steps, gen if seeds is None else
-                                           per_sample_generators(seeds[start:start + m]), guide_channels=sample.guide_channels,
-                                           progress=progress, options=sample.sampler_options)
+                                           sample.steps, generator, guide_channels=sample.guide_channels,
+                                           progress=progress and bar is None, options=sample.sampler_options,
+                                           spacing=sample.timestep_spacing)
             stats.full, stats.skipped = stats.full + batch_stats.full, stats.skipped + batch_stats.skipped
             if vae is not None:
                 from ..data.vae import decode
 
                 x = decode(vae, x)
             out.append(x.float().cpu())
+            if bar is not None:
+                bar.update(m)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return Samples(torch.cat(out), raw, sample.n_per_class if per_subject is None else per_subject,
                    interface_of(model).channel_dim, stats.as_dict() if factory is not None else None)
+
+
+def samples_bar(enabled: bool, total: int, video: bool) -> Any:
+    """A progress bar counted in samples, so that its rate reads as images (clips) per second; None when off."""
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="clip" if video else "image", file=sys.stderr, desc="sample")
 
 
 def precision_context(precision: str, device: torch.device) -> Any:
