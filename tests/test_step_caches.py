@@ -10,6 +10,7 @@ import torch
 import dtx
 from dtx.data.info import DataInfo
 from dtx.errors import ConfigError
+from dtx.layers.attention_broadcast import attention_roles
 from dtx.layers.step_cache import CACHES, step_cache
 from dtx.testing import randomize_parameters
 from dtx.training.config import ObjectiveConfig
@@ -40,18 +41,60 @@ def sample(model, objective, shape, conds, scales, cache=None, **options):
     return x, stats
 
 
+#: each cache's setting that computes everything: threshold 0, or broadcast ranges of 1
+EXACT = {"first-block": {"threshold": 0.0}, "teacache": {"threshold": 0.0},
+         "pab": {"spatial": 1, "temporal": 1, "cross": 1}}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_threshold_zero_gives_exactly_the_uncached_samples(name, cache):
     model, objective, shape, cond = setup(name)
     conds = [cond(2)]
     plain, _ = sample(model, objective, shape, conds, [])
-    cached, stats = sample(model, objective, shape, conds, [], cache, threshold=0.0)
+    cached, stats = sample(model, objective, shape, conds, [], cache, **EXACT[cache])
     assert torch.equal(cached, plain)
-    assert stats.skipped == 0 and stats.full == 6
+    per_forward = 1 if cache != "pab" else sum(1 for _ in attention_roles(model))
+    assert stats.skipped == 0 and stats.full == 6 * per_forward
 
 
-@pytest.mark.parametrize("cache", list(CACHES))
+def test_pab_reuses_each_role_for_its_range_inside_the_window_only():
+    """GenTron T2V has all three roles; with 20 Euler steps, window [0.22, 0.88] and the default ranges (spatial
+    2, temporal 4, cross 6), the evaluations computed per layer follow from counting (an independent tally below)."""
+    model, objective, shape, cond = setup("GenTron")
+    roles = attention_roles(model)
+    assert sorted({role for role, _ in roles.values()}) == ["cross", "spatial", "temporal"]
+    calls: dict[str, list[float]] = {}
+    for name, (_, module) in roles.items():
+        module.register_forward_pre_hook(lambda m, a, name=name: calls.setdefault(name, []).append(0.0))
+    steps = 20
+    with step_cache(model, CACHES["pab"], {"window": [0.22, 0.88]}) as stats:  # bounds between grid points
+        objective.sample(model, (2, *shape), [cond(2)], [], "flow-euler", steps, torch.Generator().manual_seed(0))
+    # flow-euler evaluates at grid times 1, 0.95, ..., 0.05: progress p = 1 - t = 0, 0.05, ..., 0.95
+    progress = [i / steps for i in range(steps)]
+
+    def computed(reach: int) -> int:
+        count, age = 0, None
+        for p in progress:
+            if 0.22 <= p <= 0.88 and age is not None and age + 1 < reach:
+                age += 1
+            else:
+                count, age = count + 1, 0
+        return count
+
+    want = {name: computed({"spatial": 2, "temporal": 4, "cross": 6}[role]) for name, (role, _) in roles.items()}
+    assert stats.full == sum(want.values()) and stats.full + stats.skipped == steps * len(roles)
+    assert want[next(n for n, (r, _) in roles.items() if r == "cross")] < want[next(
+        n for n, (r, _) in roles.items() if r == "spatial")]
+    assert all(len(c) == steps for c in calls.values())  # the layer is entered every step; compute is skipped
+    # with guidance the two terms run as one batch: the same decisions, each covering both terms
+    with step_cache(model, CACHES["pab"], {"window": [0.22, 0.88]}) as guided_stats:
+        objective.sample(model, (2, *shape), [cond(2), cond(2)], [3.0], "flow-euler", steps,
+                         torch.Generator().manual_seed(0))
+    assert (guided_stats.full, guided_stats.skipped) == (stats.full, stats.skipped)
+
+
+@pytest.mark.parametrize("cache", ["first-block", "teacache"])
 def test_a_cache_decides_once_for_all_guidance_terms_of_a_step(cache):
     """With guidance, every block evaluation sees the whole batched forward (both terms); skipped steps add the
     cached residual to every row at once."""

@@ -11,11 +11,14 @@ term at once), so all terms of a step use the same fresh or cached features.
   change with a polynomial fitted per model; here it is used as measured.)
 
 A model opts in by running its blocks through ``dtx.layers.BlockStack.run``; ``threshold`` 0 computes every step.
+``pab`` (pyramid attention broadcast, ``dtx.layers.attention_broadcast``) reuses single attention layers' outputs
+instead, placed by the sampling progress that objectives report through ``with_progress``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -41,16 +44,40 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
 
 
+_PROGRESS: ContextVar[float | None] = ContextVar("dtx_sampling_progress", default=None)
+
+
+def sampling_progress() -> float | None:
+    """How far the running sampler has come, 0 at its start noise and 1 at the data (None outside sampling)."""
+    return _PROGRESS.get()
+
+
+def with_progress(net: Callable[..., torch.Tensor], progress_of: Callable[[float], float]) -> Callable[..., torch.Tensor]:
+    """``net(x, level, ...)`` that makes ``progress_of(level)`` (the noise level's place in the sampler's schedule,
+    0 to 1) the ``sampling_progress`` while it runs; caches that act by schedule position read it."""
+    def fn(x: torch.Tensor, level: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        value = level.reshape(-1)[0] if isinstance(level, torch.Tensor) else level
+        token = _PROGRESS.set(min(1.0, max(0.0, float(progress_of(float(value))))))
+        try:
+            return net(x, level, *args, **kwargs)
+        finally:
+            _PROGRESS.reset(token)
+
+    return fn
+
+
 @dataclass
 class CacheStats:
-    """Forward passes of the blocks run in full and skipped (one count per block stack and step)."""
+    """What a cache computed in full and skipped: block-stack forwards (one per stack and step), or for a cache of
+    single layers its layer evaluations (``unit``)."""
 
     full: int = 0
     skipped: int = 0
+    unit: str = "block-stack evaluations"
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         total = self.full + self.skipped
-        return {"full": self.full, "skipped": self.skipped,
+        return {"full": self.full, "skipped": self.skipped, "unit": self.unit,
                 "fewer_full_evaluations": round(total / self.full, 3) if self.full else 0.0}
 
 
@@ -103,7 +130,14 @@ class TeaCache:
         return out
 
 
-CACHES: dict[str, Callable[..., Any]] = {"first-block": FirstBlockCache, "teacache": TeaCache}
+def _pab(stats: CacheStats, **options: Any) -> Any:
+    """Pyramid attention broadcast: reuse attention outputs over steps (spatial 2, temporal 4, cross 6)."""
+    from .attention_broadcast import PyramidAttentionBroadcast
+
+    return PyramidAttentionBroadcast(stats, **options)
+
+
+CACHES: dict[str, Callable[..., Any]] = {"first-block": FirstBlockCache, "teacache": TeaCache, "pab": _pab}
 
 
 def _stacks(model: nn.Module) -> list[Any]:
@@ -121,15 +155,25 @@ def step_cache(model: nn.Module, factory: Callable[..., Any] | None, options: di
     if factory is None:
         yield stats
         return
+    try:
+        probe = factory(stats, **(options or {}))
+    except TypeError as exc:
+        raise ConfigError(f"{key}_options: {exc}") from None
+    if callable(getattr(probe, "attach", None)):  # a cache of single layers (pab): it finds them itself
+        stats.unit = getattr(probe, "unit", stats.unit)
+        probe.attach(model)
+        try:
+            yield stats
+        finally:
+            probe.detach()
+        return
     stacks = _stacks(model)
     if not stacks:
         raise ConfigError(f"{key}: {type(model).__name__} has no dtx.layers.BlockStack, so no step cache can skip "
                           f"its blocks")
-    try:
-        for stack in stacks:
-            stack.set_step_cache(factory(stats, **(options or {})))
-    except TypeError as exc:
-        raise ConfigError(f"{key}_options: {exc}") from None
+    caches = [probe] + [factory(stats, **(options or {})) for _ in stacks[1:]]
+    for stack, cache in zip(stacks, caches):
+        stack.set_step_cache(cache)
     try:
         yield stats
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -9,6 +11,9 @@ from ..attention import attention
 from ..errors import ConfigError, ShapeError
 from .linear import Linear
 from .rope import apply_rotary
+
+
+Broadcast = Callable[[Callable[[], torch.Tensor], torch.Tensor], torch.Tensor]  # (compute, input) -> output
 
 
 class Attention(nn.Module):
@@ -25,6 +30,12 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim, bias=proj_bias)
+        self._broadcast: Broadcast | None = None
+
+    def set_broadcast(self, broadcast: "Broadcast | None") -> None:
+        """Let ``broadcast(compute, x)`` return this layer's output (computed, or reused from an earlier sampling step:
+        ``dtx.layers.attention_broadcast``); None: always compute."""
+        self._broadcast = broadcast
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, heads, L, d_head] of tokens [B, L, D]."""
@@ -34,6 +45,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, theta: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
+        if self._broadcast is not None:
+            return self._broadcast(lambda: self._attend(x, mask, theta, context), x)
+        return self._attend(x, mask, theta, context)
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, theta: torch.Tensor | None,
+                context: torch.Tensor | None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.heads(x)  # [B, H, L, hd]
         if theta is not None:
@@ -62,6 +79,11 @@ class CrossAttention(nn.Module):
         self.add_module(names[0], Linear(dim, dim, bias=qkv_bias))
         self.add_module(names[1], Linear(context_dim or dim, dim * 2, bias=qkv_bias))
         self.proj = Linear(dim, dim)
+        self._broadcast: Broadcast | None = None
+
+    def set_broadcast(self, broadcast: "Broadcast | None") -> None:
+        """As ``Attention.set_broadcast``."""
+        self._broadcast = broadcast
 
     @property
     def query(self) -> nn.Module:
@@ -76,6 +98,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 kv: torch.Tensor | None = None) -> torch.Tensor:
         """Attend ``x`` [B, N, D] to ``context`` [B, L, context_dim], or to precomputed ``kv`` [B, L, 2D]."""
+        if self._broadcast is not None:
+            return self._broadcast(lambda: self._attend(x, context, mask, kv), x)
+        return self._attend(x, context, mask, kv)
+
+    def _attend(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None,
+                kv: torch.Tensor | None) -> torch.Tensor:
         b, n, c = x.shape
         if kv is None:
             if context is None:

@@ -11,6 +11,7 @@ Samplers of both kinds are called through one signature: ``sampler(model, x, sch
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from ..diffusion.guidance import guided
 from ..diffusion.noise import Generators, randn
 from ..errors import ConfigError, UnknownNameError
 from ..interface import ModelInterface, interface_of, unwrap
+from ..layers.step_cache import with_progress
 from ..diffusion.sampler_api import check_options
 from ..options import factory_options
 from .config import ObjectiveConfig
@@ -141,6 +143,8 @@ class GaussianObjective:
         channels = guide_channels or self.iface.in_channels or noise_shape[self.iface.channel_dim]
         net = guided(self.net(model), list(conds), list(scales), channels=channels, channel_dim=self.iface.channel_dim,
                      prepare=prepare_hook(model))
+        last = max(self.cfg.diffusion_steps - 1, 1)
+        net = with_progress(net, lambda t: 1.0 - t / last)  # the sampler calls it with training timesteps
         return call_sampler(fn, sampler, net, noise, self._cache[steps, spacing], generator, progress, options)
 
 
@@ -202,6 +206,8 @@ class KarrasObjective:
         x = _randn(noise_shape, generator, device) * sigmas[0]
         net = guided(self.denoiser(model), list(conds), list(scales), channels=guide_channels,
                      channel_dim=self.iface.channel_dim, prepare=prepare_hook(model))
+        top, bottom = math.log(float(sigmas[0])), math.log(float(sigmas[sigmas > 0].min()))
+        net = with_progress(net, lambda sigma: (top - math.log(max(sigma, 1e-12))) / max(top - bottom, 1e-12))
         return call_sampler(fn, sampler, net, x, sigmas, generator, progress, options)
 
 
@@ -290,6 +296,8 @@ class FlowObjective:
         times = self.flow.time_grid(steps, self.shift, self._interval(training=False, sde=sde), device)
         x = _randn(noise_shape, generator, device)
         net = self._guided(model, conds, scales, guide_channels)
+        start, end = float(times[0]), float(times[-1])
+        net = with_progress(net, lambda t: (start - t) / ((start - end) or 1.0))
         return call_sampler(fn, sampler, net, x, self.flow.FlowSchedule(times, self.path), generator, progress,
                             options)
 
