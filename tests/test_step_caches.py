@@ -124,3 +124,17 @@ def test_models_a_cache_cannot_reach_are_refused():
     with pytest.raises(ConfigError, match="threshold"):
         with step_cache(dtx.create_model("DiT", **MODELS["DiT"][0]), CACHES["first-block"], {"threshold": -1}):
             pass
+
+
+def test_a_family_calibrated_default_fills_in_what_the_options_leave_out():
+    """GenTron declares its teacache threshold (calibrated on its demo); given options still win, and a family
+    without a declaration gets the cache's own default."""
+    gentron, _, _, _ = setup("GenTron")
+    assert gentron.step_cache_defaults["teacache"]["threshold"] != 0.4
+    with step_cache(gentron, CACHES["teacache"], {}, name="teacache"):
+        assert gentron.blocks._step_cache.threshold == gentron.step_cache_defaults["teacache"]["threshold"]
+    with step_cache(gentron, CACHES["teacache"], {"threshold": 0.1}, name="teacache"):
+        assert gentron.blocks._step_cache.threshold == 0.1
+    dit, _, _, _ = setup("DiT")
+    with step_cache(dit, CACHES["teacache"], {}, name="teacache"):
+        assert dit.blocks._step_cache.threshold == 0.4

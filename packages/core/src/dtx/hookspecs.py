@@ -78,8 +78,10 @@ def dtx_register_samplers(register: Callable[..., Any]) -> None:
 @hookspec
 def dtx_register_caches(register: Callable[..., Any]) -> None:
     """Register sampling step caches (``sample.cache``, ``--cache``): ``register(name, factory, *, description="")``
-    where ``factory(stats, **options)`` returns an object with ``run(n, block, h, args_of)`` (see
-    ``dtx.layers.step_cache``)."""
+    where ``factory(stats, **options)`` returns an object with ``run(n, block, h, args_of)`` (a cache over a model's
+    block stacks) or with ``attach(model)`` and ``detach()`` (a cache of single layers, as ``pab``); see
+    ``dtx.layers.step_cache``. A model family may declare calibrated options per cache name in
+    ``step_cache_defaults``."""
 
 
 @hookspec

@@ -140,6 +140,15 @@ def _pab(stats: CacheStats, **options: Any) -> Any:
 CACHES: dict[str, Callable[..., Any]] = {"first-block": FirstBlockCache, "teacache": TeaCache, "pab": _pab}
 
 
+def family_defaults(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """The options a model's family calibrated for the cache ``name`` on its own demo (its ``step_cache_defaults``,
+    ``{cache name: {option: value}}``), else none: the cache's own defaults apply."""
+    from ..interface import unwrap
+
+    declared = getattr(unwrap(model), "step_cache_defaults", None) or {}
+    return dict(declared.get(name, {})) if name else {}
+
+
 def _stacks(model: nn.Module) -> list[Any]:
     from .blocks import BlockStack
 
@@ -148,13 +157,16 @@ def _stacks(model: nn.Module) -> list[Any]:
 
 @contextlib.contextmanager
 def step_cache(model: nn.Module, factory: Callable[..., Any] | None, options: dict[str, Any] | None = None,
-               key: str = "sample.cache") -> Iterator[CacheStats]:
+               key: str = "sample.cache", name: str | None = None) -> Iterator[CacheStats]:
     """Install a fresh cache (``factory(stats, **options)``) on each block stack of ``model`` for one sampling run;
-    the stacks are restored afterwards. ``factory`` None yields empty stats and changes nothing."""
+    the stacks are restored afterwards. ``factory`` None yields empty stats and changes nothing. With the cache's
+    registered ``name``, options the model's family calibrated for it (``step_cache_defaults``) fill in what
+    ``options`` leave out."""
     stats = CacheStats()
     if factory is None:
         yield stats
         return
+    options = {**family_defaults(model, name), **(options or {})}
     try:
         probe = factory(stats, **(options or {}))
     except TypeError as exc:

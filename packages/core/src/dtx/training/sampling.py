@@ -85,12 +85,13 @@ def generate(setup: SamplingSetup, request: SampleRequest, sample: SampleConfig,
             m = min(batch_size, n - start)
             conds, scales = stage.condition_sets(request, raw, plan, device, start, start + m)
             generator = gen if seeds is None else per_sample_generators(seeds[start:start + m])
-            with step_cache(model, factory, sample.cache_options) as batch_stats:  # fresh per batch
+            with step_cache(model, factory, sample.cache_options, name=sample.cache) as batch_stats:  # fresh per batch
                 x = setup.objective.sample(model, (m, *setup.info.sample_shape), conds, scales, sample.sampler,
                                            sample.steps, generator, guide_channels=sample.guide_channels,
                                            progress=progress and bar is None, options=sample.sampler_options,
                                            spacing=sample.timestep_spacing)
             stats.full, stats.skipped = stats.full + batch_stats.full, stats.skipped + batch_stats.skipped
+            stats.unit = batch_stats.unit
             if vae is not None:
                 from ..data.vae import decode
 
