@@ -158,6 +158,7 @@ def test_a_partly_written_set_with_other_settings_is_refused_and_kept(run, tmp_p
     (["--num-samples", "4", "--out", "x.png"], ".npz"),
     (["--workers", "2"], "--num-samples"),
     (["--sample-index", "-1"], "--sample-index"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision"),
 ])
 def test_bad_set_options_are_refused_before_anything_is_written(run, tmp_path, capsys, argv, fragment):
     before = sorted(p.name for p in tmp_path.iterdir())
