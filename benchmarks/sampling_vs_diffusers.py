@@ -27,46 +27,10 @@ from typing import Any, Callable
 import torch
 
 
-class _PeakRss:
-    """Peak resident memory of this process during a block, above its level at the start (a polling thread: the
-    CPU allocator reports no peak of its own)."""
-
-    def __enter__(self) -> "_PeakRss":
-        import threading
-
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mib = max(0.0, (self.peak - self.start) / 2 ** 20)
-
-    @staticmethod
-    def _rss() -> int:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-    """(output, seconds, peak resident memory in MiB above the start) of one call."""
-    import gc
-
-    gc.collect()
-    with _PeakRss() as rss:
-        t0 = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - t0
-    return out, seconds, rss.mib
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 # -- the models, built by diffusers ------------------------------------------------------------------------------------
@@ -229,18 +193,20 @@ def _compare(name: str, theirs: Callable[[], torch.Tensor], ours: dict[str, Call
              ) -> dict[str, Any]:
     """Time both sides (alternating, after a warm-up) and compare outputs: the timed runs' own, or ``check``'s
     (diffusers, dtx) pair where the timed settings differ by a stated design choice."""
+    from dtx.benchmarking import peak_memory_mb
+
     ref = theirs()  # warm-up (and the output to compare)
     outs = {label: fn() for label, fn in ours.items()}
     if check is not None:
         ref, checked = check[0](), check[1]()
         outs = {label: checked for label in outs}
     times: dict[str, list[float]] = {"diffusers": [], **{label: [] for label in ours}}
-    peaks: dict[str, float] = {}
     for _ in range(repeats):
         for label, fn in (("diffusers", theirs), *ours.items()):
-            _, seconds, peak = _timed(fn)
-            times[label].append(seconds)
-            peaks[label] = max(peaks.get(label, 0.0), peak)
+            times[label].append(_timed(fn)[1])
+    # the peak of the tensors one call allocates (torch's profiler): the resident set hides it, as freed memory is
+    # reused; a run of its own after the timings
+    peaks = {label: peak_memory_mb(fn, "cpu") for label, fn in (("diffusers", theirs), *ours.items())}
     base = statistics.median(times["diffusers"])
     row: dict[str, Any] = {"model": name, "samples": n, "diffusers_s_per_sample": round(base / n, 3),
                            "diffusers_peak_mib": round(peaks["diffusers"], 1)}
@@ -279,13 +245,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time dtx with torch.compile")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", type=Path, default=Path("/tmp/dtx-bench-diffusers"))
+    p.add_argument("--out", type=Path, help="also write the rows as a Markdown table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.root.mkdir(parents=True, exist_ok=True)
+    rows = []
     for name in args.models:
         row = bench_dit(args.root, args) if name == "dit" else bench_text(args.root, args, name)
+        rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(table(rows, args) + "\n")
     return 0
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [f"DDIM {args.steps} steps, guidance {args.cfg:g}, {args.threads} threads, median of {args.repeats} "
+             f"interleaved runs.", "",
+             "| model | side | s per sample | dtx / diffusers | peak tensor memory (MiB) | max abs diff of outputs |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | diffusers pipeline | {r['diffusers_s_per_sample']:.3f} | 1 | "
+                     f"{r['diffusers_peak_mib']:.0f} | |")
+        for label, v in r.items():
+            if isinstance(v, dict):
+                lines.append(f"| {r['model']} | {label} | {v['s_per_sample']:.3f} | {v['ratio']:.2f} | "
+                             f"{v['peak_mib']:.0f} | {v['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
