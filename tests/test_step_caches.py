@@ -110,6 +110,29 @@ def test_a_cache_decides_once_for_all_guidance_terms_of_a_step(cache):
     assert len(sizes) == stats.full
 
 
+def test_pab_reaches_hdit_attention_blocks_and_ranges_of_one_are_exact():
+    hdit = dtx.create_model("HDiT", input_size=8, patch_size=2, in_channels=2, depths=[1, 1], widths=[64, 128],
+                            d_ffs=[96, 192], self_attns=["global", "global"], num_classes=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the zero-initialised projections made non-zero, so that attention reaches the output
+        for p in hdit.parameters():
+            if p.ndim == 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    objective = build_objective(ObjectiveConfig(kind="karras"), hdit, DataInfo(channels=2, height=8, width=8))
+    assert {role for role, _ in attention_roles(hdit).values()} == {"spatial"} and len(attention_roles(hdit)) == 3
+
+    def run(**options):
+        with step_cache(hdit, CACHES["pab"] if options else None, options) as stats:
+            x = objective.sample(hdit, (2, 2, 8, 8), [{}], [], "euler", 8, torch.Generator().manual_seed(0))
+        return x, stats
+
+    plain, _ = run()
+    exact, stats = run(spatial=1)
+    assert torch.isfinite(plain).all() and torch.equal(exact, plain) and stats.skipped == 0
+    reused, stats = run(window=[0.0, 1.0])
+    assert stats.skipped > 0 and not torch.equal(reused, plain) and torch.isfinite(reused).all()
+
+
 def test_models_a_cache_cannot_reach_are_refused():
     pixart = dtx.create_model("PixArt", depth=1, hidden_size=32, num_heads=2, input_size=8, context_dim=16,
                               text_length=4)

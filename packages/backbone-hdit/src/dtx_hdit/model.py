@@ -14,7 +14,7 @@ import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -348,6 +348,12 @@ class SelfAttentionBlock(nn.Module):
         self.pos_emb = AxialRoPE(spec.d_head, self.n_heads)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = zero_init(Linear(d_model, d_model, bias=False))
+        self._broadcast: Callable[..., torch.Tensor] | None = None
+
+    def set_broadcast(self, broadcast: Callable[..., torch.Tensor] | None) -> None:
+        """Let ``broadcast(compute, x)`` give the attention branch's output (computed, or reused from an earlier
+        sampling step: the ``pab`` cache); None: always compute. The residual is added either way."""
+        self._broadcast = broadcast
 
     def extra_repr(self) -> str:
         return f"{attention_to_dict(self.spec)}, window_shift={self.window_shift}"
@@ -369,7 +375,11 @@ class SelfAttentionBlock(nn.Module):
         return attention(q, k, v, scale=1.0).transpose(1, 2).reshape(b, h, w, nh, -1)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        skip = x
+        if self._broadcast is not None:
+            return self._broadcast(lambda: self._branch(x, pos, cond), x) + x
+        return self._branch(x, pos, cond) + x
+
+    def _branch(self, x: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.norm(x, cond)
         b, h, w, _ = x.shape
         q, k, v = self.qkv_proj(x).reshape(b, h, w, 3, self.n_heads, self.d_head).unbind(3)  # rows [q; k; v]
@@ -377,7 +387,7 @@ class SelfAttentionBlock(nn.Module):
         theta = self.pos_emb.theta(pos.float())  # [h, w, heads, d_head/4], fp32 whatever the model dtype
         q, k = apply_rotary(q, theta), apply_rotary(k, theta)
         x = self.attend(q, k, v).reshape(b, h, w, -1)
-        return self.out_proj(self.dropout(x)) + skip
+        return self.out_proj(self.dropout(x))
 
 
 class FeedForwardBlock(nn.Module):

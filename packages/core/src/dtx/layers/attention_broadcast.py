@@ -6,8 +6,9 @@ its output at one forward and reuses it for the next ``range - 1`` forwards, wit
 progress (0 at the start noise, 1 at the data; 0.2 to 0.9 by default): early steps lay out the sample and the last
 ones add its details, so both are computed in full.
 
-Roles come from the model: ``CrossAttention`` layers are cross-attention; the attention layers that the model's
-``lora_groups`` list under ``temporal`` are temporal; every other ``Attention`` is spatial. A range of 1 (or 0)
+The layers are those with a ``set_broadcast`` switch (``dtx.layers.Attention`` and ``CrossAttention``, HDiT's
+attention blocks, whose branch is broadcast and the residual added). Roles come from the model: ``CrossAttention``
+layers are cross-attention; those the model's ``lora_groups`` list under ``temporal`` are temporal; the rest spatial. A range of 1 (or 0)
 computes that role every time, so ``pab`` with every range at most 1 gives exactly the uncached samples. One
 decision per layer and forward covers the whole batched forward, so every guidance term sees the same outputs.
 """
@@ -28,15 +29,17 @@ ROLES = ("spatial", "temporal", "cross")
 
 def attention_roles(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Every attention layer of ``model`` by name: (role, module)."""
-    from .transformer import Attention, CrossAttention
+    from .transformer import CrossAttention
 
     groups = getattr(model, "lora_groups", None) or {}
     temporal = [re.compile(p) for p in groups.get("temporal", [])]
     roles: dict[str, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
+        if not callable(getattr(module, "set_broadcast", None)):
+            continue
         if isinstance(module, CrossAttention):
             roles[name] = ("cross", module)
-        elif isinstance(module, Attention):
+        else:
             is_temporal = any(p.fullmatch(f"{name}.{leaf}") for p in temporal for leaf in ("qkv", "proj"))
             roles[name] = ("temporal" if is_temporal else "spatial", module)
     return roles
@@ -73,8 +76,8 @@ class PyramidAttentionBroadcast:
         """Install the broadcast on every attention layer of ``model``."""
         roles = attention_roles(model)
         if not roles:
-            raise ConfigError(f"sample.cache: {type(model).__name__} has no dtx.layers attention layers for 'pab' "
-                              f"to broadcast")
+            raise ConfigError(f"sample.cache: {type(model).__name__} has no attention layer with a set_broadcast "
+                              f"switch for 'pab' to broadcast")
         for name, (role, module) in roles.items():
             module.set_broadcast(self._broadcast(name, self.ranges[role]))
             self.layers.append(module)
