@@ -6,12 +6,14 @@ and the largest difference between the two outputs.
 
 Each model is built by diffusers with random weights at a realistic shape and saved as a pipeline folder (a tiny
 AutoencoderKL, and for the text models a tiny random T5, so that the denoiser dominates as it does at full size);
-dtx loads the same folder. Both sides draw the same initial noise and run the folder's scheduler (DDIM for DiT and
-Latte-1, DPM-Solver++ for PixArt) for the same steps with the same guidance. The timings alternate between the two
-sides in one process (median of ``--repeats``), after one warm-up each. dtx runs as ``dtx sample`` does: inference
-mode, condition work once per run, guidance terms in one batched forward, and ``--compile`` where named.
+dtx loads the same folder. Both sides draw the same initial noise and run the folder's DDIM scheduler (leading
+timesteps, as the pipelines do) for the same steps with the same guidance. The timings alternate between the two
+sides in one process (median of ``--repeats``), after one warm-up each. dtx runs as ``dtx sample`` does: no
+autograd, condition work once per run, guidance terms in one batched forward, and ``--compile`` where named.
 DiT's numerics: diffusers computes timestep features with a /127 divisor and norm eps 1e-5 where DiT has /128 and
 1e-6 (see the DiT package's diffusers interop); for the output check diffusers' modules are set to DiT's values.
+Latte-1: LattePipeline cuts both captions to the prompt's token count and attends the null caption's padding, where
+dtx masks padding; outputs are compared without guidance, where the two agree.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def dit_diffusers(folder: Path, classes: list[int], steps: int, cfg: float, seed
         block.norm3.eps = 1e-6
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():
             images = pipe(class_labels=classes, num_inference_steps=steps, guidance_scale=cfg,
                           generator=torch.Generator().manual_seed(seed), output_type="np").images
         return torch.from_numpy(images)
@@ -88,7 +90,7 @@ def dtx_runner(folder: Path, request: Any, steps: int, cfg: float, seed: int, sa
     vae = load_vae(setup.info.vae)
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():
             out = generate(setup, request(), sample, per_subject=1, seed=seed, vae=vae)
         return ((out.x.clamp(-1, 1) + 1) / 2).movedim(out.channel_dim, -1)
 
@@ -158,7 +160,7 @@ def text_diffusers(folder: Path, kind: str, frames: int, steps: int, cfg: float,
         if kind == "latte":  # diffusers' latents are [B, C, F, H, W], dtx's [B, F, C, H, W]: the same draw, moved
             noise = torch.randn((1, frames, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
             extra["latents"] = noise.transpose(1, 2)
-        with torch.inference_mode():
+        with torch.no_grad():
             out = pipe(PROMPTS[:1], num_inference_steps=steps, guidance_scale=cfg, height=side, width=side,
                        generator=torch.Generator().manual_seed(seed), output_type="pt", clean_caption=False,
                        **extra)

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -31,7 +32,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     from dtx.config import parse_options
 
     name, _, options = text.partition(":")
-    return name, parse_options([o for o in options.split(",") if o]) if options else {}
+    parts = re.split(r",(?![^\[]*\])", options)  # commas between options, not inside a [list]
+    return name, parse_options([o for o in parts if o]) if options else {}
 
 
 def judge_for(setup: Any, args: argparse.Namespace) -> tuple[Any, Callable[[Any], dict[str, float]], str]:

@@ -331,9 +331,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sample_index:
         request, seeds = _indexed(args, setup, request, sample)
         per_subject = 1
-    import torch
-
-    with torch.inference_mode(), precision_context(precision, device):
+    with precision_context(precision, device):
         samples = generate(setup, request, sample, per_subject=per_subject, seed=args.seed, seeds=seeds,
                            batch_size=args.batch_size, vae=vae,
                            progress=sys.stderr.isatty() if args.progress is None else args.progress)

@@ -224,7 +224,7 @@ def run_job(job: SampleSetJob, rank: int = 0, world: int = 1) -> dict[str, Any]:
         start, end = chunks[k]
         request = plan.request(start, end)
         seeds = plan.seeds(start, end)
-        with torch.inference_mode(), precision_context(job.precision, device):
+        with precision_context(job.precision, device):
             out = generate(setup, request, sample, per_subject=1, batch_size=plan.batch_size, vae=vae, seeds=seeds)
         write_chunk(parts, k, out.x, seeds, request.classes or None, request.prompts or None, out.channel_dim)
         done += end - start
