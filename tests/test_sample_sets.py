@@ -120,7 +120,7 @@ def stop_after_plan(run: Path, out: Path, monkeypatch, *extra: str) -> Path:
     """A set whose process died after writing its plan and before its first chunk; returns its parts folder."""
     from dtx.training import sample_set
 
-    def die(job, rank=0, world=1):
+    def die(job, chunks=None, rank=0):
         raise Stopped()
 
     with monkeypatch.context() as m:

@@ -11,7 +11,8 @@ import dtx
 from dtx.data.info import DataInfo
 from dtx.errors import ConfigError
 from dtx.layers.attention_broadcast import attention_roles
-from dtx.layers.step_cache import CACHES, step_cache
+from dtx.layers.caches import CACHES
+from dtx.layers.step_cache import step_cache
 from dtx.testing import randomize_parameters
 from dtx.training.config import ObjectiveConfig
 from dtx.training.objectives import build_objective

@@ -58,7 +58,8 @@ def test_ray_workers_finish_a_set_one_process_began(run, tmp_path, monkeypatch, 
     # one process that samples only the first half of the chunks (0 and 2), then finds the set unfinished
     real = sample_set.run_job
     with monkeypatch.context() as m:
-        m.setattr(sample_set, "run_job", lambda job, rank=0, world=1: real(job, 0, 2))
+        m.setattr(sample_set, "run_job", lambda job, chunks=None, rank=0: real(
+            job, sample_set.share(sample_set.pending_chunks(sample_set.parts_dir(job.out), job.plan), 0, 2)))
         assert main(["sample", str(run), "--out", str(tmp_path / "half.npz"), *common]) == 2
     assert "2 of 4 chunks are not written yet" in capsys.readouterr().err
     finished = dtx_sample(tmp_path, str(run), "--out", "half.npz", "--workers", "2", *common)

@@ -65,7 +65,7 @@ def dtx_register_samplers(register: Callable[..., Any]) -> None:
 
 @hookimpl
 def dtx_register_caches(register: Callable[..., Any]) -> None:
-    from .layers.step_cache import CACHES
+    from .layers.caches import CACHES
 
     for name, factory in CACHES.items():
         register(name, factory, description=(factory.__doc__ or "").splitlines()[0])

@@ -1,7 +1,7 @@
 """``dtx sample SOURCE --num-samples N --workers W``: a sample set's chunks shared out over Ray workers.
 
 Each worker is one Ray task that rebuilds the model from the job (the same weights, adapter and settings) and
-samples the missing chunks ``rank, rank + W, ...`` into the set's parts folder, which must be a path every worker
+samples its share of the missing chunks (listed once by the driver) into the set's parts folder, which must be a path every worker
 can write (the local disk of an embedded instance, shared storage on a cluster). Because a sample depends only on its
 index (its seed and subject), the set equals the one a single process writes, and a killed set resumes anywhere.
 """
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dtx.training.sample_set import SampleSetJob
 
 
-def sample_worker(job: dict[str, Any], rank: int, world: int, context: dict[str, Any]) -> dict[str, Any]:
+def sample_worker(job: dict[str, Any], chunks: list[int], rank: int, context: dict[str, Any]) -> dict[str, Any]:
     """What each Ray worker runs: check plugins, take its share of the cores, sample its chunks."""
     import torch
     from dtx.training.sample_set import SampleSetJob, run_job
@@ -32,7 +32,7 @@ def sample_worker(job: dict[str, Any], rank: int, world: int, context: dict[str,
     torch.set_num_threads(context["threads"])
     keep_priority(context["niceness"])
     job = {**job, "device": "cuda" if context["gpus"] > 0 else "cpu", "progress": job["progress"] and rank == 0}
-    return run_job(SampleSetJob.from_dict(job), rank, world)
+    return run_job(SampleSetJob.from_dict(job), chunks, rank)
 
 
 def _gpus(asked: float | None, workers: int) -> float:
@@ -48,6 +48,7 @@ def sample_ray(job: SampleSetJob, workers: int, address: str | None, gpus_per_wo
     """Sample the job's missing chunks on ``workers`` Ray tasks (an in-process instance, or the cluster at
     ``address`` / RAY_ADDRESS); returns each worker's counts. A worker's ``DtxError`` reaches the caller as itself."""
     import ray
+    from dtx.training.sample_set import parts_dir, pending_chunks, share
     from ray.exceptions import RayTaskError
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -70,7 +71,8 @@ def sample_ray(job: SampleSetJob, workers: int, address: str | None, gpus_per_wo
                    "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None}
         task = ray.remote(sample_worker).options(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
                                                  max_retries=0)
-        refs = [task.remote(job.to_dict(), rank, workers, context) for rank in range(workers)]
+        pending = pending_chunks(parts_dir(job.out), job.plan)  # listed once, before any worker writes
+        refs = [task.remote(job.to_dict(), share(pending, rank, workers), rank, context) for rank in range(workers)]
         try:
             return ray.get(refs)
         except RayTaskError as exc:

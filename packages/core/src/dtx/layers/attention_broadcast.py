@@ -52,8 +52,9 @@ def _range(name: str, value: Any) -> int:
 
 
 class PyramidAttentionBroadcast:
-    """Reuse each attention layer's output for ``range`` forwards inside the progress window (spatial 2, temporal 4,
-    cross 6); counts are attention evaluations computed and reused."""
+    """Pyramid attention broadcast: reuse attention outputs over steps (spatial 2, temporal 4, cross-attention 6).
+
+    Counts are attention evaluations computed and reused."""
 
     unit = "attention evaluations"
 

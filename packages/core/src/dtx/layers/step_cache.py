@@ -1,18 +1,13 @@
-"""Step caches: during sampling, skip the work of a model's transformer blocks when it would barely change, reusing
-what was computed at an earlier step. A cache sees the whole batched forward of one sampling step (every guidance
-term at once), so all terms of a step use the same fresh or cached features.
+"""Step caches: during sampling, skip work of a model that would barely change, reusing what was computed at an
+earlier step. This module holds what every cache shares: the counts (``CacheStats``), the sampling progress that
+objectives report (``with_progress``, ``sampling_progress``), the family-calibrated options and ``step_cache``, which
+installs a cache for one sampling run. The caches, one module each (registered in ``dtx.layers.caches``):
+``first_block_cache`` (``first-block``), ``teacache`` (``teacache``), ``attention_broadcast`` (``pab``).
 
-- ``first-block`` (first-block cache, as ParaAttention's FBCache and diffusers' ``FirstBlockCache``): run the first
-  block; when its residual changed by less than ``threshold`` (relative mean absolute difference) since the last
-  step computed in full, add the remaining blocks' residual of that step instead of running them.
-- ``teacache`` (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"):
-  accumulate the relative change of the blocks' input tokens and conditioning since the last full step; while the
-  sum stays below ``threshold``, skip every block and add the last full step's residual. (TeaCache rescales the
-  change with a polynomial fitted per model; here it is used as measured.)
-
-A model opts in by running its blocks through ``dtx.layers.BlockStack.run``; ``threshold`` 0 computes every step.
-``pab`` (pyramid attention broadcast, ``dtx.layers.attention_broadcast``) reuses single attention layers' outputs
-instead, placed by the sampling progress that objectives report through ``with_progress``.
+A cache over block stacks (``run(n, block, h, args_of)``) sees the whole batched forward of one sampling step
+(every guidance term at once), so all terms of a step use the same fresh or cached features; models opt in by
+running their blocks through ``dtx.layers.BlockStack.run``. A cache of single layers has ``attach(model)`` and
+``detach()`` instead.
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ ArgsOf = Callable[[int], tuple[Any, ...]]
 Block = Callable[..., torch.Tensor]
 
 
-def _threshold(cache: str, value: Any) -> float:
+def threshold_option(cache: str, value: Any) -> float:
     """A cache's threshold: a finite number >= 0 (a ConfigError naming the option otherwise)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
     if not ok:
@@ -79,65 +74,6 @@ class CacheStats:
         total = self.full + self.skipped
         return {"full": self.full, "skipped": self.skipped, "unit": self.unit,
                 "fewer_full_evaluations": round(total / self.full, 3) if self.full else 0.0}
-
-
-class FirstBlockCache:
-    """Reuse the remaining blocks' residual while the first block's residual stays within ``threshold``."""
-
-    def __init__(self, stats: CacheStats, threshold: float = 0.2) -> None:
-        self.stats, self.threshold = stats, _threshold("first-block", threshold)
-        self.first: torch.Tensor | None = None
-        self.rest: torch.Tensor | None = None
-
-    def run(self, n: int, block: Block, h: torch.Tensor, args_of: ArgsOf) -> torch.Tensor:
-        h1 = block(0, h, *args_of(0))
-        first = h1 - h
-        fits = self.first is not None and self.first.shape == first.shape
-        if fits and self.rest is not None and relative_change(first, self.first) < self.threshold:
-            self.stats.skipped += 1
-            return h1 + self.rest
-        out = h1
-        for i in range(1, n):
-            out = block(i, out, *args_of(i))
-        self.first, self.rest = first, out - h1
-        self.stats.full += 1
-        return out
-
-
-class TeaCache:
-    """Skip every block while the accumulated relative change of their inputs stays below ``threshold``."""
-
-    def __init__(self, stats: CacheStats, threshold: float = 0.4) -> None:
-        self.stats, self.threshold = stats, _threshold("teacache", threshold)
-        self.previous: list[torch.Tensor] | None = None
-        self.residual: torch.Tensor | None = None
-        self.accumulated = 0.0
-
-    def run(self, n: int, block: Block, h: torch.Tensor, args_of: ArgsOf) -> torch.Tensor:
-        inputs = [h] + [a for a in args_of(0) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        fits = self.previous is not None and [t.shape for t in self.previous] == [t.shape for t in inputs]
-        if fits and self.residual is not None:
-            self.accumulated += sum(relative_change(a, b) for a, b in zip(inputs, self.previous))  # type: ignore[arg-type]
-        self.previous = [t.detach() for t in inputs]
-        if fits and self.residual is not None and self.accumulated < self.threshold:
-            self.stats.skipped += 1
-            return h + self.residual
-        out = h
-        for i in range(n):
-            out = block(i, out, *args_of(i))
-        self.residual, self.accumulated = out - h, 0.0
-        self.stats.full += 1
-        return out
-
-
-def _pab(stats: CacheStats, **options: Any) -> Any:
-    """Pyramid attention broadcast: reuse attention outputs over steps (spatial 2, temporal 4, cross 6)."""
-    from .attention_broadcast import PyramidAttentionBroadcast
-
-    return PyramidAttentionBroadcast(stats, **options)
-
-
-CACHES: dict[str, Callable[..., Any]] = {"first-block": FirstBlockCache, "teacache": TeaCache, "pab": _pab}
 
 
 def family_defaults(model: nn.Module, name: str | None) -> dict[str, Any]:

@@ -200,14 +200,20 @@ def assemble(out: str | Path, plan: SampleSetPlan) -> dict[str, Any]:
 
 # -- sampling the chunks ------------------------------------------------------------------------------------------------
 
-def run_job(job: SampleSetJob, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Sample the missing chunks ``rank, rank + world, ...`` of the job's set into its parts folder; returns the
-    counts. Each process rebuilds the model from the job (the same weights, adapter and settings everywhere)."""
+def share(pending: list[int], rank: int, world: int) -> list[int]:
+    """The chunks process ``rank`` of ``world`` samples: every ``world``-th of the pending list, which the caller
+    computes once before any process starts (a list read while others write would shift under them)."""
+    return pending[rank::world]
+
+
+def run_job(job: SampleSetJob, chunks: list[int] | None = None, rank: int = 0) -> dict[str, Any]:
+    """Sample ``chunks`` (default: every missing one) of the job's set into its parts folder; returns the counts.
+    Each process rebuilds the model from the job (the same weights, adapter and settings everywhere)."""
     from ..adapters import apply_adapter
     from .sampling import generate, load_for_sampling, precision_context, samples_bar
 
     plan, parts = job.plan, parts_dir(job.out)
-    todo = pending_chunks(parts, plan)[rank::world]
+    todo = pending_chunks(parts, plan) if chunks is None else list(chunks)
     if not todo:
         return {"rank": rank, "chunks": 0, "samples": 0}
     device = torch.device(job.device)
