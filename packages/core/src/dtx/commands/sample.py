@@ -346,9 +346,9 @@ def _precision(asked: str, device: Any) -> str:
     reproduces the training-time samples exactly)."""
     import torch
 
+    if asked == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 runs on a GPU only; on CPU use bf16 or fp32")
     if asked != "auto":
-        if asked != "fp32" and device.type == "cpu" and asked == "fp16":
-            raise ConfigError("--precision fp16 runs on a GPU only; on CPU use bf16 or fp32")
         return asked
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
