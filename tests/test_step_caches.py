@@ -135,11 +135,11 @@ def test_pab_reaches_hdit_attention_blocks_and_ranges_of_one_are_exact():
 
 
 def test_models_a_cache_cannot_reach_are_refused():
-    pixart = dtx.create_model("PixArt", depth=1, hidden_size=32, num_heads=2, input_size=8, context_dim=16,
-                              text_length=4)
-    with step_cache(pixart, CACHES["first-block"], {}):
+    latte1 = dtx.create_model("PixArt", depth=1, hidden_size=32, num_heads=2, input_size=8, context_dim=16,
+                              text_length=4, num_frames=2)  # Latte-1's spatial and temporal blocks interleave
+    with step_cache(latte1, CACHES["first-block"], {}):
         with pytest.raises(ConfigError, match="BlockStack.run"):
-            pixart(torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 4, 16))
+            latte1(torch.randn(1, 2, 4, 8, 8), torch.tensor([5]), torch.randn(1, 4, 16))
     hdit = dtx.create_model("HDiT", input_size=8, patch_size=2, in_channels=1, depths=[1, 1], widths=[64, 128],
                             d_ffs=[96, 192], self_attns=["neighborhood:7", "global"])
     with pytest.raises(ConfigError, match="sample.cache"):

@@ -21,11 +21,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "latte_cost": (".flops", "latte_cost"),
     "latte_counter": (".flops", "latte_counter"),
     "LATTE_PRESETS": (".model", "LATTE_PRESETS"),
-    "AxisBlockSpec": (".model", "AxisBlockSpec"),
-    "FactorisedBlockSpec": (".model", "FactorisedBlockSpec"),
+    "AxisBlockSpec": (".blocks", "AxisBlockSpec"),
+    "FactorisedBlockSpec": (".blocks", "FactorisedBlockSpec"),
     "Latte": (".model", "Latte"),
     "LatteConfig": (".model", "LatteConfig"),
-    "SplitHeadBlockSpec": (".model", "SplitHeadBlockSpec"),
+    "SplitHeadBlockSpec": (".blocks", "SplitHeadBlockSpec"),
     "block_layout": (".model", "block_layout"),
 }
 
@@ -35,8 +35,8 @@ __all__ = ["AxisBlockSpec", "FactorisedBlockSpec", "LATTE_PRESETS", "Latte", "La
 if TYPE_CHECKING:
     from .checkpoint import infer_config, init_from_dit
     from .flops import LatteCost, latte_cost, latte_counter
-    from .model import (LATTE_PRESETS, AxisBlockSpec, FactorisedBlockSpec, Latte, LatteConfig, SplitHeadBlockSpec,
-                        block_layout)
+    from .blocks import AxisBlockSpec, FactorisedBlockSpec, SplitHeadBlockSpec
+    from .model import LATTE_PRESETS, Latte, LatteConfig, block_layout
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

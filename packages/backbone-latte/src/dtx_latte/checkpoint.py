@@ -25,7 +25,8 @@ from dtx.init_weights import InitReport
 from dtx.models import LoadOptions, checkpoint_spec, create_model, load_state_dict_strict
 from dtx.models import select_state as dtx_select_state
 
-from .model import LATTE_PRESETS, AxisBlock, LatteConfig
+from .blocks import AxisBlock
+from .model import LATTE_PRESETS, LatteConfig
 
 FORMAT = "latte-official"
 _SIGNATURE = ("temp_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")

@@ -15,7 +15,8 @@ from torch import nn
 
 from dtx.costs import ANALYTIC, ClosedFormCost, Cost, linear_params
 
-from .model import AxisBlockSpec, FactorisedBlockSpec, LatteConfig, SplitHeadBlockSpec, block_layout
+from .blocks import AxisBlockSpec, FactorisedBlockSpec, SplitHeadBlockSpec
+from .model import LatteConfig, block_layout
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the t-MLP
 

@@ -220,7 +220,7 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     to the map (then it equals global attention). ``backend``: None/"auto", "natten", "masked" (dense SDPA with a
     window mask) or "torch" (gathered windows). Auto: NATTEN's kernels on CUDA; on CPU the masked path while its
     dense logits fit ``MASKED_MAX_LOGITS`` elements, else the gather path (NATTEN 0.21's CPU path has no backward
-    and its forward is slower: 2.66 s vs 0.36 s for HDiT-Flowers256 at 256 px, measured by bench_hdit.py).
+    and its forward is slower: the HDiT package README gives the measurement).
     """
     if q.ndim != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ShapeError(f"neighborhood attention expects [B, H, W, heads, D] q/k/v, got "

@@ -3,7 +3,7 @@ adaLN-modulated final layer, with DiT's official state-dict names (``adaLN_modul
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,51 +18,74 @@ def layer_norm(dim: int, affine: bool) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
 
 
+def residual(x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+             mod: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """One pre-norm residual sub-layer: ``x + gate * fn(modulate(norm(x), shift, scale))`` with ``mod`` = (shift,
+    scale, gate) [N, D] each (adaLN-Zero), ``x + fn(modulate(norm(x)))`` with (shift, scale) (adaLN), or
+    ``x + fn(norm(x))`` without ``mod`` (plain pre-norm)."""
+    if mod is None:
+        return x + fn(norm(x))
+    h = fn(modulate(norm(x), mod[0], mod[1]))
+    return gated_residual(x, mod[2], h) if len(mod) == 3 else x + h
+
+
 class AdaLNBlock(nn.Module):
-    """Transformer block conditioned through adaptive LayerNorm; ``gated`` adds adaLN-Zero's residual gates.
+    """DiT's transformer block: self-attention and MLP sub-layers conditioned through adaptive LayerNorm on ``c``;
+    ``gated`` adds adaLN-Zero's residual gates, ``modulated=False`` makes it a plain pre-norm block (affine norms,
+    no ``adaLN_modulation``; ``c`` unused).
 
     The modulation vector is chunked as (shift, scale, gate) for attention, then for the MLP (gates only if gated).
     ``between`` (a residual sub-layer ``x -> x'``, e.g. GenTron's cross- and temporal attention) runs between the
-    attention and the MLP, so families extend the block without copying it.
+    attention and the MLP, so families extend the block without copying it. ``theta`` (rotary angles) and
+    ``context`` (tokens joining the keys and values, through the same pre-norm) go to the attention.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, gated: bool = True,
+                 modulated: bool = True) -> None:
         super().__init__()
         self.gated = gated
-        self.norm1 = layer_norm(hidden_size, affine=False)
+        self.norm1 = layer_norm(hidden_size, affine=not modulated)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = layer_norm(hidden_size, affine=False)
+        self.norm2 = layer_norm(hidden_size, affine=not modulated)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, (6 if gated else 4) * hidden_size))
+        chunks = 6 if gated else 4
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, chunks * hidden_size)) if modulated \
+            else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor,
-                between: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        if self.gated:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-            x = between(x) if between is not None else x
-            return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None,
+                between: Callable[[torch.Tensor], torch.Tensor] | None = None, theta: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        mod, split = None, 3 if self.gated else 2
+        if self.adaLN_modulation is not None:
+            mod = self.adaLN_modulation(c).chunk(2 * split, dim=1)  # (shift, scale[, gate]) for attention, MLP
+        context = None if context is None else self.norm1(context)
+        x = residual(x, self.norm1, lambda h: self.attn(h, theta=theta, context=context), mod and mod[:split])
         x = between(x) if between is not None else x
-        return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return residual(x, self.norm2, self.mlp, mod and mod[split:])
 
 
 class FinalLayer(nn.Module):
-    """Norm (adaLN-modulated by (shift, scale) when ``modulated``) and a linear map to p*p*out_channels per token."""
+    """Norm, (shift, scale) modulation and a linear map to p*p*out_channels per token. The modulation is DiT's
+    ``adaLN_modulation`` of ``c`` (``modulated``), PixArt's adaLN-single ``scale_shift_table`` (2, D) plus the
+    timestep embedding ``c`` (``table``), or none (affine norm)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool = True) -> None:
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool = True,
+                 table: bool = False) -> None:
         super().__init__()
-        self.modulated = modulated
-        self.norm_final = layer_norm(hidden_size, affine=not modulated)
+        self.modulated = modulated and not table
+        self.norm_final = layer_norm(hidden_size, affine=not (modulated or table))
         self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
-        if modulated:
+        if self.modulated:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5) if table else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = self.norm_final(x)
         if self.modulated:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        elif self.scale_shift_table is not None:
+            shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)  # [B, D] each
             x = modulate(x, shift, scale)
         return self.linear(x)
 

@@ -76,6 +76,20 @@ class LabelEmbedder(nn.Module):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
 
+    def embed(self, y: torch.Tensor | None, shape: tuple[int, ...], model: str = "model") -> torch.Tensor:
+        """Embeddings [*shape, D] of labels that arrive already dropped (``dtx.conditioning``): integer labels of
+        ``shape`` inside the table (compile-safe check); ``y`` may be None only for a one-class model (label 0)."""
+        if y is None:
+            if self.num_classes != 1:
+                raise ShapeError(f"this {model} has num_classes={self.num_classes} and needs class labels y "
+                                 f"(use y={self.null_class} for unconditional outputs)")
+            y = torch.zeros(shape, dtype=torch.long, device=self.embedding_table.weight.device)
+        if tuple(y.shape) != tuple(shape) or y.dtype.is_floating_point:
+            raise ShapeError(f"{model} expects integer class labels y of shape {list(shape)}, got {y.dtype} "
+                             f"{list(y.shape)}")
+        check_label_range(y, self.embedding_table.num_embeddings)
+        return self(y, train=False)
+
 
 class FourierFeatures(nn.Module):
     """Random Fourier features ``[cos(2 pi x W^T), sin(2 pi x W^T)]`` with a fixed N(0, std^2) buffer (k-diffusion)."""

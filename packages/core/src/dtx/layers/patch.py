@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from ..errors import ShapeError
@@ -44,6 +45,29 @@ class PatchEmbed(nn.Module):
             raise ShapeError(f"input dtype {x.dtype} does not match the model's {weight.dtype} (cast it, or use autocast)")
         self.grid(x.shape[2], x.shape[3])
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TubeletEmbed(nn.Module):
+    """Compression patch embedding of clips: ``Conv3d`` with kernel = stride = (s, p, p), [B, F, C, H, W] ->
+    [(B F/s), (H/p W/p), D] (``proj``, as ``PatchEmbed``)."""
+
+    def __init__(self, stride: int, patch_size: int, in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        self.stride, self.patch_size, self.in_channels = stride, patch_size, in_channels
+        kernel = (stride, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=True)
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        if h % self.patch_size or w % self.patch_size:
+            raise ShapeError(f"input size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] % self.stride:
+            raise ShapeError(f"a tubelet embedding needs [B, F, C, H, W] clips with F divisible by temporal_stride "
+                             f"{self.stride}, got {list(x.shape)}")
+        x = self.proj(rearrange(x, "b f c h w -> b c f h w"))  # [B, D, F/s, H/p, W/p]
+        return rearrange(x, "b d f h w -> (b f) (h w) d")  # [(B F/s), t, D]
 
 
 def unpatchify(x: torch.Tensor, patch_size: int | tuple[int, int], channels: int, grid_h: int,
@@ -92,7 +116,6 @@ class PatchGridConfig:
         check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
         check(h >= self.patch_size and w >= self.patch_size and h % self.patch_size == 0 and w % self.patch_size == 0,
               "input_size", f"{h}x{w} is not divisible by patch_size {self.patch_size}")
-
 
     def validate_transformer(self) -> None:
         """``validate_grid`` plus: at least one input channel and one block, heads dividing the width, a width the

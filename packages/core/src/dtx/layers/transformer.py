@@ -9,6 +9,7 @@ from torch import nn
 
 from ..attention import attention
 from ..errors import ConfigError, ShapeError
+from .context_parallel import ContextGroup
 from .linear import Linear
 from .rope import apply_rotary
 
@@ -31,11 +32,19 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim, bias=proj_bias)
         self._broadcast: Broadcast | None = None
+        self._context_group: ContextGroup | None = None
 
     def set_broadcast(self, broadcast: "Broadcast | None") -> None:
         """Let ``broadcast(compute, x)`` return this layer's output (computed, or reused from an earlier sampling step:
         ``dtx.layers.attention_broadcast``); None: always compute."""
         self._broadcast = broadcast
+
+    def set_context_group(self, group: ContextGroup | None) -> None:
+        """Attend over a sequence split across the ranks of ``group`` (Ulysses: one all-to-all from the sequence
+        split to a head split and one back; ``dtx.layers.context_parallel``); None: the sequence is local."""
+        if group is not None:
+            group.check_split(self.num_heads, "num_heads")
+        self._context_group = group
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, heads, L, d_head] of tokens [B, L, D]."""
@@ -53,12 +62,19 @@ class Attention(nn.Module):
                 context: torch.Tensor | None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.heads(x)  # [B, H, L, hd]
+        group, heads = self._context_group, slice(None)
+        if group is not None:  # this rank's L / N tokens of every head -> all L tokens of its H / N heads
+            q, k, v = (group.all_to_all(z, scatter_dim=1, gather_dim=2) for z in (q, k, v))  # [B, H/N, L*N, hd]
+            heads = slice(group.rank * q.shape[1], (group.rank + 1) * q.shape[1])
         if theta is not None:
+            theta = theta[heads] if theta.ndim == 3 else theta  # per-head angles [H, L, ...]: this rank's heads
             q, k = apply_rotary(q, theta), apply_rotary(k, theta)
         if context is not None:
             _, kc, vc = self.heads(context)  # [B, H, n, hd]
-            k, v = torch.cat([k, kc], dim=2), torch.cat([v, vc], dim=2)  # [B, H, L + n, hd]
+            k, v = torch.cat([k, kc[:, heads]], dim=2), torch.cat([v, vc[:, heads]], dim=2)  # [B, H, L + n, hd]
         x = attention(q, k, v, mask=mask)  # [B, H, L, hd]
+        if group is not None:
+            x = group.all_to_all(x, scatter_dim=2, gather_dim=1)  # [B, H, L, hd] for this rank's L tokens
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
