@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dtx.config import check
+from dtx.layers.context_parallel import ContextGroup
 from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Mlp, PatchTransformer,
                         TransformerConfig, layer_norm, per_sample_timesteps, residual, size_presets)
 
@@ -105,6 +106,14 @@ class DiT(PatchTransformer):
         modulated = cfg.block in ("adaln-zero", "adaln")
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, self.out_channels, modulated=modulated)
         self.init_dit_weights(zero_adaln=cfg.block == "adaln-zero")
+
+    def set_context_parallel(self, group: ContextGroup | None) -> None:
+        """Split each image's tokens across ``group`` (Ulysses attention); not the in-context design, whose
+        condition tokens join the sequence."""
+        check(group is None or self.block_type != "in-context", "parallel.context",
+              "DiT's in-context block appends its condition tokens to the token sequence, which context parallelism "
+              "does not split; use another block")
+        super().set_context_parallel(group)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: [N, in_channels, H, W] latents; t: [N] timestep indices; y: [N] class labels (null class allowed)."""

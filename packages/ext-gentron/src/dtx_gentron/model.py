@@ -30,6 +30,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from dtx.errors import ShapeError
+from dtx.layers.context_parallel import ContextGroup
 from dtx.layers import (AdaLNBlock, Attention, BlockStack, CrossAttention, FinalLayer, Linear, Mlp, PatchTransformer,
                         TransformerConfig, frame_positions, layer_norm, per_sample_timesteps, rope_angles,
                         sincos_1d_torch)
@@ -87,6 +88,7 @@ class Frames:
     theta: torch.Tensor | None  # [F, head_dim / 2]
     mask: torch.Tensor | None  # [(B n), 1, F, F] bool: identity for motion-free samples, all True otherwise
     pos: torch.Tensor | None = None  # [F, D] sin-cos table of the frame index, added to TempSelfAttn's input
+    group: ContextGroup | None = None  # context parallel: frames split over its ranks, positions for TempSelfAttn
 
 
 # -- block -------------------------------------------------------------------------------------------------------------
@@ -108,17 +110,23 @@ class GenTronBlock(AdaLNBlock):
             return self.cross_attn(x, text.tokens, text.mask, kv=text.kv)  # [B, N, D]
         h = rearrange(x, "(b f) n d -> b (f n) d", b=frames.batch)  # [B, (F N), D]
         h = self.cross_attn(h, text.tokens, text.mask, kv=text.kv)  # [B, (F N), D]
-        return rearrange(h, "b (f n) d -> (b f) n d", f=frames.frames)  # [(B F), N, D]
+        return rearrange(h, "b (f n) d -> (b f) n d", n=x.shape[1])  # [(B F), N, D]
 
     def _between(self, x: torch.Tensor, text: Text | None, frames: Frames | None) -> torch.Tensor:
         if self.cross_attn is not None and text is not None:
             x = x + self._cross(x, text, frames)  # [(B F), N, D]; PixArt: no norm, no gate
         if self.temp_attn is not None and frames is not None:
-            h = self.temp_norm(rearrange(x, "(b f) n d -> (b n) f d", b=frames.batch))  # [(B N), F, D]
+            h = rearrange(x, "(b f) n d -> b f n d", b=frames.batch)  # [B, F, N, D]
+            if frames.group is not None:  # this rank's frames -> every frame of its N / n positions
+                h = frames.group.all_to_all(h, scatter_dim=2, gather_dim=1)  # [B, F, N / n, D]
+            h = self.temp_norm(rearrange(h, "b f n d -> (b n) f d"))  # [(B N), F, D]
             if frames.pos is not None:
                 h = h + frames.pos.to(h.dtype)  # [(B N), F, D]: each frame's absolute index
-            h = self.temp_attn(h, mask=frames.mask, theta=frames.theta)  # [(B N), F, D]
-            x = x + rearrange(h, "(b n) f d -> (b f) n d", b=frames.batch)  # [(B F), N, D]
+            h = rearrange(self.temp_attn(h, mask=frames.mask, theta=frames.theta), "(b n) f d -> b f n d",
+                          b=frames.batch)  # [B, F, N, D]
+            if frames.group is not None:
+                h = frames.group.all_to_all(h, scatter_dim=1, gather_dim=2)  # [B, F / n, N, D]
+            x = x + rearrange(h, "b f n d -> (b f) n d")  # [(B F), N, D]
         return x
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: Text | None = None,  # type: ignore[override]
@@ -218,12 +226,14 @@ class GenTron(PatchTransformer):
         h, grid = self.embed_patches(x)  # [(B F), N, D]
         layout = None
         if video:
-            frames = x.shape[1]
-            c = repeat(c, "b d -> (b f) d", f=frames)  # [(B F), D]
+            frames, group = x.shape[1], self.context_group
+            local = frames // group.size if group is not None else frames  # this rank's frames
+            c = repeat(c, "b d -> (b f) d", f=local)  # [(B F), D]
             table = None if self.frame_pos is None else frame_positions(self.frame_pos, frames)[0]  # [F, D]
-            layout = frame_layout(self.config, b, frames, h.shape[1], motion_free, x.device, table)
+            layout = frame_layout(self.config, b, frames, h.shape[1], motion_free, x.device, table, group)
             if self.frame_embedder is not None:
-                h = h + repeat(self.frame_embedder(table), "f d -> (b f) 1 d", b=b).to(h.dtype)  # [(B F), N, D]
+                own = table if group is None else group.shard(table, dim=0)  # [F, D] of this rank's frames
+                h = h + repeat(self.frame_embedder(own), "f d -> (b f) 1 d", b=b).to(h.dtype)  # [(B F), N, D]
         stride = 2 if texts[1] is not None else 1
 
         def block_args(i: int) -> tuple[Any, ...]:
@@ -241,9 +251,11 @@ class GenTronT2V(GenTron):
 
 
 def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: torch.Tensor | None,
-                 device: torch.device, pos: torch.Tensor | None = None) -> Frames:
+                 device: torch.device, pos: torch.Tensor | None = None, group: ContextGroup | None = None) -> Frames:
     """Rotary angles and the sin-cos table over the F frames (as ``temporal_pos`` asks; ``pos``: the table when the
-    caller holds it) and, for motion-free samples, TempSelfAttn's identity mask."""
+    caller holds it) and, for motion-free samples, TempSelfAttn's identity mask over the ``tokens`` positions of a
+    frame (context parallel: this rank's share of them)."""
+    tokens = tokens if group is None else tokens // group.size
     theta = rope_angles(cfg.hidden_size // cfg.num_heads, f, device) if "rope" in cfg.temporal_pos else None
     if "sincos" not in cfg.temporal_pos:
         pos = None
@@ -258,7 +270,7 @@ def frame_layout(cfg: GenTronConfig, b: int, f: int, tokens: int, motion_free: t
         eye = torch.eye(f, dtype=torch.bool, device=device)  # [F, F]
         per_clip = eye | ~free.view(b, 1, 1)  # [B, F, F]: identity where motion-free, all True elsewhere
         mask = repeat(per_clip, "b i j -> (b n) 1 i j", n=tokens)  # [(B N), 1, F, F]
-    return Frames(batch=b, frames=f, theta=theta, mask=mask, pos=pos)
+    return Frames(batch=b, frames=f, theta=theta, mask=mask, pos=pos, group=group)
 
 
 def build_gentron(config: GenTronConfig | None = None, **overrides: Any) -> GenTron:
