@@ -37,13 +37,16 @@ CASES = [
     ("Latte", {**LATTE, "variant": 1}, _batch((2, 4, 4, 8, 8), 8, **LABELS)),
     ("Latte", {**LATTE, "variant": 2, "injection": "tokens"}, _batch((2, 4, 4, 8, 8), 8, **LABELS)),
     ("Latte", {**LATTE, "variant": 3, "patch_embed": "tubelet"}, _batch((2, 4, 4, 8, 8), 8, **LABELS)),
+    ("Latte", {**LATTE, "variant": 4, "use_image_num": 2},  # 4 frames + 2 images (joint training), 6 split in 2
+     _batch((2, 6, 4, 8, 8), 8, **LABELS, y_image=torch.tensor([[0, 2], [4, 1]]))),
     ("Latte", {**LATTE, "variant": 4, "spatial_pos": "rope", "temporal_pos": "rope"},
      _batch((2, 4, 4, 8, 8), 8, **LABELS)),
     ("GenTron", GENTRON, _batch((2, 4, 8, 8), 8, **_text())),
     ("GenTron", {**GENTRON, "num_frames": 4, "temporal_pos": "rope+sincos", "frame_embed": "tokens"},
      _batch((2, 4, 4, 8, 8), 8, **_text(), motion_free=torch.tensor([True, False]))),
 ]
-IDS = ["dit", "latte-v1", "latte-v2-tokens", "latte-v3-tubelet", "latte-v4-rope", "gentron-t2i", "gentron-t2v"]
+IDS = ["dit", "latte-v1", "latte-v2-tokens", "latte-v3-tubelet", "latte-v4-images", "latte-v4-rope", "gentron-t2i",
+       "gentron-t2v"]
 
 
 def _assert_same(single: dict, split: dict) -> None:
@@ -65,7 +68,7 @@ def test_two_ranks_give_the_single_process_loss_and_gradients(two_ranks, index):
 
 
 def test_four_ranks_give_the_single_process_loss_and_gradients():
-    cases = [CASES[0], CASES[1], CASES[6]]  # 16 tokens and 4 frames split in four
+    cases = [CASES[0], CASES[1], CASES[7]]  # 16 tokens and 4 frames split in four
     for single, split in context_parallel_runs(cases, world=4):
         _assert_same(single, split)
 
@@ -78,8 +81,6 @@ def test_what_cannot_be_split_is_refused_with_the_reason():
         def __init__(self) -> None:
             self.group, self.size, self.rank = None, 2, 0
 
-    with pytest.raises(ConfigError, match="use_image_num"):
-        set_context_parallel(dtx.create_model("Latte", **LATTE, use_image_num=2), Two())
     with pytest.raises(ShapeError, match="num_heads divisible by 2"):
         set_context_parallel(dtx.create_model("DiT", **{**SMALL, "num_heads": 1}), Two())
     with pytest.raises(ShapeError, match="patch tokens of an image divisible by 2"):

@@ -41,8 +41,8 @@ class Layout:
     spatial: AxisInputs  # N = (b F) sequences of t tokens, F = frames + images; rope [heads, t, head_dim / 4]
     temporal: AxisInputs  # N = (b t) sequences of f frames; rope [frames, head_dim / 2]
     temp_embed: torch.Tensor | None  # absolute temporal table [1, frames, D], added before the first temporal attention
-    group: ContextGroup | None = None  # context parallel: frames split over its ranks, switched to positions for
-    # temporal attention (then t above is this rank's t / N positions and f all frames); no appended images
+    group: ContextGroup | None = None  # context parallel: frames (images too) split over its ranks, switched to
+    # positions for temporal attention (then t above is this rank's t / N positions and f all frames)
 
 
 def to_temporal(x: torch.Tensor, lay: Layout, add_temp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,18 +155,18 @@ class SplitHeadBlock(nn.Module):
         out_s = self._heads(q[:, first], k[:, first], v[:, first], lay.spatial, first)  # [(B F), H/2, t, hd]
 
         def temporal(z: torch.Tensor) -> torch.Tensor:  # [(B F), H/2, t, hd] -> clip frames [(B t), H/2, f, hd]
-            z = rearrange(z, "(b f) h t e -> b f h t e", b=lay.batch)[:, :lay.frames]  # [B, f, H/2, t, hd]
-            if lay.group is not None:  # frames split -> positions split: [B, f, H/2, t / N, hd]
+            z = rearrange(z, "(b f) h t e -> b f h t e", b=lay.batch)  # [B, F, H/2, t, hd]
+            if lay.group is not None:  # frames split -> positions split: [B, F, H/2, t / N, hd]
                 z = lay.group.all_to_all(z, scatter_dim=3, gather_dim=1)
-            return rearrange(z, "b f h t e -> (b t) h f e")  # [(B t), H/2, f, hd]
+            return rearrange(z[:, :lay.frames], "b f h t e -> (b t) h f e")  # [(B t), H/2, f, hd]
 
         out_t = self._heads(temporal(q[:, second]), temporal(k[:, second]), temporal(v[:, second]), lay.temporal,
                             second)  # [(B t), H/2, f, hd]
         out_t = rearrange(out_t, "(b t) h f e -> b f h t e", b=lay.batch)  # [B, f, H/2, t, hd]
-        if lay.group is not None:  # back to this rank's frames: [B, f / N, H/2, t, hd]
-            out_t = lay.group.all_to_all(out_t, scatter_dim=1, gather_dim=3)
         if lay.images:
             out_t = F.pad(out_t, (0, 0, 0, 0, 0, 0, 0, lay.images))  # [B, F, H/2, t, hd]: images get no temporal half
+        if lay.group is not None:  # back to this rank's frames: [B, F / N, H/2, t, hd]
+            out_t = lay.group.all_to_all(out_t, scatter_dim=1, gather_dim=3)
         out_t = rearrange(out_t, "b f h t e -> (b f) h t e")  # [(B F), H/2, t, hd]
         out = rearrange(torch.cat([out_s, out_t], dim=1), "n h t e -> n t (h e)")  # [(B F), t, D]
         return self.split_attn.proj(out)  # [(B F), t, D] = proj_s(out_s) + proj_t(out_t)

@@ -33,7 +33,6 @@ from torch import nn
 
 from dtx.config import check
 from dtx.errors import ShapeError
-from dtx.layers.context_parallel import ContextGroup
 from dtx.layers import (AxialRoPE, BlockStack, FinalLayer, PatchTransformer, TransformerConfig, TubeletEmbed,
                         make_axial_pos, per_sample_timesteps, rope_angles, sincos_1d_torch, size_presets)
 
@@ -146,12 +145,6 @@ class Latte(PatchTransformer):
                 idx = torch.arange(out)
                 self.temporal_upsample.weight[idx, idx] = 1.0  # [C_in, C_out, s, 1, 1]: identity at every tap
                 self.temporal_upsample.bias.zero_()
-
-    def set_context_parallel(self, group: ContextGroup | None) -> None:
-        """Split each clip's frames across ``group`` (switched to spatial positions for temporal attention)."""
-        check(group is None or self.use_image_num == 0, "parallel.context",
-              "Latte cannot split clips with appended images (use_image_num > 0) across ranks")
-        super().set_context_parallel(group)
 
     @property
     def lora_groups(self) -> dict[str, list[str]]:

@@ -79,6 +79,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="total optimizer steps")
     p.add_argument("--seed", type=int, help="global seed")
     p.add_argument("--workers", type=int, default=1, help="training workers (ray runner)")
+    p.add_argument("--context-parallel", type=int, metavar="N",
+                   help="workers splitting each sample's tokens (recipe key parallel.context; data parallel = "
+                        "workers / N)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 forces CPU)")
     p.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: RAY_ADDRESS or local")
     p.add_argument("--runner", default="auto",
@@ -129,11 +132,17 @@ def check_init_source(cfg: TrainConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"max_minutes={args.max_minutes}"] if args.max_minutes is not None else [])
+    if getattr(args, "context_parallel", None) is not None:
+        overrides.append(f"parallel.context={args.context_parallel}")
     cfg = resolve_train_config(args.config, overrides, out=args.out, max_steps=args.max_steps, seed=args.seed)
     if args.threads is not None:
         os.environ["DTX_THREADS"] = str(requested_threads(args.threads))  # workers (local or Ray) read it
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    n = cfg.parallel.context
+    if n > 1 and (args.workers or 1) % n:
+        raise ConfigError(f"--context-parallel {n} splits each sample's tokens over {n} workers: --workers must be a "
+                          f"multiple of {n}, got {args.workers or 1}")
     check_output_path(cfg.out, "run folder", folder=True)
     check_init_source(cfg)
     entry = plugins.get("runner", choose_runner(args.runner, args.workers, args.address))

@@ -169,6 +169,13 @@ def resolve_sample(stored: SampleConfig, overrides: dict[str, Any]) -> SampleCon
 
 
 @dataclass
+class ParallelConfig:
+    """How the workers share the work beyond data parallelism."""
+
+    context: int = 1  # ranks splitting each sample's tokens (context parallelism); data parallel = workers / context
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run needs; ``out``, ``max_steps`` and ``seed`` are also set by ``dtx train`` flags."""
 
@@ -180,6 +187,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     out: str = "runs/default"
     max_steps: int = 1000
     max_minutes: float = 0.0  # safety net: stop after this much training time, with a warning (0 = no limit)
@@ -209,6 +217,7 @@ class TrainConfig:
         check(isinstance(self.cpu_bf16, bool) or self.cpu_bf16 == "auto", "cpu_bf16",
               f"must be true, false or auto, got {self.cpu_bf16!r}")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.parallel.context >= 1, "parallel.context", f"must be >= 1, got {self.parallel.context}")
         check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         check(self.data.batch_size % self.grad_accum == 0, "data.batch_size",
               f"{self.data.batch_size} is not divisible by grad_accum={self.grad_accum}")

@@ -48,18 +48,22 @@ class DataStream:
     """Endless micro-batches over epochs, resumable from a ``DataPosition``."""
 
     def __init__(self, dataset: Dataset, cfg: TrainConfig, ctx: RunContext, micro_batch: int,
-                 position: DataPosition) -> None:
+                 position: DataPosition, data_rank: int | None = None, data_world: int | None = None) -> None:
+        """``data_rank``/``data_world``: which share of each global batch this rank reads (default the context's
+        rank and world; with context parallelism the ranks of a group read the same share)."""
         self.dataset, self.cfg, self.ctx, self.micro_batch = dataset, cfg, ctx, micro_batch
+        self.rank = ctx.rank if data_rank is None else data_rank
+        self.world = ctx.world_size if data_world is None else data_world
         self.collate = collate_carrying  # with CarryErrors: worker errors arrive as raised
         self.pos = position
         n = len(dataset)  # type: ignore[arg-type]
-        if n < micro_batch * ctx.world_size:
+        if n < micro_batch * self.world:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the dataset ({n} items)")
         self._it: Iterator[dict[str, Any]] | None = None
 
     def _open(self) -> None:
-        sampler = EpochBatches(len(self.dataset), self.micro_batch, self.ctx.rank,  # type: ignore[arg-type]
-                               self.ctx.world_size, self.cfg.seed, self.pos.epoch, self.pos.batch)
+        sampler = EpochBatches(len(self.dataset), self.micro_batch, self.rank,  # type: ignore[arg-type]
+                               self.world, self.cfg.seed, self.pos.epoch, self.pos.batch)
         loader = DataLoader(CarryErrors(self.dataset), batch_sampler=sampler, collate_fn=self.collate,
                             num_workers=self.cfg.data.num_workers,
                             generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, LOADER, self.pos.epoch)),

@@ -29,6 +29,7 @@ from .ema import EMA
 from .model_setup import RunData, build_run_data, model_overrides
 from .objectives import Objective, build_objective
 from .optim import build_optimizer
+from .parallel import ParallelPlan, plan_parallel
 from .seeding import seed_everything
 from .sharding import is_sharded, shard_like
 
@@ -56,6 +57,7 @@ class RunParts:
     ckpts: CheckpointManager
     sharded: bool
     resume: Path | None  # the checkpoint this run continues from
+    parallel: ParallelPlan  # this rank's data rank and world, and its context group
 
     @property
     def info(self) -> DataInfo:
@@ -71,12 +73,13 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     return create_model(cfg.model.name, **model_overrides(cfg, info))
 
 
-def micro_batch(cfg: TrainConfig, ctx: RunContext) -> int:
-    """Samples per forward on one worker: the batch split over workers and accumulation steps, exactly."""
-    if ctx.world_size * cfg.grad_accum > cfg.data.batch_size or cfg.data.batch_size % (ctx.world_size * cfg.grad_accum):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of workers x grad_accum "
-                          f"= {ctx.world_size} x {cfg.grad_accum}")
-    return cfg.data.batch_size // (ctx.world_size * cfg.grad_accum)
+def micro_batch(cfg: TrainConfig, data_world: int) -> int:
+    """Samples per forward on one worker: the batch split over data-parallel ranks (workers / parallel.context) and
+    accumulation steps, exactly."""
+    if data_world * cfg.grad_accum > cfg.data.batch_size or cfg.data.batch_size % (data_world * cfg.grad_accum):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of data-parallel ranks x "
+                          f"grad_accum = {data_world} x {cfg.grad_accum}")
+    return cfg.data.batch_size // (data_world * cfg.grad_accum)
 
 
 def _initial_model(cfg: TrainConfig, info: DataInfo, ctx: RunContext, resume: Path | None) -> nn.Module:
@@ -102,7 +105,8 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     """Every part of the run in ``ctx``'s worker, each checked (labels, sampling settings, sampler options) before
     anything is written."""
     device = torch.device(ctx.device)
-    batch = micro_batch(cfg, ctx)
+    parallel = plan_parallel(cfg.parallel.context, ctx)
+    batch = micro_batch(cfg, parallel.data_world)
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -115,7 +119,8 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     model = _initial_model(cfg, data.info, ctx, resume)
     spec = model_spec(model)
     stage = ConditioningStage.build(cfg.conditioning, model, data.info).to(device)
-    ema = EMA(model, cfg.ema)
+    ema = EMA(model, cfg.ema)  # before the split: the EMA copy samples in one process
+    parallel.apply(model)
     raw = model.to(device)
     ema.model.to(device)
     wrapped = ctx.prepare_model(raw)  # before the optimizer: FSDP replaces the parameters by their shards
@@ -132,4 +137,4 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     if eager is not None and cfg.compile and ctx.is_main:
         log.warning("model not compiled: %s", eager)
     return RunParts(device, batch, autocast, threads, data, data_classes(data.dataset), spec, raw, compiled, ema,
-                    stage, objective, optimizer, ckpts, sharded, resume)
+                    stage, objective, optimizer, ckpts, sharded, resume, parallel)

@@ -84,7 +84,7 @@ class Trainer:
         self.raw, self.model, self.ema, self.sharded = parts.raw, parts.model, parts.ema, parts.sharded
         self.stage, self.objective, self.optimizer, self.ckpts = (parts.stage, parts.objective, parts.optimizer,
                                                                   parts.ckpts)
-        self.params = parts.params
+        self.params, self.parallel = parts.params, parts.parallel
         self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
         self.last_checkpoint: Path | None = None
         if parts.resume is not None:
@@ -179,7 +179,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step over ``grad_accum`` micro-batches: (mean loss, grad norm, finite)."""
         cfg = self.cfg
-        step_seed = derive_seed(cfg.seed, STEP, self.ctx.rank, self.step)
+        step_seed = derive_seed(cfg.seed, STEP, self.parallel.data_rank, self.step)  # a context group draws alike
         seed_everything(step_seed)
         gen = torch.Generator().manual_seed(step_seed ^ 0x5EED)
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.max_steps))
@@ -274,7 +274,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, ctx = self.cfg, self.ctx
-        self.stream = DataStream(self.data.dataset, cfg, ctx, self.micro_batch, self.position)
+        self.stream = DataStream(self.data.dataset, cfg, ctx, self.micro_batch, self.position,
+                                 self.parallel.data_rank, self.parallel.data_world)
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
         metrics.rewind(self.step)  # first: a malformed metrics.jsonl stops the run before config.yaml is written
         if ctx.is_main:
