@@ -91,3 +91,15 @@ def test_what_cannot_be_split_is_refused_with_the_reason():
         set_context_parallel(dtx.create_model("DiT", **SMALL, block="in-context"), Two())
     with pytest.raises(ConfigError, match="parallel.context"):
         set_context_parallel(torch.nn.Linear(2, 2), Two())
+
+
+def test_bench_measures_one_ranks_share_of_the_activations():
+    """``dtx bench --context-parallel N``: one rank's saved activations fall about N-fold (the token-wise ones split;
+    the per-sample condition and the gathered output stay whole)."""
+    from dtx.commands.bench import Setup, build_workload
+
+    mib = {}
+    for n in (1, 2, 4):
+        setup = Setup(batch=2, input_size=16, precision="fp32", compile="off", context_parallel=n)
+        mib[n] = build_workload("DiT", {**SMALL, "num_classes": 5}, setup, torch.device("cpu")).activation_mb()
+    assert 0.45 < mib[2] / mib[1] < 0.6 and 0.2 < mib[4] / mib[1] < 0.35, mib

@@ -23,7 +23,7 @@ from ..config import parse_device
 from ..errors import ConfigError
 
 MODES = ("forward", "train")
-SETUP_KEYS = ("batch", "input_size", "frames", "precision", "compile", "recompute")
+SETUP_KEYS = ("batch", "input_size", "frames", "precision", "compile", "recompute", "context_parallel")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Setup:
     precision: str = "auto"
     compile: str = "auto"
     recompute: int = 0
+    context_parallel: int = 1  # ranks splitting each sample's tokens; one rank is measured (a stand-in group)
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
@@ -51,6 +52,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", help="auto (on for CUDA), on or off: torch.compile of the model")
     p.add_argument("--recompute", default="none",
                    help="recompute activations in the backward: none, all, or every-K (every K-th block)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="measure one of N ranks splitting each sample's tokens (its share of the activations)")
     p.add_argument("--checkpointing", help=argparse.SUPPRESS)  # renamed: refused with the new name
     p.add_argument("--mode", choices=("forward", "train", "both"), default="both")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -87,7 +90,7 @@ def _setup_value(key: str, value: Any, option: str) -> Any:
     from ..layers.blocks import recompute_policy
     from .flops import _input_size
 
-    if key in ("batch", "frames"):
+    if key in ("batch", "frames", "context_parallel"):
         return _positive(value, option)
     if key == "input_size":
         return _input_size([str(value)] if not isinstance(value, list) else [str(v) for v in value])
@@ -158,6 +161,7 @@ class Workload:
     precision: str
     compiled: bool
     eager_reason: str | None
+    activation_mb: Callable[[], float] | None = None  # this rank's saved activations of one training forward
 
 
 def _random_inputs(model: Any, batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -190,6 +194,10 @@ def build_workload(name: str, base_options: dict[str, Any], setup: Setup, device
     torch.manual_seed(0)
     model = create_model(name, **overrides).to(device)
     set_recompute(model, setup.recompute)
+    if setup.context_parallel > 1:
+        from ..layers.context_parallel import StandInGroup, set_context_parallel
+
+        set_context_parallel(model, StandInGroup(setup.context_parallel))
     runner, reason = compile_model(model, setup.compile, device)
     precision = setup.precision if setup.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     args, kwargs = _random_inputs(model, setup.batch)
@@ -216,9 +224,17 @@ def build_workload(name: str, base_options: dict[str, Any], setup: Setup, device
         if opt is not None:
             opt.step()
 
+    def activations() -> float:
+        """MiB autograd keeps for the backward of one training forward (this rank's activation memory)."""
+        from ..benchmarking import saved_activations_mb
+
+        runner.train()
+        with autocast():
+            return saved_activations_mb(lambda: runner(*args, **kwargs), exclude=list(model.parameters()))
+
     shape = interface_of(model).input_shape
     return Workload(setup, model, {"forward": forward, "train": train}, cost.flops, cost.method,
-                    list(shape) if shape is not None else [], precision, reason is None, reason)
+                    list(shape) if shape is not None else [], precision, reason is None, reason, activations)
 
 
 # -- measuring -------------------------------------------------------------------------------------------------
@@ -240,10 +256,13 @@ def measurement_row(name: str, work: Workload, mode: str, times: list[tuple[floa
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": s.batch, "input_shape": work.input_shape,
         "precision": work.precision, "compile": "on" if work.compiled else "off", "eager_reason": work.eager_reason,
-        "recompute": s.recompute, "options": s.options, "warmup": warmup, "repeats": len(times),
+        "recompute": s.recompute, "context_parallel": s.context_parallel, "options": s.options, "warmup": warmup,
+        "repeats": len(times),
         "ms": round(wall, 3), "cpu_ms": round(cpu, 3), "samples_per_s": round(s.batch / (wall / 1e3), 3),
         "peak_mem_mb": round(peak_mb, 1), "gflops_per_sample": per_sample / 1e9, "flops_method": work.flops_method,
         "tflops": achieved_tflops(flops, wall / 1e3)}
+    if mode == "train" and work.activation_mb is not None:
+        row["activation_mb"] = round(work.activation_mb(), 1)  # per rank: its share under context parallelism
     matmul = "tf32" if work.precision == "fp32" and device.type == "cuda" and \
         torch.backends.cuda.matmul.allow_tf32 else work.precision
     peak = device_peak_tflops(device, matmul)
@@ -255,12 +274,13 @@ def measurement_row(name: str, work: Workload, mode: str, times: list[tuple[floa
 
 def _table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> None:
     head = f"{'config':<24} {'mode':<8} {'batch':>5} {'ms':>10} {'samples/s':>10} {'peak MiB':>9} " \
-           f"{'GFLOP/sample':>12} {'TFLOP/s':>8} {'MFU':>6}"
+           f"{'act MiB':>8} {'GFLOP/sample':>12} {'TFLOP/s':>8} {'MFU':>6}"
     print(head)
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        act = f"{r['activation_mb']:.0f}" if "activation_mb" in r else "-"
         print(f"{r['config'][:24]:<24} {r['mode']:<8} {r['batch']:>5} {r['ms']:>10.1f} {r['samples_per_s']:>10.2f} "
-              f"{r['peak_mem_mb']:>9.0f} {r['gflops_per_sample']:>12.3g} {r['tflops']:>8.3g} {mfu:>6}")
+              f"{r['peak_mem_mb']:>9.0f} {act:>8} {r['gflops_per_sample']:>12.3g} {r['tflops']:>8.3g} {mfu:>6}")
     first = rows[0]
     notes = {r["eager_reason"] for r in rows if r["eager_reason"]}
     print(f"{first['model']} on {first['device_name']} ({first['threads']} threads), input {first['input_shape']}, "
@@ -300,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
                  precision=_precision(args.precision, "--precision"),
                  compile=check_compile_mode(args.compile, "--compile"),
                  recompute=recompute_policy(args.recompute, "--recompute"),
+                 context_parallel=_positive(args.context_parallel, "--context-parallel"),
                  options=_overrides(args.set or []))
     setups = [parse_config(a, base) for a in args.compare] if args.compare else [base]
     modes = list(MODES) if args.mode == "both" else [args.mode]

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..file_headers import MAX_IMAGE_PIXELS, check_image_size
+from .buckets import assign, cover_crop, parse_buckets
 from .info import DataInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -82,6 +83,12 @@ def reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     first = lines[0] if lines else ""
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(height, width) of an image from its header."""
+    with Image.open(path) as im:
+        return im.height, im.width
 
 
 def check_image_file(path: Path, verify: str) -> None:
@@ -168,7 +175,10 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
 
     def __init__(self, root: str | Path, image_size: int = 256, flip: bool = True, channels: int = 3,
                  unconditional: bool = False, max_corrupt_fraction: float = 0.1,
-                 verify: Literal["header", "full", "none"] = "header") -> None:
+                 verify: Literal["header", "full", "none"] = "header",
+                 buckets: list[list[int]] | None = None) -> None:
+        """``buckets`` ([H, W] shapes): keep each image's own aspect, resized and cropped to its nearest bucket
+        (``dtx.data.buckets``) instead of the ``image_size`` square."""
         if channels not in MODES:
             raise ConfigError(f"image-folder channels must be 1 or 3, got {channels!r}")
         check_verify("image-folder", verify, max_corrupt_fraction)
@@ -186,25 +196,33 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
         if verify != "none":
             files, labels = self.keep_readable(files, labels, lambda p: check_image_file(p, verify))
         self.files, self.labels = files, labels
+        self.buckets = parse_buckets(buckets, 2, "buckets") if buckets is not None else None
+        self.bucket_of = [assign(image_size_of(p), self.buckets) for p in files] if self.buckets else None
 
     @property
     def info(self) -> DataInfo:
-        return DataInfo(channels=self.channels, height=self.image_size, width=self.image_size,
+        """The first bucket's size with buckets (the model is built for it), else the square ``image_size``."""
+        h, w = self.buckets[0] if self.buckets else (self.image_size, self.image_size)
+        return DataInfo(channels=self.channels, height=h, width=w,
                         num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, path: Path) -> torch.Tensor:
-        """Decode, crop and normalise one image to ``[C, S, S]`` in [-1, 1] (no flip)."""
+    def load(self, path: Path, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Decode, crop and normalise one image to ``[C, S, S]`` in [-1, 1], or to ``[C, H, W]`` of a bucket
+        ``shape`` (no flip)."""
         with Image.open(path) as im:
             check_image_size(im, path)
-            arr = center_crop_arr(im.convert(MODES[self.channels]), self.image_size)
-        x = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(self.image_size, self.image_size, -1)
+            rgb = im.convert(MODES[self.channels])
+            arr = center_crop_arr(rgb, self.image_size) if shape is None else cover_crop(rgb, *shape)
+        h, w = arr.shape[:2]
+        x = torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(h, w, -1)
         return x.permute(2, 0, 1) / 127.5 - 1.0
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i, x = self.load_readable(self.files, i, self.load)
+        shape = self.buckets[self.bucket_of[i]] if self.buckets else None  # a stand-in for an unreadable file too
+        i, x = self.load_readable(self.files, i, lambda path: self.load(path, shape))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         item = {"x": x}

@@ -27,6 +27,7 @@ from ..errors import ConfigError, DataError
 from ..file_headers import check_frame_size, check_image_size, gif_size
 from .images import (IMAGE_EXTENSIONS, MODES, SkipsUnreadable, center_crop_arr, check_image_file, check_verify,
                      reason)
+from .buckets import assign, cover_crop, parse_buckets
 from .info import DataInfo
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
@@ -113,6 +114,21 @@ def video_frame_size(path: Path) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def video_frame_count(path: Path) -> int:
+    """Frames of a video file: a GIF's frame count from PIL, else ffmpeg's count (it reads the stream through)."""
+    if path.suffix.lower() == ".gif":
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:
+        raise ConfigError(f"reading {path.suffix} videos needs imageio-ffmpeg (pip install imageio-ffmpeg)") from exc
+    try:
+        return int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+    except Exception as exc:
+        raise DataError(f"cannot count the frames of {path}: {exc}") from exc
+
+
 class VideoFolderDataset(SkipsUnreadable, Dataset):
     """``{"x": [F, C, S, S] in [-1, 1], "y": class}`` from a folder of videos or frame folders (see the module).
 
@@ -128,7 +144,10 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
 
     def __init__(self, root: str | Path, image_size: int = 256, frames: int = 16, frame_interval: int = 1,
                  channels: int = 3, unconditional: bool = False, flip: bool = False, max_corrupt_fraction: float = 0.1,
-                 verify: Literal["header", "full", "none"] = "header") -> None:
+                 verify: Literal["header", "full", "none"] = "header",
+                 buckets: list[list[int]] | None = None) -> None:
+        """``buckets`` ([F, H, W] shapes): each clip goes to its nearest bucket it is long enough for (its aspect,
+        then the most frames; ``dtx.data.buckets``) and is read at that length and size."""
         if channels not in MODES:
             raise ConfigError(f"video-folder channels must be 1 or 3, got {channels!r}")
         check_verify("video-folder", verify, max_corrupt_fraction)
@@ -147,7 +166,7 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
         self.total_files = len(clips)
         if not clips:
             raise DataError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders found in {self.root}")
-        for clip in clips:
+        for clip in clips if buckets is None else ():  # bucketed clips are checked by their bucket
             if clip.is_dir():
                 self._check_length(clip, len(frame_files(clip)))
         self.corrupt: list[Path] = []
@@ -156,24 +175,44 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
             clips, labels = self.keep_readable(clips, labels, self.load if verify == "full" else self._check_header)
             self.headers_checked = True
         self.clips, self.labels = clips, labels
+        self.buckets = parse_buckets(buckets, 3, "buckets") if buckets is not None else None
+        self.bucket_of = None
+        if self.buckets:
+            self.bucket_of = [assign(self._native(clip), self.buckets) for clip in clips]
+            short = [c for c, b in zip(clips, self.bucket_of) if b is None]
+            if short:
+                raise ClipLengthError(f"clip {short[0]} is shorter than every bucket ({len(short)} such clip(s)); "
+                                      f"add a shorter bucket or remove them")
+
+    def _native(self, clip: Path) -> tuple[int, int, int]:
+        """(clip frames at ``frame_interval``, height, width) from headers."""
+        n = len(frame_files(clip)) if clip.is_dir() else video_frame_count(clip)
+        width, height = (Image.open(frame_files(clip)[0]).size if clip.is_dir() else video_frame_size(clip))
+        return (n - 1) // self.frame_interval + 1, height, width
+
+    def span_of(self, frames: int) -> int:
+        """Source frames a clip of ``frames`` frames covers: ``(frames - 1) * frame_interval + 1``."""
+        return (frames - 1) * self.frame_interval + 1
 
     @property
     def span(self) -> int:
-        """Source frames one clip covers: ``(frames - 1) * frame_interval + 1``."""
-        return (self.frames - 1) * self.frame_interval + 1
+        return self.span_of(self.frames)
 
     @property
     def info(self) -> DataInfo:
-        return DataInfo(channels=self.channels, height=self.image_size, width=self.image_size, frames=self.frames,
+        """The first bucket's shape with buckets (the model is built for it), else ``frames`` x ``image_size``^2."""
+        f, h, w = self.buckets[0] if self.buckets else (self.frames, self.image_size, self.image_size)
+        return DataInfo(channels=self.channels, height=h, width=w, frames=f,
                         num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
 
-    def _check_length(self, clip: Path, n: int) -> None:
-        if n < self.span:
-            raise ClipLengthError(f"clip {clip} has {n} frame(s); frames={self.frames} with frame_interval="
-                            f"{self.frame_interval} needs {self.span}")
+    def _check_length(self, clip: Path, n: int, frames: int | None = None) -> None:
+        frames = self.frames if frames is None else frames
+        if n < self.span_of(frames):
+            raise ClipLengthError(f"clip {clip} has {n} frame(s); frames={frames} with frame_interval="
+                                  f"{self.frame_interval} needs {self.span_of(frames)}")
 
-    def _used_frames(self, folder: Path) -> list[Path]:
-        return frame_files(folder)[:self.span:self.frame_interval]
+    def _used_frames(self, folder: Path, frames: int | None = None) -> list[Path]:
+        return frame_files(folder)[:self.span_of(self.frames if frames is None else frames):self.frame_interval]
 
     def _check_header(self, clip: Path) -> None:
         """Raise if a clip's headers show it unreadable: the frame size of a video file, every used frame image."""
@@ -196,44 +235,53 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
         except Exception as exc:
             raise DataError(f"cannot read video {path}: {reason(exc)}") from exc
 
-    def read_frames(self, clip: Path) -> list[Image.Image]:
-        """The clip's ``frames`` source frames (0, K, 2K, ...) as PIL images, before cropping."""
+    def read_frames(self, clip: Path, frames: int | None = None) -> list[Image.Image]:
+        """The clip's ``frames`` (default the option) source frames (0, K, 2K, ...) as PIL images, before cropping."""
+        frames = self.frames if frames is None else frames
         if clip.is_dir():
-            self._check_length(clip, len(frame_files(clip)))
+            self._check_length(clip, len(frame_files(clip)), frames)
             out = []
-            for path in self._used_frames(clip):
+            for path in self._used_frames(clip, frames):
                 with Image.open(path) as im:
                     check_image_size(im, path)
                     im.load()
                     out.append(im)
             return out
         out, n = [], 0
-        frames = self._video_frames(clip)
+        decoded = self._video_frames(clip)
         try:
-            for arr in frames:
+            for arr in decoded:
                 if n % self.frame_interval == 0:
                     arr = np.asarray(arr)
                     out.append(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr))
                 n += 1
-                if n == self.span:
+                if n == self.span_of(frames):
                     break
         finally:
-            frames.close()  # stops the decoder early
-        self._check_length(clip, n)
+            decoded.close()  # stops the decoder early
+        self._check_length(clip, n, frames)
         return out
 
-    def load(self, clip: Path) -> torch.Tensor:
-        """Decode, crop and normalise one clip to ``[F, C, S, S]`` in [-1, 1] (no flip)."""
-        s, mode = self.image_size, MODES[self.channels]
-        arrs = [np.asarray(center_crop_arr(im.convert(mode), s), dtype=np.float32).reshape(s, s, -1)
-                for im in self.read_frames(clip)]
+    def load(self, clip: Path, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Decode, crop and normalise one clip to ``[F, C, S, S]`` in [-1, 1], or to a bucket ``shape`` (F, H, W)
+        (no flip)."""
+        mode = MODES[self.channels]
+        if shape is None:
+            s = self.image_size
+            arrs = [np.asarray(center_crop_arr(im.convert(mode), s), dtype=np.float32).reshape(s, s, -1)
+                    for im in self.read_frames(clip)]
+        else:
+            f, h, w = shape
+            arrs = [np.asarray(cover_crop(im.convert(mode), h, w), dtype=np.float32).reshape(h, w, -1)
+                    for im in self.read_frames(clip, f)]
         return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i, x = self.load_readable(self.clips, i, self.load)
+        shape = self.buckets[self.bucket_of[i]] if self.buckets else None  # a stand-in for an unreadable clip too
+        i, x = self.load_readable(self.clips, i, lambda clip: self.load(clip, shape))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         item = {"x": x}

@@ -88,6 +88,22 @@ class ContextGroup:
         return _AllToAll.apply(x, scatter_dim, gather_dim, self.group, self.size)
 
 
+class StandInGroup(ContextGroup):
+    """Rank 0 of a group of ``size`` ranks, played in one process without communicating: every operation returns a
+    tensor of the shape rank 0 would hold (its own shard standing in for the others'). For measuring one rank's
+    memory and time on one machine (``dtx bench --context-parallel``); the values are not those of a real run."""
+
+    def __init__(self, size: int) -> None:
+        self.group, self.size, self.rank = None, int(size), 0
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([x] * self.size, dim=dim)
+
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        self.check_split(x.shape[scatter_dim], f"dimension {scatter_dim} of a {list(x.shape)} tensor")
+        return torch.cat([x.chunk(self.size, dim=scatter_dim)[0]] * self.size, dim=gather_dim)
+
+
 def set_context_parallel(model: Any, group: ContextGroup | None) -> None:
     """Split ``model``'s tokens across ``group`` through its declared ``set_context_parallel`` (None: undo); a model
     without one is refused with a ConfigError naming it."""

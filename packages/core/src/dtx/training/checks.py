@@ -93,6 +93,26 @@ def check_run(cfg: TrainConfig, info: DataInfo, model: nn.Module, stage: Conditi
     check_sampling(cfg, stage, info)
 
 
+def check_bucket_shapes(model: nn.Module, shapes: list[tuple[int, ...]], channels: int) -> None:
+    """Every bucket shape (in the model's input space) passes one forward of a zero sample, else a ConfigError
+    naming the shape and what the model said, before anything is written."""
+    import torch
+
+    from ..costs import example_inputs
+    from ..errors import DtxError
+
+    (x, noise), conditions = example_inputs(model, 1)
+    for shape in shapes:
+        sample = torch.zeros(1, *shape[:-2], channels, *shape[-2:], dtype=x.dtype, device=x.device)
+        try:
+            with torch.no_grad():
+                model(sample, noise, **conditions)
+        except (DtxError, RuntimeError) as exc:
+            size = "x".join(str(v) for v in shape)
+            raise ConfigError(f"bad value for config key 'data.buckets.shapes': {type(model).__name__} cannot take "
+                              f"the {size} bucket ({exc})") from None
+
+
 def data_classes(dataset: Any) -> list[str] | None:
     """A dataset's class names in label order (its ``classes``), or None when it names none."""
     classes = getattr(dataset, "classes", None)

@@ -33,6 +33,16 @@ class ModelConfig:
 
 
 @dataclass
+class BucketsConfig:
+    """Size buckets (``dtx.data.buckets``): the dataset keeps each item's own size, as its nearest bucket."""
+
+    shapes: list[Any] = field(default_factory=list)  # [H, W] image buckets or [F, H, W] clip buckets; the first
+    # is the size the model is built for
+    max_tokens: int = 0  # tokens of one micro-batch on one rank: a bucket's batch is max_tokens // its tokens per
+    # sample (frames x patches); 0: every bucket takes the run's micro-batch
+
+
+@dataclass
 class DataConfig:
     """Dataset from the ``dataset`` registry; ``batch_size`` is the global batch of one optimizer step."""
 
@@ -41,6 +51,7 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0
     vae: Optional[str] = None  # local AutoencoderKL folder: encode pixel data to latents on the fly (frozen)
+    buckets: Optional[BucketsConfig] = None  # batches of one shape from items of several sizes
 
 
 @dataclass
@@ -218,6 +229,10 @@ class TrainConfig:
               f"must be true, false or auto, got {self.cpu_bf16!r}")
         check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         check(self.parallel.context >= 1, "parallel.context", f"must be >= 1, got {self.parallel.context}")
+        if self.data.buckets is not None:
+            check(bool(self.data.buckets.shapes), "data.buckets.shapes", "give at least one [H, W] or [F, H, W]")
+            check(self.data.buckets.max_tokens >= 0, "data.buckets.max_tokens",
+                  f"must be >= 0, got {self.data.buckets.max_tokens}")
         check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
         check(self.data.batch_size % self.grad_accum == 0, "data.batch_size",
               f"{self.data.batch_size} is not divisible by grad_accum={self.grad_accum}")

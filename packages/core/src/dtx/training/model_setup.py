@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from .. import plugins
 from ..data import build_dataset
 from ..data.info import DataInfo, data_info
+from ..errors import ConfigError
 from ..options import factory_options
 from .config import TrainConfig
 
@@ -27,7 +28,14 @@ class RunData:
 
 def build_run_data(cfg: TrainConfig, device: torch.device) -> RunData:
     """The recipe's dataset; pixel data with ``data.vae`` are encoded per frame by that frozen local VAE."""
-    dataset = build_dataset(cfg.data.name, **cfg.data.options)
+    options = dict(cfg.data.options)
+    if cfg.data.buckets is not None:
+        accepted = factory_options(plugins.get("dataset", cfg.data.name).obj)
+        if accepted is not None and "buckets" not in accepted:
+            raise ConfigError(f"bad value for config key 'data.buckets': dataset {cfg.data.name!r} yields items of "
+                              f"one size (it takes no buckets option; image-folder and video-folder do)")
+        options["buckets"] = [list(shape) for shape in cfg.data.buckets.shapes]
+    dataset = build_dataset(cfg.data.name, **options)
     info = data_info(dataset)
     vae = None
     if cfg.data.vae and not info.is_latent:

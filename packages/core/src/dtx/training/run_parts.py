@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..finetune import prepare as prepare_finetune, resolve_source
 from ..layers.blocks import recompute_policy, set_recompute
 from ..models import create_model, model_spec
-from .checks import check_run, check_sampler, data_classes
+from .checks import check_bucket_shapes, check_run, check_sampler, data_classes
 from .compile import compile_model
 from .config import TrainConfig
 from .context import RunContext
@@ -58,6 +58,7 @@ class RunParts:
     sharded: bool
     resume: Path | None  # the checkpoint this run continues from
     parallel: ParallelPlan  # this rank's data rank and world, and its context group
+    bucket_batches: list[int] | None = None  # micro-batch of each size bucket (data.buckets), else None
 
     @property
     def info(self) -> DataInfo:
@@ -101,6 +102,28 @@ def _initial_model(cfg: TrainConfig, info: DataInfo, ctx: RunContext, resume: Pa
     return model
 
 
+def _bucket_batches(cfg: TrainConfig, data: RunData, model: nn.Module, micro: int, data_world: int
+                    ) -> list[int] | None:
+    """Each size bucket's micro-batch (``data.buckets.max_tokens`` over its tokens in the model's input space),
+    after checking that the model takes every bucket shape and that an epoch fills at least one global batch."""
+    if cfg.data.buckets is None:
+        return None
+    from ..data.buckets import BucketBatches, batch_sizes
+    from .data_stream import epoch_permutation
+
+    pixels = data.dataset.buckets  # type: ignore[attr-defined]
+    scale = data.info.height / pixels[0][-2]  # a VAE's downsampling (1 for pixel models)
+    shapes = [(*b[:-2], round(b[-2] * scale), round(b[-1] * scale)) for b in pixels]
+    check_bucket_shapes(model, shapes, data.info.channels)
+    patch = getattr(model, "patch_size", None) or getattr(getattr(model, "config", None), "patch_size", 1)
+    sizes = batch_sizes(shapes, cfg.data.buckets.max_tokens, patch if isinstance(patch, int) else patch[0], micro)
+    bucket_of = data.dataset.bucket_of  # type: ignore[attr-defined]
+    if BucketBatches(bucket_of, sizes, 0, data_world, epoch_permutation(len(bucket_of), cfg.seed, 0)).count == 0:
+        raise ConfigError("bad value for config key 'data.buckets': no bucket fills one global batch (its "
+                          "micro-batch x data-parallel ranks) in an epoch; lower max_tokens or use fewer buckets")
+    return sizes
+
+
 def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     """Every part of the run in ``ctx``'s worker, each checked (labels, sampling settings, sampler options) before
     anything is written."""
@@ -130,6 +153,7 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     objective = build_objective(cfg.objective, raw, data.info)
     check_sampler(cfg.sample, objective.kind)  # fail now, not after training
     check_run(cfg, data.info, raw, stage)  # labels vs classes, sampling settings: before any write
+    buckets = _bucket_batches(cfg, data, raw, batch, parallel.data_world)
     optimizer = build_optimizer(raw, cfg.optim)
     ckpts = CheckpointManager(Path(ctx.out_dir) / RUN_CHECKPOINTS, keep_last=cfg.keep_last,
                               milestone_every=cfg.milestone_every or None)
@@ -137,4 +161,4 @@ def build_run(cfg: TrainConfig, ctx: RunContext) -> RunParts:
     if eager is not None and cfg.compile and ctx.is_main:
         log.warning("model not compiled: %s", eager)
     return RunParts(device, batch, autocast, threads, data, data_classes(data.dataset), spec, raw, compiled, ema,
-                    stage, objective, optimizer, ckpts, sharded, resume, parallel)
+                    stage, objective, optimizer, ckpts, sharded, resume, parallel, buckets)

@@ -84,7 +84,7 @@ class Trainer:
         self.raw, self.model, self.ema, self.sharded = parts.raw, parts.model, parts.ema, parts.sharded
         self.stage, self.objective, self.optimizer, self.ckpts = (parts.stage, parts.objective, parts.optimizer,
                                                                   parts.ckpts)
-        self.params, self.parallel = parts.params, parts.parallel
+        self.params, self.parallel, self.bucket_batches = parts.params, parts.parallel, parts.bucket_batches
         self.step, self.position, self.nonfinite_total = 0, DataPosition(), 0
         self.last_checkpoint: Path | None = None
         if parts.resume is not None:
@@ -275,7 +275,7 @@ class Trainer:
 
         cfg, ctx = self.cfg, self.ctx
         self.stream = DataStream(self.data.dataset, cfg, ctx, self.micro_batch, self.position,
-                                 self.parallel.data_rank, self.parallel.data_world)
+                                 self.parallel.data_rank, self.parallel.data_world, self.bucket_batches)
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
         metrics.rewind(self.step)  # first: a malformed metrics.jsonl stops the run before config.yaml is written
         if ctx.is_main:
