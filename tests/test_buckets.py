@@ -1,6 +1,7 @@
-"""Size buckets: an image folder of three aspect ratios and a video folder of clips of two lengths train DiT, HDiT and
-Latte in batches of one shape each (every bucket used, batch sizes from the token budget); a bucket a family cannot
-take stops the run before anything is written, naming the shape; bucket assignment by aspect and length."""
+"""Size buckets: an image folder of three aspect ratios and a video folder of clips of two lengths train DiT, HDiT,
+Latte and GenTron (T2I and T2V, captions beside the files) in batches of one shape each (every bucket used, batch
+sizes from the token budget); a bucket a family cannot take stops the run before anything is written, naming the
+shape; bucket assignment by aspect and length."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def _video_folder(root: Path) -> Path:
         clip.mkdir(parents=True)
         for f in range(frames):
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(clip / f"{f:03d}.png")
+        (root / f"clip{i:02d}.txt").write_text(f"a clip of {frames} frames")
+    return root
+
+
+def _caption_images(root: Path) -> Path:
+    for path in root.rglob("*.png"):
+        path.with_suffix(".txt").write_text(f"picture {path.stem} of {path.parent.name}")
     return root
 
 
@@ -98,6 +106,31 @@ def test_clips_of_two_lengths_train_latte(tmp_path):
     assert {s for s in shapes} == {(2, 4, 3, 16, 16), (2, 8, 3, 16, 16)}
     summary = train(cfg, LocalContext(cfg.out, device="cpu"))
     assert summary["step"] == 6
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["t2i", "t2v"])
+def test_gentron_trains_on_captioned_buckets(tmp_path, video):
+    from dtx_gentron.text import save_tiny_text_encoder
+
+    encoder = save_tiny_text_encoder(tmp_path / "bert", "bert", hidden_size=16)
+    model = {"name": "GenTron", "options": {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 4,
+                                            "context_dim": 16, "text_length": 8, "learn_sigma": False}}
+    if video:
+        data = {"name": "video-folder", "options": {"root": str(_video_folder(tmp_path / "clips")),
+                                                    "unconditional": True, "captions": True},
+                "buckets": {"shapes": [[4, 16, 16], [8, 16, 16]]}}
+    else:
+        data = {"name": "image-folder", "options": {"root": str(_caption_images(_image_folder(tmp_path / "images"))),
+                                                    "unconditional": True, "captions": True},
+                "buckets": {"shapes": IMAGE_BUCKETS, "max_tokens": 16}}
+    cfg = load_train_config({"model": model, "data": {**data, "batch_size": 2}, "optim": {"lr": 1e-3},
+                             "conditioning": {"conditioners": {"text": {"name": "text", "dropout": 0.1, "options": {
+                                 "encoder": str(encoder), "max_length": 8}}}},
+                             "sample": {"every": 0, "steps": 2, "prompts": ["picture 1 of a"]}, "max_steps": 4,
+                             "log_every": 1, "ckpt_every": 4, "precision": "fp32", "out": str(tmp_path / "run")})
+    shapes = _shapes_of_one_epoch(cfg, tmp_path)
+    assert len({s[1:] for s in shapes}) == (2 if video else 3)
+    assert train(cfg, LocalContext(cfg.out, device="cpu"))["step"] == 4
 
 
 def test_a_bucket_the_family_cannot_take_stops_before_anything_is_written(tmp_path):

@@ -1,11 +1,17 @@
 """Context parallelism on Ray Train workers (gloo on CPU): two workers splitting each sample's tokens train the loss
 curve of one process, a run checkpointed with parallel.context 2 resumes with 1 and continues that curve, and four
-workers (2 data x 2 context ranks) under FSDP2 train the curve of two data-parallel workers."""
+workers (2 data x 2 context ranks) under FSDP2 train the curve of two data-parallel workers; `dtx train
+latte-moving-digits --workers 2 --context-parallel 2` trains and samples."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +58,17 @@ def test_fsdp_over_two_data_by_two_context_ranks_trains_the_data_parallel_curve(
     summary = run_with_options(mesh, RayOptions(workers=4, gpus_per_worker=0, strategy="fsdp"))
     assert (summary["workers"], summary["step"]) == (4, 6)
     assert _values(losses(mesh.out)) == pytest.approx(_values(losses(ddp.out)), rel=1e-5)
+
+
+def test_dtx_train_latte_moving_digits_with_two_context_ranks_trains_and_samples(tmp_path):
+    """The command of the docs, on CPU workers: each clip (16 frames and 2 joint images) split over 2 ranks."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([str(Path(sys.executable).parent / "dtx"), "train", "latte-moving-digits", "--out", "run",
+                           "--workers", "2", "--context-parallel", "2", "--max-steps", "2", "data.batch_size=2",
+                           "ckpt_every=2", "sample.n_per_class=1", "sample.steps=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["runner"], summary["workers"], summary["step"]) == ("ray", 2, 2)
+    assert Path(summary["samples"]).is_file()
+    assert (tmp_path / "run" / "config.yaml").read_text().count("context: 2") == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -83,6 +83,15 @@ def reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     first = lines[0] if lines else ""
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+def read_caption(path: Path) -> str:
+    """The caption of an image or clip: the text file beside it with the same name and suffix ``.txt``."""
+    text_file = path.with_suffix(".txt") if path.is_file() else path.parent / f"{path.name}.txt"
+    try:
+        return text_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"captions: no readable caption {text_file} for {path} ({exc})") from None
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
@@ -176,9 +185,10 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
     def __init__(self, root: str | Path, image_size: int = 256, flip: bool = True, channels: int = 3,
                  unconditional: bool = False, max_corrupt_fraction: float = 0.1,
                  verify: Literal["header", "full", "none"] = "header",
-                 buckets: list[list[int]] | None = None) -> None:
+                 buckets: list[list[int]] | None = None, captions: bool = False) -> None:
         """``buckets`` ([H, W] shapes): keep each image's own aspect, resized and cropped to its nearest bucket
-        (``dtx.data.buckets``) instead of the ``image_size`` square."""
+        (``dtx.data.buckets``) instead of the ``image_size`` square. ``captions``: each image's caption from the
+        text file beside it (``NAME.txt``), as the item's ``text`` (for text-to-image models)."""
         if channels not in MODES:
             raise ConfigError(f"image-folder channels must be 1 or 3, got {channels!r}")
         check_verify("image-folder", verify, max_corrupt_fraction)
@@ -196,6 +206,7 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
         if verify != "none":
             files, labels = self.keep_readable(files, labels, lambda p: check_image_file(p, verify))
         self.files, self.labels = files, labels
+        self.captions = [read_caption(p) for p in files] if captions else None
         self.buckets = parse_buckets(buckets, 2, "buckets") if buckets is not None else None
         self.bucket_of = [assign(image_size_of(p), self.buckets) for p in files] if self.buckets else None
 
@@ -203,8 +214,8 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
     def info(self) -> DataInfo:
         """The first bucket's size with buckets (the model is built for it), else the square ``image_size``."""
         h, w = self.buckets[0] if self.buckets else (self.image_size, self.image_size)
-        return DataInfo(channels=self.channels, height=h, width=w,
-                        num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
+        fields = ("y",) * bool(self.num_classes) + ("text",) * (self.captions is not None)
+        return DataInfo(channels=self.channels, height=h, width=w, num_classes=self.num_classes, fields=fields)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -225,7 +236,9 @@ class ImageFolderDataset(SkipsUnreadable, Dataset):
         i, x = self.load_readable(self.files, i, lambda path: self.load(path, shape))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        item = {"x": x}
+        item: dict[str, Any] = {"x": x}
         if self.num_classes:
             item["y"] = torch.tensor(self.labels[i], dtype=torch.int64)
+        if self.captions is not None:
+            item["text"] = self.captions[i]
         return item

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from ..file_headers import check_frame_size, check_image_size, gif_size
 from .images import (IMAGE_EXTENSIONS, MODES, SkipsUnreadable, center_crop_arr, check_image_file, check_verify,
-                     reason)
+                     read_caption, reason)
 from .buckets import assign, cover_crop, parse_buckets
 from .info import DataInfo
 
@@ -145,9 +145,11 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
     def __init__(self, root: str | Path, image_size: int = 256, frames: int = 16, frame_interval: int = 1,
                  channels: int = 3, unconditional: bool = False, flip: bool = False, max_corrupt_fraction: float = 0.1,
                  verify: Literal["header", "full", "none"] = "header",
-                 buckets: list[list[int]] | None = None) -> None:
+                 buckets: list[list[int]] | None = None, captions: bool = False) -> None:
         """``buckets`` ([F, H, W] shapes): each clip goes to its nearest bucket it is long enough for (its aspect,
-        then the most frames; ``dtx.data.buckets``) and is read at that length and size."""
+        then the most frames; ``dtx.data.buckets``) and is read at that length and size. ``captions``: each clip's
+        caption from the text file beside it (``NAME.txt`` for a video file ``NAME.mp4`` or a frame folder ``NAME``)
+        as the item's ``text``."""
         if channels not in MODES:
             raise ConfigError(f"video-folder channels must be 1 or 3, got {channels!r}")
         check_verify("video-folder", verify, max_corrupt_fraction)
@@ -175,6 +177,7 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
             clips, labels = self.keep_readable(clips, labels, self.load if verify == "full" else self._check_header)
             self.headers_checked = True
         self.clips, self.labels = clips, labels
+        self.captions = [read_caption(c) for c in clips] if captions else None
         self.buckets = parse_buckets(buckets, 3, "buckets") if buckets is not None else None
         self.bucket_of = None
         if self.buckets:
@@ -202,8 +205,9 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
     def info(self) -> DataInfo:
         """The first bucket's shape with buckets (the model is built for it), else ``frames`` x ``image_size``^2."""
         f, h, w = self.buckets[0] if self.buckets else (self.frames, self.image_size, self.image_size)
-        return DataInfo(channels=self.channels, height=h, width=w, frames=f,
-                        num_classes=self.num_classes, fields=("y",) if self.num_classes else ())
+        fields = ("y",) * bool(self.num_classes) + ("text",) * (self.captions is not None)
+        return DataInfo(channels=self.channels, height=h, width=w, frames=f, num_classes=self.num_classes,
+                        fields=fields)
 
     def _check_length(self, clip: Path, n: int, frames: int | None = None) -> None:
         frames = self.frames if frames is None else frames
@@ -284,7 +288,9 @@ class VideoFolderDataset(SkipsUnreadable, Dataset):
         i, x = self.load_readable(self.clips, i, lambda clip: self.load(clip, shape))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        item = {"x": x}
+        item: dict[str, Any] = {"x": x}
         if self.num_classes:
             item["y"] = torch.tensor(self.labels[i], dtype=torch.int64)
+        if self.captions is not None:
+            item["text"] = self.captions[i]
         return item
