@@ -30,18 +30,19 @@ STATE_BYTES_PER_PARAM = 20  # float32 weights 4 + gradients 4 + AdamW moments 8 
 GPU_BYTES, HEADROOM = 80e9, 4e9
 
 
-def measure(variant: int, depth: int, frames: int, n: int) -> float:
+def measure(variant: int, depth: int, frames: int, n: int, precision: str = "bf16") -> float:
     """Per-rank activation MiB of one training forward, measured in a fresh process (each model's memory is
     returned to the system before the next)."""
-    out = subprocess.run([sys.executable, __file__, "--measure", str(variant), str(depth), str(frames), str(n)],
+    out = subprocess.run([sys.executable, __file__, "--measure", str(variant), str(depth), str(frames), str(n),
+                          "--precision", precision],
                          check=True, capture_output=True, text=True, env={**os.environ, "DTX_ATTENTION": "sdpa"})
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def measure_here(variant: int, depth: int, frames: int, n: int) -> float:
+def measure_here(variant: int, depth: int, frames: int, n: int, precision: str) -> float:
     from dtx.commands.bench import Setup, build_workload
 
-    setup = Setup(batch=1, input_size=32, frames=frames, precision="bf16", compile="off", context_parallel=n)
+    setup = Setup(batch=1, input_size=32, frames=frames, precision=precision, compile="off", context_parallel=n)
     work = build_workload("Latte", {**WIDTH, "depth": depth, "variant": variant, "num_classes": 0}, setup,
                           torch.device("cpu"))
     return work.activation_mb()
@@ -61,9 +62,10 @@ def main() -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--out", type=Path, help="Markdown report (a PNG chart beside it)")
     p.add_argument("--measure", type=int, nargs=4, metavar=("VARIANT", "DEPTH", "FRAMES", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        print(measure_here(*args.measure))
+        print(measure_here(*args.measure, args.precision))
         return 0
     rows = []
     for variant in (1, 2, 3, 4):
@@ -74,7 +76,8 @@ def main() -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     params = latte_xl_params()
     budget = GPU_BYTES - HEADROOM - STATE_BYTES_PER_PARAM * params
-    report = render(rows, params, budget, args)
+    fp32 = {n: measure(1, 2, 4, n, "fp32") for n in (1, max(args.ranks))}  # without autocast's weight copies
+    report = render(rows, params, budget, args, fp32)
     print(report)
     if args.out:
         args.out.write_text(report)
@@ -92,7 +95,7 @@ def full_depth_mib(rows: list[dict], variant: int, n: int) -> tuple[float, float
     return slope, float(ms.mean() - slope * fs.mean())
 
 
-def render(rows: list[dict], params: int, budget: float, args: argparse.Namespace) -> str:
+def render(rows: list[dict], params: int, budget: float, args: argparse.Namespace, fp32: dict[int, float]) -> str:
     lines = ["# Context parallelism: activation memory per rank", "",
              f"Command: `python benchmarks/context_parallel_memory.py --out {args.out}` ({time.strftime('%Y-%m-%d')}; "
              f"CPU: {cpu_name()}, torch {torch.__version__}).", "",
@@ -116,8 +119,9 @@ def render(rows: list[dict], params: int, budget: float, args: argparse.Namespac
     lines += ["", "N ranks hold 1/N of every clip's token activations, so the longest clip grows about N-fold (frames "
               "rounded down to a multiple of N, as the split needs). What does not shrink with N is mostly the bf16 "
               "copy of every weight that autocast keeps for the backward (2 bytes per parameter on every rank; in "
-              "float32 the 2-block model's 204 MiB at N = 1 fall to 54 MiB at N = 4 for 4 frames). Parameters and "
-              "optimizer state are not split by context parallelism (FSDP2 shards them).", ""]
+              f"float32 the variant-1 2-block model's {fp32[1]:.0f} MiB for 4 frames at N = 1 fall to "
+              f"{fp32[max(fp32)]:.0f} MiB at N = {max(fp32)}). Parameters and optimizer state are not split by "
+              "context parallelism (FSDP2 shards them).", ""]
     return "\n".join(lines)
 
 

@@ -91,6 +91,8 @@ def test_what_cannot_be_split_is_refused_with_the_reason():
         set_context_parallel(dtx.create_model("DiT", **SMALL, block="in-context"), Two())
     with pytest.raises(ConfigError, match="parallel.context"):
         set_context_parallel(torch.nn.Linear(2, 2), Two())
+    with pytest.raises(ConfigError, match="Latte-1"):
+        set_context_parallel(dtx.create_model("PixArt", **SMALL, context_dim=16, text_length=4, num_frames=2), Two())
 
 
 def test_bench_measures_one_ranks_share_of_the_activations():

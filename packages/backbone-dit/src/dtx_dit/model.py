@@ -108,8 +108,7 @@ class DiT(PatchTransformer):
         self.init_dit_weights(zero_adaln=cfg.block == "adaln-zero")
 
     def set_context_parallel(self, group: ContextGroup | None) -> None:
-        """Split each image's tokens across ``group`` (Ulysses attention); not the in-context design, whose
-        condition tokens join the sequence."""
+        """Split each image's tokens across ``group`` (Ulysses attention); not the in-context design."""
         check(group is None or self.block_type != "in-context", "parallel.context",
               "DiT's in-context block appends its condition tokens to the token sequence, which context parallelism "
               "does not split; use another block")

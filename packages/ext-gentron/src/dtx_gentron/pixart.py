@@ -14,8 +14,7 @@ text-to-video model (Vchitect/Latte ``latte_t2v.py``): the adaLN-single design t
   timestep, no cross-attention); a 1D sin-cos table over frames is added before the first temporal block (a
   buffer, not stored, as Latte's ``temp_pos_embed``). Videos are [B, F, C, H, W] (``channel_dim`` 2).
 
-Timestep features are DiT's (divisor 128), which is also what diffusers' PixArt and Latte compute
-(``downscale_freq_shift=0``), so these models have no timestep-embedding difference with diffusers.
+Timestep features are DiT's (divisor 128), as diffusers' PixArt and Latte compute them (``downscale_freq_shift=0``).
 """
 
 from __future__ import annotations
@@ -28,9 +27,11 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from dtx.config import check
 from dtx.layers import (Attention, BlockStack, CrossAttention, FinalLayer, Linear, Mlp, PatchTransformer,
                         TransformerConfig, frame_positions, layer_norm, per_sample_timesteps, residual,
                         sincos_1d_torch, text_tokens)
+from dtx.layers.context_parallel import ContextGroup
 
 
 @dataclass
@@ -119,6 +120,12 @@ class PixArt(PatchTransformer):
         for block in self.blocks:  # and zero cross-attention projections
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
+
+    def set_context_parallel(self, group: ContextGroup | None) -> None:
+        """Split each image's tokens across ``group`` (Ulysses attention); Latte-1-style clips are not split."""
+        check(group is None or self.temporal_blocks is None, "parallel.context",
+              "PixArt's text-to-video (Latte-1) model does not split its clips across ranks; use Latte or GenTron")
+        super().set_context_parallel(group)
 
     def example_conditions(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         """Caption inputs of the configured shapes (for ``dtx flops`` and the conformance checks)."""
