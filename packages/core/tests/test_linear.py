@@ -147,3 +147,17 @@ def test_compiled_model_matches_eager_values_and_gradients():
         pytest.skip(runner.eager_reason)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fc1_and_tanh_gelu_fuse_only_when_sampling_and_match_the_separate_pass():
+    from dtx.layers.linear import fused_activations, linear_gelu_tanh, onednn_available, use_linear_backend
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 7, 16, generator=g), torch.randn(24, 16, generator=g) * 0.3, torch.randn(24, generator=g)
+    separate = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+    with use_linear_backend("aten"):
+        assert torch.equal(linear_gelu_tanh(x, w, b), separate)  # outside fused_activations: the plain pass
+    with torch.no_grad(), fused_activations(), use_linear_backend("onednn" if onednn_available() else "aten"):
+        fused = linear_gelu_tanh(x, w, b)
+    assert fused.shape == (3, 7, 24)
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)

@@ -130,6 +130,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+@contextlib.contextmanager
+def fused_activations() -> Iterator[None]:
+    """Inside: ``linear_gelu_tanh`` without autograd on the oneDNN path runs as one fused product (sampling: the
+    activation as the product's post-op, equal to the separate pass to float32 rounding, not bit for bit)."""
+    _fusing.append(True)
+    try:
+        yield
+    finally:
+        _fusing.pop()
+
+
+_fusing: list[bool] = []
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu(linear(x), approximate="tanh")``, fused inside ``fused_activations`` (see there)."""
+    if _fusing and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+            _use_onednn(x, weight, bias):
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "gelu", [None], "tanh")
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(linear(x, weight, bias), approximate="tanh")
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose products go through :func:`linear`; parameters, state dict and init are nn.Linear's."""
 

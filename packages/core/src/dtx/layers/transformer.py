@@ -10,7 +10,7 @@ from torch import nn
 from ..attention import attention
 from ..errors import ConfigError, ShapeError
 from .context_parallel import ContextGroup
-from .linear import Linear
+from .linear import Linear, linear_gelu_tanh
 from .rope import apply_rotary
 
 
@@ -142,6 +142,9 @@ class Mlp(nn.Module):
         self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer() if act_layer is not None else nn.GELU(approximate="tanh")
         self.fc2 = Linear(hidden_features, out_features or in_features)
+        self._fuse = act_layer is None  # fc1 + tanh-GELU may run as one product (linear_gelu_tanh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fuse and type(self.fc1) is Linear:  # not when an adapter has replaced fc1
+            return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
