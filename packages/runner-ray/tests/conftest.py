@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,23 @@ TINY = {
     "ckpt_every": 3,
     "precision": "fp32",
 }
+
+
+@contextlib.contextmanager
+def _local_ray(num_cpus: int) -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """``with local_ray(num_cpus):`` an in-process Ray instance on 127.0.0.1 (for a module-scoped fixture)."""
+    return _local_ray
 
 
 def tiny_config(out: Path, **top: object):

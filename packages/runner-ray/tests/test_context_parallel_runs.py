@@ -22,12 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+def ray_instance(local_ray):
+    with local_ray(4):
+        yield
 
 
 def _values(rows: list[tuple[int, float]]) -> list[float]:

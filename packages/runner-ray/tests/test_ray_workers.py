@@ -24,12 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+def ray_instance(local_ray):
+    with local_ray(2):
+        yield
 
 
 def test_one_worker_gives_the_local_runners_loss_curve(tiny, losses):
